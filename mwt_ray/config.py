@@ -1,0 +1,173 @@
+"""One typed config for every stage: YAML file + ``section.key=value`` overrides, validated at load.
+
+    cfg = load_config("tune_configs/cifar10_vgg16.yaml", ["train.epochs=5", "model.width=0.25"])
+
+Unknown keys and out-of-range values are rejected with one line naming the key, the bad value
+and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .data import DATASETS
+from .models import list_models
+from .training import OptimSettings
+
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "vgg16"
+    width: float = Field(0.25, gt=0, description="channel multiplier (1.0 = the paper's models)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+        return value
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    root: str | None = Field(None, description="dataset folder (cifar10/svhn root, or an image folder / .tar.gz)")
+    download: bool = False
+    image_size: int = Field(32, ge=8)
+    train_limit: int | None = Field(None, ge=2, description="class-balanced cap on training samples")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+
+class TrainConfig(_Section):
+    modular: bool = True
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    alpha: float = Field(0.5, ge=0, description="weight of the cohesion loss (Eq. 6)")
+    beta: float = Field(1.5, ge=0, description="weight of the coupling loss (Eq. 6)")
+    warmup_epochs: float = Field(0.0, ge=0, description="ramp alpha and beta from 0 over this many epochs")
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def optim_settings(self) -> OptimSettings:
+        return OptimSettings(**self.model_dump(exclude={"device"}))
+
+
+class ModularizeConfig(_Section):
+    tau: float = Field(0.9, gt=0, le=1, description="keep a kernel used by >= tau of a class's samples")
+    cohesion_samples_per_class: int = Field(1000, ge=0, description="samples per class for the exact Jaccard cohesion (0: skip)")
+
+
+class ReuseConfig(_Section):
+    subtasks: list[list[int]] = Field(default_factory=list, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]")
+    sizes: list[int] = Field(default_factory=list, description="M values to sample sub-tasks for, e.g. [2, 5]")
+    per_size: int = Field(1, ge=1, description="sampled sub-tasks per M")
+    epochs: int = Field(5, ge=0, description="fine-tuning epochs of a reused module")
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(64, ge=2)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of the sub-task's training data that picks the best epoch")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process without Ray")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
+    fail_at_epoch: int | None = Field(None, ge=1, description="fault injection: kill a worker once at this epoch")
+    storage_path: str | None = Field(None, description="Ray Train storage (shared path or URI on a cluster)")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<cwd>/mlflow.db")
+    experiment: str = "mwt-ray"
+
+
+class Config(_Section):
+    name: str = "mwt"
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    modularize: ModularizeConfig = Field(default_factory=ModularizeConfig)
+    reuse: ReuseConfig = Field(default_factory=ReuseConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Where this config came from; not a setting.
+    source: Literal[None] | str = Field(None, exclude=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _first_error(error: ValidationError) -> str:
+    item = error.errors()[0]
+    where = ".".join(str(p) for p in item["loc"]) or "config"
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    got = item.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{where}: {message}{shown}"
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    apply_overrides(tree, overrides or [])
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_first_error(error)}") from None
+    config.source = str(path) if path else None
+    return config

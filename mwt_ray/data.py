@@ -1,0 +1,281 @@
+"""Datasets as in-memory uint8 tensors, and a batch iterator that augments on the device.
+
+Every dataset becomes an ``ImageData``: train/test images (N, 3, H, W) uint8 and int64 labels.
+Small image datasets fit in memory (CIFAR-10 is 150 MB), so decoding happens once and each epoch
+only indexes, augments (random crop with 4-pixel zero padding, horizontal flip) and normalises
+whole batches, on the GPU when there is one. Sources:
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits, upscaled to 32x32 RGB: real data
+  that ships inside an installed package, the default for quick starts (no download).
+- ``cifar10`` / ``svhn``: torchvision's loaders from a local root (``download=True`` only when
+  asked for and a network exists).
+- ``folder``: any image folder with ``train/<class>/*`` and ``test/<class>/*`` (or a .tar.gz
+  of one), decoded once and cached under ``~/.cache/mwt_ray``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ImageData", "load_dataset", "iterate_batches", "DATASETS", "cache_dir"]
+
+DATASETS = ("digits", "cifar10", "svhn", "folder")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor  # (N, C, H, W) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    mean: torch.Tensor = field(init=False)
+    std: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        for name in ("train", "test"):
+            images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+            if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+                raise ValueError(f"{name} images must be (N, C, H, W) uint8 with one label each")
+        missing = [c for c in range(len(self.classes)) if not (self.train_labels == c).any()]
+        if missing:
+            names = ", ".join(f"{c} ({self.classes[c]})" for c in missing)
+            raise ValueError(f"class(es) {names} have no training samples")
+        pixels = self.train_images.to(torch.float32).div_(255)
+        self.mean = pixels.mean(dim=(0, 2, 3))
+        self.std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, classes: list[int]) -> "ImageData":
+        """The samples of ``classes`` only, labels remapped to 0..M-1 in the given order.
+
+        Normalisation statistics stay those of the full dataset: a reused module sees inputs
+        normalised exactly as in training.
+        """
+        validate_classes(classes, self.num_classes)
+        lookup = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        lookup[torch.tensor(classes)] = torch.arange(len(classes))
+        parts = {}
+        for name in ("train", "test"):
+            images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+            keep = lookup[labels.cpu()] >= 0
+            parts[name] = (images[keep.to(images.device)], lookup[labels.cpu()[keep]].to(labels.device))
+        sub = ImageData(*parts["train"], *parts["test"], [self.classes[c] for c in classes])
+        sub.mean, sub.std = self.mean, self.std
+        return sub
+
+    def split_train(self, fraction: float, seed: int) -> tuple["ImageData", "ImageData"]:
+        """(rest, held_out): ``fraction`` of the training set per class becomes a validation set
+        (returned as the test split of the second object)."""
+        generator = torch.Generator().manual_seed(seed)
+        held = torch.zeros(len(self.train_labels), dtype=torch.bool)
+        labels = self.train_labels.cpu()
+        for c in range(self.num_classes):
+            idx = (labels == c).nonzero().flatten()
+            take = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+            held[idx[torch.randperm(len(idx), generator=generator)[:take]]] = True
+        held_dev = held.to(self.train_images.device)
+        rest = ImageData(self.train_images[~held_dev], self.train_labels[~held_dev],
+                         self.test_images, self.test_labels, self.classes)
+        val = ImageData(self.train_images[~held_dev], self.train_labels[~held_dev],
+                        self.train_images[held_dev], self.train_labels[held_dev], self.classes)
+        for part in (rest, val):
+            part.mean, part.std = self.mean, self.std
+        return rest, val
+
+    def to(self, device) -> "ImageData":
+        moved = ImageData.__new__(ImageData)
+        for name in ("train_images", "train_labels", "test_images", "test_labels"):
+            setattr(moved, name, getattr(self, name).to(device))
+        moved.classes, moved.mean, moved.std = self.classes, self.mean.to(device), self.std.to(device)
+        return moved
+
+
+def validate_classes(classes: list[int], num_classes: int) -> None:
+    bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+    if bad:
+        raise ValueError(f"target classes {bad} are out of range: classes are 0..{num_classes - 1}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"target classes {classes} repeat a class")
+    if len(classes) < 2:
+        raise ValueError(f"a sub-task needs at least 2 classes, got {classes}")
+
+
+def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                    mean: torch.Tensor, std: torch.Tensor, shuffle: bool = False,
+                    augment: bool = False, seed: int = 0, drop_last: bool = False,
+                    rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised float batches. ``batch_size`` is the global batch; with ``world_size`` > 1 each
+    rank yields its contiguous slice of every global batch. Order and augmentation depend only
+    on ``seed``, so every rank (and a single process) agrees on the global batch."""
+    n = len(labels)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size]
+        count = len(index)
+        if augment:
+            offsets = torch.randint(0, 9, (count, 2), generator=generator)
+            flips = torch.rand(count, generator=generator) < 0.5
+        lo, hi = rank * count // world_size, (rank + 1) * count // world_size
+        index = index[lo:hi].to(images.device)
+        x = images[index].to(torch.float32).div_(255)
+        if augment:
+            x = _crop_and_flip(x, offsets[lo:hi].to(x.device), flips[lo:hi].to(x.device))
+        x = (x - mean[:, None, None]) / std[:, None, None]
+        yield x, labels[index]
+
+
+def _crop_and_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (n, h)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (n, w)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # (n, h, w, C) after advanced indexing over batch, rows and cols; back to (n, C, h, w).
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MWT_RAY_CACHE", Path.home() / ".cache" / "mwt_ray"))
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False,
+                 image_size: int = 32, train_limit: int | None = None) -> ImageData:
+    """Load a dataset by name (see module docstring); ``train_limit`` keeps a class-balanced prefix."""
+    if name == "digits":
+        data = _digits(image_size)
+    elif name in ("cifar10", "svhn"):
+        data = _torchvision(name, root, download)
+    elif name == "folder":
+        data = _folder(root, image_size)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if train_limit:
+        data = _limit(data, train_limit)
+    return data
+
+
+def _limit(data: ImageData, limit: int) -> ImageData:
+    per_class = max(1, limit // data.num_classes)
+    keep = torch.cat([(data.train_labels == c).nonzero().flatten()[:per_class] for c in range(data.num_classes)])
+    keep = keep.sort().values
+    return ImageData(data.train_images[keep], data.train_labels[keep], data.test_images, data.test_labels, data.classes)
+
+
+def _digits(image_size: int) -> ImageData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).to(torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).to(torch.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
+                                           stratify=labels.numpy())
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return ImageData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                     [str(d) for d in range(10)])
+
+
+def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
+    import torchvision
+
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs data.root: the folder that holds (or will hold) its files")
+    try:
+        if name == "cifar10":
+            parts = [torchvision.datasets.CIFAR10(root, train=t, download=download) for t in (True, False)]
+            arrays = [(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets)) for p in parts]
+            classes = parts[0].classes
+        else:
+            parts = [torchvision.datasets.SVHN(root, split=s, download=download) for s in ("train", "test")]
+            arrays = [(torch.from_numpy(p.data), torch.from_numpy(p.labels).to(torch.int64)) for p in parts]
+            classes = [str(d) for d in range(10)]
+    except RuntimeError as error:
+        raise ValueError(f"{name} not found under {root!r} ({error}); set data.download=true on a machine "
+                         "with a network, or use dataset 'folder' with an image-folder copy") from None
+    return ImageData(*arrays[0], *arrays[1], list(classes))
+
+
+def _folder(root: str | None, image_size: int) -> ImageData:
+    if root is None:
+        raise ValueError("dataset 'folder' needs data.root: a folder with train/<class>/ and test/<class>/")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ValueError(f"data path {str(path)!r} does not exist")
+    if path.is_file():
+        path = _extract_archive(path)
+    splits = {s: path / s for s in ("train", "test")}
+    if not all(p.is_dir() for p in splits.values()):
+        inner = [p for p in path.iterdir() if p.is_dir() and (p / "train").is_dir()]
+        if len(inner) == 1:
+            splits = {s: inner[0] / s for s in ("train", "test")}
+        else:
+            raise ValueError(f"{str(path)!r} has no train/ and test/ sub-folders of class folders")
+    classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{str(splits['train'])!r} holds no class folders")
+    files = {s: sorted((c, f) for c in classes for f in (d / c).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+             for s, d in splits.items()}
+    fingerprint = hashlib.sha1(f"{path.resolve()}|{image_size}|{len(files['train'])}|{len(files['test'])}|"
+                               f"{splits['train'].stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "folders" / f"{fingerprint}.pt"
+    if cached.exists():
+        state = torch.load(cached, weights_only=True)
+        return ImageData(state["train_images"], state["train_labels"], state["test_images"],
+                         state["test_labels"], classes)
+    print(f"decoding {len(files['train'])} + {len(files['test'])} images from {path} (once; cached at {cached})", flush=True)
+    state = {}
+    for split, items in files.items():
+        images = _decode_all([splits[split] / c / f.name for c, f in items], image_size)
+        labels = torch.tensor([classes.index(c) for c, _ in items], dtype=torch.int64)
+        state[f"{split}_images"], state[f"{split}_labels"] = images, labels
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cached.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(cached)  # atomic: a crash never leaves a half-written cache
+    return ImageData(state["train_images"], state["train_labels"], state["test_images"], state["test_labels"], classes)
+
+
+def _decode_all(paths: list[Path], image_size: int) -> torch.Tensor:
+    from PIL import Image
+
+    def decode(p: Path) -> np.ndarray:
+        with Image.open(p) as image:
+            image = image.convert("RGB")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(image)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(decode, paths, chunksize=256))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _extract_archive(archive: Path) -> Path:
+    digest = hashlib.sha1(f"{archive.resolve()}|{archive.stat().st_size}|{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "archives" / digest
+    if not (target / ".complete").exists():
+        print(f"extracting {archive} to {target} (once)", flush=True)
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        (target / ".complete").touch()
+    return target

@@ -1,0 +1,286 @@
+"""CIFAR-style VGG16-BN and ResNet18 whose convolutions can carry MwT mask generators.
+
+One model class serves both standard training (``modular=False``: no generators, a plain
+network) and modular training (``modular=True``: every conv but the first gets a mask
+generator, section 3.2.1 of the paper). ``create_model`` is the registry.
+
+A masked conv unit computes ``mask * BN(conv(x))`` with a per-sample mask in [0, 1) over its
+output kernels, followed by ReLU where the architecture has one. Because the mask is
+non-negative, ``relu(mask * y) == mask * relu(y)`` and ``maxpool(mask * y) == mask * maxpool(y)``
+exactly, so the unit applies the mask after ReLU and after pooling: the result is the same and
+the multiply touches 4x fewer values behind a pooling layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MaskGenerator",
+    "ConvUnit",
+    "VGG",
+    "ResNet",
+    "BasicBlock",
+    "create_model",
+    "list_models",
+    "masked_units",
+    "set_kernel_masks",
+]
+
+
+class _ApplyMask(torch.autograd.Function):
+    """In-place ``y *= mask`` (optionally fused with ReLU) that saves only its output.
+
+    Autograd's own ``y * mask`` keeps both ``y`` and the product alive and spends an extra pass
+    over the activation in both directions. Here the product overwrites ``y``; the mask's
+    gradient ``sum_hw(grad * y)`` is recovered as ``sum_hw(grad * out) / mask``. Where the mask
+    is exactly 0 that quotient is undefined, but the generator's final ``relu(tanh(.))`` has a
+    zero derivative there, so the value is never used and 0 is returned.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, mask: torch.Tensor, relu: bool) -> torch.Tensor:
+        mask4 = mask[:, :, None, None]
+        if relu:
+            y.relu_()
+        y.mul_(mask4)
+        ctx.mark_dirty(y)
+        ctx.relu = relu
+        ctx.save_for_backward(y, mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, mask = ctx.saved_tensors
+        grad_y = grad_mask = None
+        if ctx.needs_input_grad[1]:
+            weighted = torch.einsum("nchw,nchw->nc", grad, out)
+            positive = mask > 0
+            grad_mask = torch.where(positive, weighted / torch.where(positive, mask, 1.0), 0.0)
+        if ctx.needs_input_grad[0]:
+            grad_y = grad * mask[:, :, None, None]
+            if ctx.relu:
+                # out > 0 exactly where y > 0 and mask > 0; elsewhere the gradient is 0 anyway.
+                grad_y = torch.ops.aten.threshold_backward(grad_y, out, 0)
+        return grad_y, grad_mask, None
+
+
+class MaskGenerator(nn.Module):
+    """Per-sample kernel mask from a conv's input: avgpool -> FC -> ReLU -> FC -> tanh -> ReLU.
+
+    Hidden width, Kaiming-normal weights and a final bias of 1.0 (every kernel starts active,
+    tanh(1) = 0.76) follow the authors' public code.
+    """
+
+    def __init__(self, in_channels: int, num_kernels: int):
+        super().__init__()
+        hidden = num_kernels if num_kernels < 128 else num_kernels // 2
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, num_kernels)
+        nn.init.kaiming_normal_(self.fc1.weight)
+        nn.init.kaiming_normal_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, 1.0)
+
+    def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
+        pooled = conv_input.mean(dim=(2, 3))
+        return torch.relu(torch.tanh(self.fc2(torch.relu(self.fc1(pooled)))))
+
+
+class ConvUnit(nn.Module):
+    """conv -> BN -> [ReLU] -> [2x2 max-pool] -> x mask, the unit MwT masks and prunes.
+
+    ``kernel_mask`` (a 0/1 vector over output kernels, or None) switches the generator off and
+    applies a fixed hard mask instead: that is the reference an extracted module must match.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
+                 stride: int = 1, relu: bool = True, pool: bool = False, masked: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = relu
+        self.pool = pool
+        self.mask_generator = MaskGenerator(in_channels, out_channels) if masked else None
+        self.kernel_mask: torch.Tensor | None = None
+
+    @property
+    def num_kernels(self) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if self.kernel_mask is not None:
+            hard = self.kernel_mask.to(y.dtype)
+            y = y * hard[None, :, None, None]
+            if self.relu:
+                y = F.relu(y)
+            if self.pool:
+                y = F.max_pool2d(y, 2)
+            if masks is not None:
+                masks.append(hard.expand(x.shape[0], -1))
+            return y
+        if self.mask_generator is None:
+            if self.relu:
+                y = F.relu(y, inplace=True)
+            return F.max_pool2d(y, 2) if self.pool else y
+        mask = self.mask_generator(x)
+        if masks is not None:
+            masks.append(mask)
+        if self.pool:
+            if self.relu:
+                y = F.relu(y, inplace=True)
+            return _ApplyMask.apply(F.max_pool2d(y, 2), mask, False)
+        return _ApplyMask.apply(y, mask, self.relu)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def _init_backbone(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG-BN for 32x32 inputs: conv units, then FC-ReLU-FC-ReLU-FC on the 1x1 feature map.
+
+    ``conv_channels`` lists each conv's kernel count and ``pool_after`` whether a 2x2 max-pool
+    follows it, so a pruned module is the same class with fewer channels.
+    """
+
+    def __init__(self, conv_channels: list[int], pool_after: list[bool], hidden: int,
+                 num_classes: int, modular: bool = True, in_channels: int = 3):
+        super().__init__()
+        self.conv_channels = list(conv_channels)
+        self.pool_after = list(pool_after)
+        units = []
+        for index, (out_channels, pool) in enumerate(zip(conv_channels, pool_after)):
+            units.append(ConvUnit(in_channels, out_channels, pool=pool, masked=modular and index > 0))
+            in_channels = out_channels
+        self.units = nn.ModuleList(units)
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+        _init_backbone(self)
+
+    def forward(self, x: torch.Tensor, return_masks: bool = False):
+        masks: list[torch.Tensor] | None = [] if return_masks else None
+        for unit in self.units:
+            x = unit(x, masks)
+        logits = self.classifier(torch.flatten(x, 1))
+        return (logits, masks) if return_masks else logits
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; its two convs and its 1x1 shortcut conv (if any) are masked units."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, modular: bool):
+        super().__init__()
+        self.unit1 = ConvUnit(in_channels, out_channels, stride=stride, masked=modular)
+        self.unit2 = ConvUnit(out_channels, out_channels, relu=False, masked=modular)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = ConvUnit(in_channels, out_channels, kernel_size=1, stride=stride,
+                                     relu=False, masked=modular)
+
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        out = self.unit2(self.unit1(x, masks), masks)
+        identity = x if self.shortcut is None else self.shortcut(x, masks)
+        return F.relu(out + identity, inplace=True)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: 3x3 stem (unmasked), four stages of basic blocks, global average pool, FC."""
+
+    def __init__(self, stage_channels: list[int], blocks_per_stage: list[int], num_classes: int,
+                 modular: bool = True, in_channels: int = 3):
+        super().__init__()
+        self.stem = ConvUnit(in_channels, stage_channels[0], masked=False)
+        blocks = []
+        channels = stage_channels[0]
+        for stage, (out_channels, count) in enumerate(zip(stage_channels, blocks_per_stage)):
+            for index in range(count):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(BasicBlock(channels, out_channels, stride, modular))
+                channels = out_channels
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_backbone(self)
+
+    def forward(self, x: torch.Tensor, return_masks: bool = False):
+        masks: list[torch.Tensor] | None = [] if return_masks else None
+        x = self.stem(x, masks)
+        for block in self.blocks:
+            x = block(x, masks)
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return (logits, masks) if return_masks else logits
+
+
+def _vgg16(num_classes: int, width: float, modular: bool) -> VGG:
+    channels = [_scaled(c, width) for c in VGG16_LAYOUT if c != "M"]
+    pool_after = [nxt == "M" for cur, nxt in zip(VGG16_LAYOUT, VGG16_LAYOUT[1:] + (None,)) if cur != "M"]
+    return VGG(channels, pool_after, _scaled(512, width), num_classes, modular)
+
+
+def _resnet18(num_classes: int, width: float, modular: bool) -> ResNet:
+    return ResNet([_scaled(c, width) for c in (64, 128, 256, 512)], [2, 2, 2, 2], num_classes, modular)
+
+
+_REGISTRY: dict[str, Callable[[int, float, bool], nn.Module]] = {
+    "vgg16": _vgg16,
+    "resnet18": _resnet18,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, width: float = 1.0, modular: bool = True) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("vgg16", width=0.25)``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return _REGISTRY[name](num_classes, float(width), modular)
+
+
+def masked_units(model: nn.Module) -> list[ConvUnit]:
+    """The units that own a mask generator, in the order their masks are returned."""
+    return [m for m in model.modules() if isinstance(m, ConvUnit) and m.mask_generator is not None]
+
+
+def conv_units(model: nn.Module) -> list[ConvUnit]:
+    return [m for m in model.modules() if isinstance(m, ConvUnit)]
+
+
+def set_kernel_masks(model: nn.Module, kernel_masks: list[torch.Tensor] | None) -> None:
+    """Switch generators off and force fixed 0/1 masks (one per masked unit), or undo with None."""
+    units = masked_units(model)
+    if kernel_masks is None:
+        for unit in units:
+            unit.kernel_mask = None
+        return
+    if len(kernel_masks) != len(units):
+        raise ValueError(f"expected {len(units)} kernel masks (one per masked layer), got {len(kernel_masks)}")
+    for unit, keep in zip(units, kernel_masks):
+        if keep.shape != (unit.num_kernels,):
+            raise ValueError(f"kernel mask of shape {tuple(keep.shape)} for a layer with {unit.num_kernels} kernels")
+        unit.kernel_mask = keep.to(device=unit.conv.weight.device, dtype=torch.float32)

@@ -1,0 +1,129 @@
+"""Modularizing (section 3.3): per-class kernel usage counts, then module masks for any tau.
+
+One no-grad pass streams the training set through the modular model and adds, per class and
+kernel, how many samples had a mask value > 0 there. Memory is classes x kernels whatever the
+dataset size. Module masks for any tau come from those counts without another pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .metrics import cohesion, coupling, kernel_rate, kernel_retention_rate
+from .models import masked_units
+
+__all__ = ["KernelUsage", "count_kernel_usage", "module_masks", "split_layers", "modularity_report"]
+
+
+@dataclass
+class KernelUsage:
+    """How often each masked kernel was active for each class's training samples.
+
+    ``counts[c, k]``: number of class-c samples whose mask at kernel k was > 0.
+    ``class_sizes[c]``: number of class-c samples seen. ``layer_sizes``: kernels per masked layer.
+    ``sample_kernel_sets``/``sample_labels``: an optional bounded sample of per-sample kernel
+    sets (at most ``max_samples_per_class`` per class), kept for the exact Jaccard cohesion.
+    """
+
+    counts: torch.Tensor
+    class_sizes: torch.Tensor
+    layer_sizes: list[int]
+    sample_kernel_sets: torch.Tensor | None = None
+    sample_labels: torch.Tensor | None = None
+
+    @property
+    def frequencies(self) -> torch.Tensor:
+        return self.counts.to(torch.float64) / self.class_sizes.clamp_min(1)[:, None].to(torch.float64)
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts, "class_sizes": self.class_sizes,
+                "layer_sizes": torch.tensor(self.layer_sizes, dtype=torch.int64)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "KernelUsage":
+        return cls(state["counts"], state["class_sizes"], [int(v) for v in state["layer_sizes"]])
+
+
+@torch.no_grad()
+def count_kernel_usage(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       num_classes: int, device: torch.device | str = "cpu",
+                       max_samples_per_class: int = 0) -> KernelUsage:
+    """Stream ``(images, labels)`` batches through ``model`` in eval mode and count usage."""
+    units = masked_units(model)
+    if not units:
+        raise ValueError("the model has no mask generators: modularize a model built with modular=True")
+    layer_sizes = [u.num_kernels for u in units]
+    counts = torch.zeros(num_classes, sum(layer_sizes), dtype=torch.int64, device=device)
+    class_sizes = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    kept_sets, kept_labels = [], []
+    kept_per_class = torch.zeros(num_classes, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in batches:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            _, masks = model(images, return_masks=True)
+            active = torch.cat([m > 0 for m in masks], dim=1)
+            counts.index_add_(0, labels, active.to(torch.int64))
+            class_sizes += torch.bincount(labels, minlength=num_classes)
+            if max_samples_per_class > 0:
+                labels_cpu, active_cpu = labels.cpu(), active.cpu()
+                # Keep the first samples of each class up to the cap: a bounded, unbiased-enough
+                # sample when the data order is shuffled or class-interleaved.
+                rank = torch.zeros_like(labels_cpu)
+                for c in labels_cpu.unique().tolist():
+                    idx = (labels_cpu == c).nonzero().flatten()
+                    rank[idx] = kept_per_class[c] + torch.arange(len(idx))
+                    kept_per_class[c] += len(idx)
+                take = rank < max_samples_per_class
+                kept_sets.append(active_cpu[take])
+                kept_labels.append(labels_cpu[take])
+    finally:
+        model.train(was_training)
+    usage = KernelUsage(counts.cpu(), class_sizes.cpu(), layer_sizes)
+    if kept_sets:
+        usage.sample_kernel_sets = torch.cat(kept_sets)
+        usage.sample_labels = torch.cat(kept_labels)
+    return usage
+
+
+def split_layers(flat: torch.Tensor, layer_sizes: list[int]) -> list[torch.Tensor]:
+    """Split the last dimension of a (..., total_kernels) tensor into per-layer pieces."""
+    return list(torch.split(flat, layer_sizes, dim=-1))
+
+
+def module_masks(usage: KernelUsage, tau: float) -> torch.Tensor:
+    """(classes, kernels) bool: module c keeps kernel k where its frequency is >= tau.
+
+    A layer where no kernel reaches tau would cut the module's path in two; there the module
+    keeps the layer's most frequent kernel(s) for that class instead (threshold lowered to the
+    layer's highest frequency).
+    """
+    if not (0 < tau <= 1):
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    empty = (usage.class_sizes == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"class(es) {empty} have no samples: cannot build their modules")
+    kept = []
+    for freq in split_layers(usage.frequencies, usage.layer_sizes):
+        threshold = torch.minimum(torch.full_like(freq[:, :1], tau), freq.max(dim=1, keepdim=True).values)
+        kept.append(freq >= threshold)
+    return torch.cat(kept, dim=1)
+
+
+def modularity_report(usage: KernelUsage, masks: torch.Tensor) -> dict:
+    """KRR, coupling, Jaccard cohesion (on the kept sample of kernel sets) and per-layer KRR."""
+    report = {
+        "krr": kernel_retention_rate(masks),
+        "coupling": coupling(masks),
+        "layer_krr": [kernel_retention_rate(layer) for layer in split_layers(masks, usage.layer_sizes)],
+        "module_kernels": masks.sum(1).tolist(),
+        "total_kernels": int(masks.shape[1]),
+    }
+    if usage.sample_kernel_sets is not None:
+        report["cohesion"] = cohesion(usage.sample_kernel_sets, usage.sample_labels, masks.shape[0])
+        report["kernel_rate"] = kernel_rate(usage.sample_kernel_sets)
+    return report

@@ -1,0 +1,183 @@
+"""Standard and modular training for one process, or one rank of a data-parallel group.
+
+The whole path: ``fit`` runs epochs of ``train_epoch``; each step computes the logits (and, for
+modular training, the per-layer masks), the objective of Eq. 6, and an SGD step. Under
+``torch.distributed`` (set up by Ray Train or torchrun) each rank sees its slice of every global
+batch, and the masks are all-gathered with autograd so cohesion and coupling are computed over the
+whole global batch, exactly as one process would.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageData, iterate_batches
+from .losses import modular_objective
+from .metrics import batch_modularity
+
+__all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "train_epoch", "evaluate", "fit",
+           "gather_global_batch", "world"]
+
+
+@dataclass
+class OptimSettings:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    modular: bool = True
+    alpha: float = 0.5
+    beta: float = 1.5
+    warmup_epochs: float = 0.0  # ramp alpha and beta linearly from 0 over this many epochs
+    augment: bool = True
+    seed: int = 0
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the current process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_global_batch(masks: list[torch.Tensor], labels: torch.Tensor):
+    """Masks and labels of the whole global batch; gradients flow back to each rank's slice."""
+    _, world_size = world()
+    if world_size == 1:
+        return masks, labels
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [m.shape[1] for m in masks]
+    flat = torch.cat(all_gather(torch.cat(masks, dim=1)), dim=0)
+    gathered_labels = [torch.empty_like(labels) for _ in range(world_size)]
+    dist.all_gather(gathered_labels, labels)
+    return list(torch.split(flat, sizes, dim=1)), torch.cat(gathered_labels)
+
+
+def make_optimizer(model: nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
+    # Mask generators train with the same SGD settings as the network (authors' code).
+    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, nesterov=s.nesterov,
+                           weight_decay=s.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, s: OptimSettings):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs)
+
+
+def _ramp(s: OptimSettings, epoch_progress: float) -> float:
+    return 1.0 if s.warmup_epochs <= 0 else min(1.0, epoch_progress / s.warmup_epochs)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, s: OptimSettings,
+                epoch: int, device: torch.device) -> dict[str, float]:
+    """One epoch; returns epoch means of losses, train accuracy and (modular) Fig. 5 metrics."""
+    rank, world_size = world()
+    model.train()
+    num_classes = data.num_classes
+    steps = len(data.train_labels) // s.batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {s.batch_size} is larger than the training set ({len(data.train_labels)} samples)")
+    names = ["loss", "ce_loss", "correct", "samples"] + (
+        ["cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate"] if s.modular else [])
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    batches = iterate_batches(data.train_images, data.train_labels, s.batch_size, mean=data.mean,
+                              std=data.std, shuffle=True, augment=s.augment, seed=s.seed * 100_003 + epoch,
+                              drop_last=True, rank=rank, world_size=world_size)
+    for step, (images, labels) in enumerate(batches):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if s.modular:
+            logits, masks = model(images, return_masks=True)
+            all_masks, all_labels = gather_global_batch(masks, labels)
+            ramp = _ramp(s, epoch + step / steps)
+            loss, parts = modular_objective(logits, labels, all_masks, all_labels, s.alpha * ramp, s.beta * ramp)
+        else:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            parts = {"ce_loss": loss.detach()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            row = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum(), labels.new_tensor(len(labels))]
+            if s.modular:
+                fig5 = batch_modularity(all_masks, all_labels, num_classes)
+                row += [parts["cohesion_loss"], parts["coupling_loss"], fig5["cohesion"], fig5["coupling"], fig5["kernel_rate"]]
+            totals += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
+    if world_size > 1:
+        dist.all_reduce(totals)
+        totals[:2] /= world_size
+        if s.modular:
+            totals[4:] /= world_size  # every rank computed the same global-batch values
+    values = dict(zip(names, totals.tolist()))
+    result = {name: values[name] / steps for name in names if name not in ("correct", "samples")}
+    result["train_accuracy"] = values["correct"] / values["samples"]
+    result["epoch_time_s"] = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, data: ImageData,
+             device: torch.device, batch_size: int = 512, classes: list[int] | None = None) -> float:
+    """Top-1 accuracy; with ``classes``, logits are restricted to those classes and labels are
+    indices into that list (how a standard model is scored on an M-class sub-task)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    restrict = torch.tensor(classes, device=device) if classes is not None else None
+    for x, y in iterate_batches(images, labels, batch_size, mean=data.mean, std=data.std):
+        logits = model(x.to(device))
+        if restrict is not None:
+            logits = logits[:, restrict]
+        correct += (logits.argmax(1) == y.to(device)).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(labels))
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.device, *,
+        optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_epoch: int = 0,
+        on_epoch_end: EpochCallback | None = None, log: Callable[[str], None] | None = print) -> list[dict]:
+    """Train ``model`` from ``start_epoch`` to ``s.epochs``; returns one metrics dict per epoch.
+
+    ``on_epoch_end(epoch, metrics)`` runs after each epoch (checkpointing and reporting hooks).
+    """
+    optimizer = optimizer or make_optimizer(model, s)
+    scheduler = scheduler or make_scheduler(optimizer, s)
+    rank, _ = world()
+    history = []
+    for epoch in range(start_epoch, s.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        metrics = train_epoch(model, optimizer, data, s, epoch, device)
+        scheduler.step()
+        metrics["test_accuracy"] = evaluate(model, data.test_images, data.test_labels, data, device)
+        metrics["lr"] = lr
+        metrics["epoch"] = epoch + 1
+        if not all(math.isfinite(v) for k, v in metrics.items() if "loss" in k):
+            raise FloatingPointError(f"loss became non-finite at epoch {epoch + 1}: {metrics}; lower lr, alpha or beta")
+        history.append(metrics)
+        if log is not None and rank == 0:
+            log(format_epoch(metrics, s.epochs, s.modular))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return history
+
+
+def format_epoch(m: dict[str, float], epochs: int, modular: bool) -> str:
+    line = (f"epoch {m['epoch']:>3}/{epochs}  loss {m['loss']:.4f}  ce {m['ce_loss']:.4f}  "
+            f"train {m['train_accuracy']:.2%}  test {m['test_accuracy']:.2%}")
+    if modular:
+        line += (f"  L_ch {m['cohesion_loss']:.3f}  L_cp {m['coupling_loss']:.3f}  coh {m['cohesion']:.3f}  "
+                 f"coup {m['coupling']:.3f}  kernel rate {m['kernel_rate']:.3f}")
+    return line + f"  lr {m['lr']:.4f}  {m['epoch_time_s']:.1f}s"
