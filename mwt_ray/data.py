@@ -77,24 +77,23 @@ class ImageData:
         sub.mean, sub.std = self.mean, self.std
         return sub
 
-    def split_train(self, fraction: float, seed: int) -> tuple["ImageData", "ImageData"]:
-        """(rest, held_out): ``fraction`` of the training set per class becomes a validation set
-        (returned as the test split of the second object)."""
+    def holdout(self, fraction: float, seed: int) -> tuple["ImageData", torch.Tensor, torch.Tensor]:
+        """Move ``fraction`` of each class's training samples to a validation set.
+
+        Returns (data without them, validation images, validation labels); the test split is
+        untouched, so choices made on the validation set never see test data."""
         generator = torch.Generator().manual_seed(seed)
         held = torch.zeros(len(self.train_labels), dtype=torch.bool)
         labels = self.train_labels.cpu()
         for c in range(self.num_classes):
             idx = (labels == c).nonzero().flatten()
-            take = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+            take = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
             held[idx[torch.randperm(len(idx), generator=generator)[:take]]] = True
-        held_dev = held.to(self.train_images.device)
-        rest = ImageData(self.train_images[~held_dev], self.train_labels[~held_dev],
-                         self.test_images, self.test_labels, self.classes)
-        val = ImageData(self.train_images[~held_dev], self.train_labels[~held_dev],
-                        self.train_images[held_dev], self.train_labels[held_dev], self.classes)
-        for part in (rest, val):
-            part.mean, part.std = self.mean, self.std
-        return rest, val
+        held = held.to(self.train_images.device)
+        rest = ImageData(self.train_images[~held], self.train_labels[~held], self.test_images,
+                         self.test_labels, self.classes)
+        rest.mean, rest.std = self.mean, self.std
+        return rest, self.train_images[held], self.train_labels[held]
 
     def to(self, device) -> "ImageData":
         moved = ImageData.__new__(ImageData)
