@@ -1,0 +1,69 @@
+"""Mixed modules, fine-tuning, and the standard model scored on a sub-task."""
+import pytest
+import torch
+
+from mwt_ray.data import ImageData
+from mwt_ray.extract import extract_module
+from mwt_ray.models import create_model, masked_units
+from mwt_ray.reuse import FineTuneSettings, build_reused_model, evaluate_subtask, mixed_module_mask, sample_subtasks
+from mwt_ray.training import evaluate
+
+
+def separable_data(n=120, classes=4):
+    """Class c is a bright square in quadrant c: learnable in a couple of epochs."""
+    images = torch.randint(0, 40, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(n) % classes
+    for i, c in enumerate(labels.tolist()):
+        r, q = divmod(c, 2)
+        images[i, :, r * 16:(r + 1) * 16, q * 16:(q + 1) * 16] += 200
+    return ImageData(images, labels, images[:40].clone(), labels[:40].clone(), [str(c) for c in range(classes)])
+
+
+def test_mixed_module_is_the_union():
+    masks = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    assert mixed_module_mask(masks, [0, 2]).tolist() == [True, False, True, True]
+    with pytest.raises(ValueError, match="out of range"):
+        mixed_module_mask(masks, [0, 3])
+
+
+def test_reused_model_wraps_the_extracted_mixed_module():
+    model = create_model("vgg16", num_classes=4, width=0.125).eval()
+    sizes = [u.num_kernels for u in masked_units(model)]
+    masks = torch.rand(4, sum(sizes)) < 0.5
+    masks[:, :] |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
+    reused = build_reused_model(model, masks, [1, 3]).eval()
+    x = torch.randn(3, 3, 32, 32)
+    module = extract_module(model, masks[[1, 3]].any(0)).eval()
+    torch.testing.assert_close(reused(x), reused.head(torch.relu(module(x))))
+    assert reused(x).shape == (3, 2)
+
+
+def test_fine_tuning_learns_the_subtask_and_standard_is_scored_on_restricted_logits():
+    torch.manual_seed(0)
+    data = separable_data(n=200)
+    model = create_model("vgg16", num_classes=4, width=0.125)
+    sizes = [u.num_kernels for u in masked_units(model)]
+    masks = torch.ones(4, sum(sizes), dtype=torch.bool)
+    settings = FineTuneSettings(epochs=4, lr=0.05, batch_size=16, val_fraction=0.2)
+    result = evaluate_subtask(model, masks, data, [2, 0], settings, torch.device("cpu"), standard_model=model,
+                              arch={"name": "vgg16", "num_classes": 4, "width": 0.125})
+    assert result["module_accuracy"] >= 0.9
+    assert result["krr"] == 1.0 and 1 <= result["best_epoch"] <= 4
+    assert result["module_flops"] < result["model_flops"] * 1.01
+    # The untrained standard model, restricted to classes [2, 0]: check against a manual count.
+    sub = data.subset([2, 0])
+    model.eval()
+    with torch.no_grad():
+        x = (sub.test_images.float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
+        manual = (model(x)[:, [2, 0]].argmax(1) == sub.test_labels).float().mean().item()
+    assert result["standard_accuracy"] == pytest.approx(manual)
+    assert evaluate(model, sub.test_images, sub.test_labels, sub, torch.device("cpu"), classes=[2, 0]) == pytest.approx(manual)
+
+
+def test_sampled_subtasks_are_distinct_and_valid():
+    tasks = sample_subtasks(10, [2, 5, 10], per_size=3, seed=0)
+    assert [len(t) for t in tasks] == [2, 2, 2, 5, 5, 5, 10]
+    assert len({tuple(t) for t in tasks}) == len(tasks)
+    assert sample_subtasks(10, [2], 3, seed=0) == sample_subtasks(10, [2], 3, seed=0)
+    with pytest.raises(ValueError, match="out of range"):
+        sample_subtasks(10, [11], 1, 0)

@@ -1,0 +1,92 @@
+"""Short real training runs, checkpoints, and the command line's handling of bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mwt_ray.checkpoint import build_model, check_architecture, load_checkpoint
+from mwt_ray.config import load_config
+from mwt_ray.train import train_single_process
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.train_limit=300", "model.width=0.125", "train.batch_size=32", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def modular_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, TINY + ["train.epochs=4", f"output_dir={out}", "name=mod"])
+    summary = train_single_process(cfg, log=None)
+    return cfg, summary
+
+
+def test_modular_training_lowers_the_loss_and_modularizes(modular_run):
+    cfg, summary = modular_run
+    history = [json.loads(json.dumps(h)) for h in load_checkpoint(cfg.run_dir / "checkpoint.pt")["history"]]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["ce_loss"] < history[0]["ce_loss"]
+    modules = summary["modules"]
+    assert 0 < modules["krr"] <= 1 and 0 <= modules["coupling"] <= 1 and 0 <= modules["cohesion"] <= 1
+    assert (cfg.run_dir / "history.csv").read_text().count("\n") == 5
+
+
+def test_checkpoint_round_trip_with_weights_only(modular_run):
+    cfg, _ = modular_run
+    state = torch.load(cfg.run_dir / "checkpoint.pt", weights_only=True)
+    model = build_model(state).eval()
+    assert state["module_masks"].dtype == torch.bool and state["module_masks"].shape[0] == 10
+    assert state["kernel_usage"]["counts"].shape == state["module_masks"].shape
+    assert state["config"]["train"]["epochs"] == 4
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 10)
+    check_architecture(state, "vgg16", 0.125, 10)
+    with pytest.raises(ValueError, match="holds vgg16 width 0.125"):
+        check_architecture(state, "resnet18", 0.125, 10)
+
+
+def test_standard_training_has_no_modules(tmp_path):
+    cfg = load_config(None, TINY + ["train.epochs=1", "train.modular=false", f"output_dir={tmp_path}"])
+    summary = train_single_process(cfg, log=None)
+    assert "modules" not in summary
+    assert "module_masks" not in load_checkpoint(cfg.run_dir / "checkpoint.pt")
+
+
+def run_cli(module, args, cwd):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "model.name=alexnet"], "unknown model 'alexnet'"),
+    (["--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
+    (["--set", "modularize.tau=0"], "modularize.tau"),
+    (["--set", "modularize.tau=1.5"], "modularize.tau"),
+    (["--set", "train.alpha=-0.5"], "train.alpha"),
+    (["--set", "train.beta=-1"], "train.beta"),
+    (["--set", "model.width=0"], "model.width"),
+    (["--set", "data.name=folder", "--set", "data.root=/no/such/dir"], "does not exist"),
+    (["--set", "train.batch_size=5000"], "larger than the training set"),
+    (["--config", "/no/such.yaml"], "does not exist"),
+])
+def test_train_cli_rejects_bad_input_with_one_line(tmp_path, args, message):
+    result = run_cli("mwt_ray.train", args + ["--set", f"output_dir={tmp_path / 'runs'}", "--set", "train.epochs=1",
+                                              "--set", "tracking.enabled=false"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_reuse_cli_rejects_bad_classes_and_wrong_checkpoint(modular_run, tmp_path):
+    cfg, _ = modular_run
+    ckpt = str(cfg.run_dir / "checkpoint.pt")
+    for sub, message in [("[[0, 12]]", "out of range"), ("[[3, 3]]", "repeat")]:
+        result = run_cli("mwt_ray.reuse", ["--modular", ckpt, "--set", f"reuse.subtasks={sub}"], tmp_path)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    result = run_cli("mwt_ray.reuse", ["--modular", str(garbage)], tmp_path)
+    assert result.returncode == 2 and "cannot be read" in result.stderr
