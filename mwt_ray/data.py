@@ -18,7 +18,7 @@ import hashlib
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,8 +39,9 @@ class ImageData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
-    mean: torch.Tensor = field(init=False)
-    std: torch.Tensor = field(init=False)
+    # Per-channel statistics of the training pixels; subsets inherit those of the full dataset.
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
 
     def __post_init__(self):
         for name in ("train", "test"):
@@ -51,9 +52,10 @@ class ImageData:
         if missing:
             names = ", ".join(f"{c} ({self.classes[c]})" for c in missing)
             raise ValueError(f"class(es) {names} have no training samples")
-        pixels = self.train_images.to(torch.float32).div_(255)
-        self.mean = pixels.mean(dim=(0, 2, 3))
-        self.std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        if self.mean is None or self.std is None:
+            pixels = self.train_images.to(torch.float32).div_(255)
+            self.mean = pixels.mean(dim=(0, 2, 3))
+            self.std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
 
     @property
     def num_classes(self) -> int:
@@ -73,9 +75,7 @@ class ImageData:
             images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
             keep = lookup[labels.cpu()] >= 0
             parts[name] = (images[keep.to(images.device)], lookup[labels.cpu()[keep]].to(labels.device))
-        sub = ImageData(*parts["train"], *parts["test"], [self.classes[c] for c in classes])
-        sub.mean, sub.std = self.mean, self.std
-        return sub
+        return ImageData(*parts["train"], *parts["test"], [self.classes[c] for c in classes], self.mean, self.std)
 
     def holdout(self, fraction: float, seed: int) -> tuple["ImageData", torch.Tensor, torch.Tensor]:
         """Move ``fraction`` of each class's training samples to a validation set.
@@ -91,16 +91,12 @@ class ImageData:
             held[idx[torch.randperm(len(idx), generator=generator)[:take]]] = True
         held = held.to(self.train_images.device)
         rest = ImageData(self.train_images[~held], self.train_labels[~held], self.test_images,
-                         self.test_labels, self.classes)
-        rest.mean, rest.std = self.mean, self.std
+                         self.test_labels, self.classes, self.mean, self.std)
         return rest, self.train_images[held], self.train_labels[held]
 
     def to(self, device) -> "ImageData":
-        moved = ImageData.__new__(ImageData)
-        for name in ("train_images", "train_labels", "test_images", "test_labels"):
-            setattr(moved, name, getattr(self, name).to(device))
-        moved.classes, moved.mean, moved.std = self.classes, self.mean.to(device), self.std.to(device)
-        return moved
+        return ImageData(self.train_images.to(device), self.train_labels.to(device), self.test_images.to(device),
+                         self.test_labels.to(device), self.classes, self.mean.to(device), self.std.to(device))
 
 
 def validate_classes(classes: list[int], num_classes: int) -> None:
