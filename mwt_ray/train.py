@@ -94,7 +94,7 @@ def finish_run(model, data: ImageData, cfg: Config, device: torch.device, histor
     return summary
 
 
-def train_single_process(cfg: Config, log=print) -> dict:
+def train_single_process(cfg: Config, log=print, on_epoch_end=None) -> dict:
     device = resolve_device(cfg.train.device)
     data = load_data(cfg).to(device)
     seed_everything(cfg.train.seed)
@@ -104,12 +104,30 @@ def train_single_process(cfg: Config, log=print) -> dict:
         log(f"{kind} training of {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}: "
             f"{len(data.train_labels)} train / {len(data.test_labels)} test images, {data.num_classes} classes, "
             f"{cfg.train.epochs} epochs, device {device}")
-    history = fit(model, data, cfg.train.optim_settings(), device, log=log)
+    history = fit(model, data, cfg.train.optim_settings(), device, on_epoch_end=on_epoch_end, log=log)
     return finish_run(model, data, cfg, device, history, log)
 
 
 def run(cfg: Config, log=print) -> dict:
-    return train_single_process(cfg, log)
+    """Train as the config says: on Ray Train workers (scaling.num_workers > 0) or in this
+    process; tracked in MLflow unless tracking.enabled is false (see mwt_ray.tracking)."""
+    if cfg.scaling.num_workers > 0:
+        from .distributed import run_distributed
+
+        return run_distributed(cfg, log)
+    if not cfg.tracking.enabled:
+        return train_single_process(cfg, log)
+    from .tracking import open_run
+
+    tracked = open_run(cfg, tags={"mwt.num_workers": "0"}, log=log)
+    try:
+        summary = train_single_process(cfg, log, on_epoch_end=tracked.epoch_callback())
+        tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
+    except BaseException as error:
+        tracked.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    tracked.end("FINISHED")
+    return summary
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:

@@ -1,0 +1,58 @@
+"""Convergence plot of a training run, like Fig. 5 of the MwT paper.
+
+Fig. 5 follows modular training epoch by epoch: coupling falls, cohesion rises, the kernel rate
+(share of kernels a sample activates) falls, and accuracy climbs. ``plot_convergence`` draws those
+four panels from the per-epoch metrics ``training.fit`` returns (a standard run has no masks, so
+only its accuracy and loss panels are drawn). Uses matplotlib's Agg backend: no display needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["plot_convergence"]
+
+_MODULAR_PANELS = (
+    ("coupling", "coupling", "C3"),
+    ("cohesion", "cohesion", "C2"),
+    ("kernel_rate", "kernel rate", "C0"),
+)
+
+
+def plot_convergence(history: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG with one panel per Fig. 5 curve (x axis: epoch) and return its path."""
+    if not history:
+        raise ValueError("plot_convergence needs at least one epoch of metrics")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(m.get("epoch", i + 1)) for i, m in enumerate(history)]
+    panels = [p for p in _MODULAR_PANELS if all(p[0] in m for m in history)]
+    if not panels:  # standard training: no masks, show the loss instead
+        panels = [("ce_loss", "cross-entropy loss", "C1")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.0), squeeze=False)
+    for ax, (key, label, color) in zip(axes[0], panels):
+        ax.plot(epochs, [m[key] for m in history], marker="o", markersize=3, color=color)
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax = axes[0][-1]
+    for key, label, style in (("train_accuracy", "train", "--"), ("test_accuracy", "test", "-")):
+        if all(key in m for m in history):
+            ax.plot(epochs, [100 * m[key] for m in history], style, marker="o", markersize=3, label=label)
+    ax.set_title("accuracy (%)")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

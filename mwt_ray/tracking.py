@@ -1,0 +1,284 @@
+"""MLflow tracking of training jobs: one MLflow run per job, written by rank 0 only.
+
+What a run holds:
+
+- params: every config value, flattened to dotted keys (``train.lr``, ``scaling.num_workers``, ...);
+- metrics, one value per epoch (``step`` = epoch, 1-based): everything ``training.fit`` reports
+  (loss, ce_loss, cohesion_loss, coupling_loss, cohesion, coupling, kernel_rate, train_accuracy,
+  test_accuracy, lr, epoch_time_s);
+- artifacts at the end: ``checkpoint.pt`` (the final, modularized checkpoint), ``module_masks.pt``,
+  ``metrics.json``, ``history.csv`` and ``convergence.png`` (the paper's Fig. 5 curves).
+
+Where it goes: ``tracking.tracking_uri`` in the config, by default ``sqlite:///<cwd>/mlflow.db``
+with artifacts in ``<cwd>/mlruns/<experiment>`` (an sqlite store keeps its artifacts next to the
+database file). Browse it with::
+
+    mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+For a shared server backed by a real database, start for example
+``mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://...`` and set
+``tracking.tracking_uri=http://host:5000``; the server is probed before training starts and a
+server that does not answer stops the job with one line. ``tracking.enabled=false`` switches
+tracking off.
+
+Exactly-once epochs: a resumed job (after a worker failure, or re-run under the same name)
+continues the same MLflow run, and ``MlflowRun.log_epoch`` skips an epoch the run already has, so
+no epoch is logged twice. This module is only imported by ``train.run`` and ``distributed``: the
+core training code never depends on MLflow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
+           "check_server", "check_store", "flatten_params", "ARTIFACTS"]
+
+ARTIFACTS = ("checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png")
+# The metric that marks an epoch as logged (every epoch's batch of metrics holds it).
+_EPOCH_KEY = "test_accuracy"
+_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be used (server down, path not writable, ...)."""
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """An absolute URI every process (also a Ray worker with another cwd) resolves the same way."""
+    if not uri:
+        return default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path != ":memory:" and not path.startswith("/"):
+            return f"sqlite:///{(Path.cwd() / path).resolve()}"
+        return uri
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        return str(Path(uri).expanduser().resolve())  # a local folder (MLflow file store)
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError unless the HTTP tracking server at ``uri`` answers within ``timeout``.
+
+    Any HTTP answer counts as alive (a proxy or auth layer may answer /health with 401 or 404);
+    refused connections, unknown hosts and timeouts do not.
+    """
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(f"MLflow tracking server {uri} does not answer ({url}: {reason}); start it, fix "
+                            "tracking.tracking_uri, or set tracking.enabled=false") from None
+
+
+def check_store(uri: str) -> None:
+    """Raise TrackingError unless the store answers (HTTP) or can be written (sqlite, folder)."""
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+        return
+    path = _sqlite_path(uri)
+    if path is None and "://" not in uri:
+        path = Path(uri) / "probe"  # a file-store folder
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            probe = path.parent / f".mwt_write_probe_{time.time_ns()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise TrackingError(f"MLflow store {uri} is not writable ({error.strerror or error}); "
+                                "set tracking.tracking_uri or tracking.enabled=false") from None
+
+
+def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.05}} -> {"train.lr": "0.05"}; lists and None become their text."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten_params(value, name + ".")
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def _quiet_mlflow_logs() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class MlflowRun:
+    """A handle on one MLflow run; cheap to pickle (``info()``) and reopen in a Ray worker."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client = None
+        self._logged: set[int] | None = None
+
+    @classmethod
+    def from_info(cls, info: dict) -> "MlflowRun":
+        return cls(info["tracking_uri"], info["run_id"])
+
+    def info(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+
+    @property
+    def client(self):
+        if self._client is None:
+            _quiet_mlflow_logs()
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def logged_epochs(self) -> set[int]:
+        """Epochs (steps) this run already holds metrics for."""
+        if self._logged is None:
+            self._logged = {m.step for m in self.client.get_metric_history(self.run_id, _EPOCH_KEY)}
+        return self._logged
+
+    def log_epoch(self, metrics: dict[str, Any]) -> bool:
+        """Log one epoch's metrics at step=epoch; False (and nothing logged) if it is already there."""
+        from mlflow.entities import Metric
+
+        epoch = int(metrics["epoch"])
+        if epoch in self.logged_epochs():
+            return False
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()
+                 if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self._logged.add(epoch)
+        return True
+
+    def log_history(self, history: list[dict]) -> int:
+        """Log the epochs of ``history`` the run does not have yet; returns how many were logged."""
+        return sum(self.log_epoch(metrics) for metrics in history)
+
+    def epoch_callback(self) -> Callable[[int, dict], None]:
+        """An ``on_epoch_end`` hook for ``training.fit``."""
+        return lambda epoch, metrics: self.log_epoch(metrics)
+
+    def log_results(self, run_dir: str | Path, title: str | None = None) -> list[str]:
+        """Upload the finished run's files (see ``ARTIFACTS``); returns the artifact names."""
+        from .checkpoint import load_checkpoint
+        from .plots import plot_convergence
+
+        run_dir = Path(run_dir)
+        state = load_checkpoint(run_dir / "checkpoint.pt")
+        uploaded = []
+        with tempfile.TemporaryDirectory(prefix="mwt_artifacts_") as scratch:
+            scratch = Path(scratch)
+            if "module_masks" in state:
+                import torch
+
+                usage = state.get("kernel_usage") or {}
+                torch.save({"module_masks": state["module_masks"], "tau": state.get("tau"),
+                            "classes": state["architecture"].get("classes"),
+                            "layer_sizes": usage.get("layer_sizes")}, scratch / "module_masks.pt")
+            history = state.get("history") or []
+            if history:
+                plot_convergence(history, scratch / "convergence.png", title)
+            for name in ARTIFACTS:
+                path = run_dir / name if (run_dir / name).exists() else scratch / name
+                if path.exists():
+                    self.client.log_artifact(self.run_id, str(path))
+                    uploaded.append(name)
+        return uploaded
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted in {uri}; restore it or set tracking.experiment")
+        return experiment.experiment_id
+    db = _sqlite_path(uri)
+    # Keep an sqlite store's artifacts next to the database, as an absolute location, so runs
+    # logged from Ray workers (whose cwd is a Ray session folder) land in the same place.
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    location = (db.parent / "mlruns" / slug).resolve().as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another job
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = None,
+             log: Callable[[str], None] | None = print) -> MlflowRun:
+    """Create the job's MLflow run (every config value as a param), or continue ``run_id``.
+
+    Checks the store first: an HTTP server must answer, a local store must be writable.
+    Call this in the driver (it creates the experiment, see the module docstring).
+    """
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_store(uri)
+    _quiet_mlflow_logs()
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    except TrackingError:
+        raise
+    except Exception as error:
+        raise TrackingError(f"MLflow store {uri} cannot be used: {str(error).splitlines()[0] if str(error) else error!r}") from None
+    params = flatten_params(cfg.model_dump(mode="json"))
+    existing: dict[str, str] = {}
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except Exception:
+            run = None
+        if run is None or run.info.experiment_id != experiment_id or run.info.lifecycle_stage == "deleted":
+            if log:
+                log(f"MLflow run {run_id} is not in experiment {cfg.tracking.experiment!r} of {uri}; starting a new run")
+            run_id = None
+        else:
+            existing = dict(run.data.params)
+            client.update_run(run_id, status="RUNNING")
+            if log:
+                log(f"MLflow: continuing run {run_id} in {uri}")
+    if run_id is None:
+        run_tags = {"mwt.model": cfg.model.name, "mwt.dataset": cfg.data.name,
+                    "mwt.modular": str(cfg.train.modular), **(tags or {})}
+        run_id = client.create_run(experiment_id, tags=run_tags, run_name=cfg.name).info.run_id
+        if log:
+            log(f"MLflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+    if changed and log:
+        log("MLflow: params keep their first values; changed since: "
+            + ", ".join(f"{k}={existing[k]}->{params[k]}" for k in changed))
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    for start in range(0, len(new), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[start:start + _PARAMS_PER_BATCH], synchronous=True)
+    return MlflowRun(uri, run_id)

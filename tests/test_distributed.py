@@ -1,0 +1,315 @@
+"""Data-parallel training on a real local Ray cluster (2 CPUs, gloo), tracked in a real MLflow store.
+
+The cluster is started once for the module (``ray.init(num_cpus=2)``) and shut down at the end.
+Ray Train's controller polls every 0.2 s instead of 2 s, which keeps each ``fit`` short.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+
+from mwt_ray.checkpoint import build_model, load_checkpoint  # noqa: E402
+from mwt_ray.config import load_config  # noqa: E402
+from mwt_ray.distributed import (SetupError, latest_training_state, loop_config, run_distributed,  # noqa: E402
+                                 storage_root, train_loop_per_worker)
+from mwt_ray.tracking import TrackingError  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate",
+               "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The in-process parts (single-process reference, plain-process loop) on one thread, like a
+    Ray worker with 1 CPU; the machine has only 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.cluster_resources()
+    ray.shutdown()
+
+
+def tiny_config(tmp_path: Path, name: str, *overrides: str, workers: int = 2, epochs: int = 2):
+    return load_config(None, [
+        f"name={name}", f"output_dir={tmp_path / 'runs'}", "model.name=vgg16", "model.width=0.125",
+        "data.name=digits", "data.train_limit=160", "train.batch_size=32", f"train.epochs={epochs}",
+        "train.lr=0.02", "modularize.cohesion_samples_per_class=20", f"scaling.num_workers={workers}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+
+
+def mlflow_client(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def only_run(client, experiment: str = "mwt-ray"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected exactly one MLflow run, found {len(runs)}"
+    return runs[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(cluster, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("two_workers")
+    cfg = tiny_config(tmp_path, "two")
+    start = time.perf_counter()
+    summary = run_distributed(cfg)
+    return cfg, tmp_path, summary, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- (1) end to end
+
+def test_two_workers_end_to_end(two_worker_run):
+    cfg, tmp_path, summary, _ = two_worker_run
+    assert summary["epochs"] == 2 and summary["final"]["epoch"] == 2
+    run_dir = cfg.run_dir.resolve()
+    for name in ("checkpoint.pt", "metrics.json", "history.csv"):
+        assert (run_dir / name).is_file(), name
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert [m["epoch"] for m in state["history"]] == [1, 2]
+    model = build_model(state)  # the unwrapped module was saved: no "module." prefixes
+    assert not any(k.startswith("module.") for k in state["model_state"])
+    assert state["module_masks"].shape[0] == 10
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert json.loads((run_dir / "metrics.json").read_text())["modules"]["krr"] > 0
+
+    # per-epoch training state in the Ray run storage, holding optimizer and scheduler too
+    training_state = latest_training_state(f"{storage_root(cfg)}/{cfg.name}")
+    assert training_state["epoch"] == 2 and training_state["resumes"] == []
+    assert training_state["optimizer_state"]["state"] and training_state["scheduler_state"]["last_epoch"] == 2
+
+    client = mlflow_client(tmp_path)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["scaling.num_workers"] == "2" and run.data.params["train.batch_size"] == "32"
+    assert run.data.params["model.width"] == "0.125"
+    for key in METRIC_KEYS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png"} <= artifacts
+
+
+def test_rerun_resumes_same_job_and_mlflow_run(two_worker_run):
+    """Running the same job again finds its final checkpoint: nothing is retrained or re-logged."""
+    cfg, tmp_path, summary, first_seconds = two_worker_run
+    again = run_distributed(cfg)
+    assert again["epochs"] == 2
+    assert again["final"] == summary["final"]
+    state = latest_training_state(f"{storage_root(cfg)}/{cfg.name}")
+    assert state["resumes"] == [2]
+    client = mlflow_client(tmp_path)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- (2) same loss and gradients
+
+def _gradient_step(config: dict) -> None:
+    """One modular step on the same global batch; with Ray Train each rank takes its slice."""
+    import torch.distributed as dist
+
+    from mwt_ray import distributed, losses, models, training
+    from mwt_ray.data import iterate_batches, load_dataset
+
+    rank, world_size = training.world()
+    data = load_dataset("digits", train_limit=200)
+    # The first global batch, split by rank exactly as train_epoch does.
+    images, labels = next(iterate_batches(data.train_images, data.train_labels, 32, mean=data.mean, std=data.std,
+                                          shuffle=True, seed=3, rank=rank, world_size=world_size))
+    results = {}
+    for gather in (True, False):
+        torch.manual_seed(0)
+        model = models.create_model("vgg16", 10, 0.125, modular=True)
+        # eval(): BatchNorm uses its running statistics, so each sample's logits and masks do not
+        # depend on which other samples share its slice. In train mode every worker would
+        # normalise with its own slice's statistics (DDP's documented behaviour), and the
+        # comparison would test BatchNorm instead of the mask all-gather.
+        model.eval()
+        if world_size > 1:
+            model = distributed.wrap_model(model)
+        logits, masks = model(images, return_masks=True)
+        if gather:
+            all_masks, all_labels = training.gather_global_batch(masks, labels)
+        else:  # what a worker optimises without the gather: its own slice's pairs only
+            all_masks, all_labels = masks, labels
+        loss, parts = losses.modular_objective(logits, labels, all_masks, all_labels, 0.5, 1.5)
+        loss.backward()
+        values = torch.stack([loss.detach(), parts["cohesion_loss"].detach(), parts["coupling_loss"].detach()])
+        if world_size > 1:
+            dist.all_reduce(values)  # the CE part is a per-slice mean: the global loss is the mean
+            values /= world_size
+        results["gathered" if gather else "local"] = {
+            "loss": values[0].item(), "cohesion_loss": values[1].item(), "coupling_loss": values[2].item(),
+            "labels": all_labels.clone(),
+            "grads": {n: p.grad.clone() for n, p in distributed.unwrap(model).named_parameters()}}
+    if rank == 0:
+        torch.save(results, config["out"])
+
+
+def test_two_workers_match_one_process_loss_and_gradients(cluster, tmp_path):
+    from ray import cloudpickle  # Ray's own copy pickles the training function
+
+    # Workers cannot import this test module: ship its functions by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    single_path, dist_path = tmp_path / "single.pt", tmp_path / "dist.pt"
+    _gradient_step({"out": str(single_path)})  # this process: world size 1
+    TorchTrainer(_gradient_step, train_loop_config={"out": str(dist_path)},
+                 torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(name="grads", storage_path=str(tmp_path / "ray"))).fit()
+    single = torch.load(single_path, weights_only=True)["gathered"]
+    both = torch.load(dist_path, weights_only=True)
+    gathered, local = both["gathered"], both["local"]
+
+    assert torch.equal(gathered["labels"], single["labels"])  # the gather rebuilt the global batch in order
+    for key in ("loss", "cohesion_loss", "coupling_loss"):
+        assert gathered[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+    assert set(gathered["grads"]) == set(single["grads"])
+    generator_grads = 0
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(gathered["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        generator_grads += "mask_generator" in name and grad.abs().sum().item() > 0
+    assert generator_grads > 0  # the mask generators did get gradients from cohesion/coupling
+    # Without the gather each worker sees half the pairs: losses and gradients differ, so the
+    # comparison above is sensitive to exactly what the gather provides.
+    assert abs(local["cohesion_loss"] - single["cohesion_loss"]) > 0.05 * abs(single["cohesion_loss"])
+    differs = [n for n, g in single["grads"].items() if "mask_generator" in n
+               and not torch.allclose(local["grads"][n], g, rtol=1e-4, atol=1e-6)]
+    assert differs
+
+
+# ----------------------------------------------------------------------------- (3) worker kill
+
+def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(cluster, tmp_path):
+    cfg = tiny_config(tmp_path, "kill", "scaling.fail_at_epoch=2", "scaling.max_failures=1", epochs=3)
+    summary = run_distributed(cfg)
+    storage = Path(storage_root(cfg)) / cfg.name
+    marker = storage / ".fault_injected_epoch_2"
+    assert marker.is_file() and "at epoch 2" in marker.read_text()  # the kill really happened
+    state = latest_training_state(str(storage))
+    assert state["resumes"] == [1]  # the restarted worker group continued from epoch 1's checkpoint
+    assert summary["epochs"] == 3
+    final = load_checkpoint(cfg.run_dir / "checkpoint.pt")
+    assert [m["epoch"] for m in final["history"]] == [1, 2, 3]
+    assert json.loads((cfg.run_dir / "metrics.json").read_text())["epochs"] == 3
+
+    client = mlflow_client(tmp_path)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    for key in ("test_accuracy", "loss", "coupling"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
+
+
+# ----------------------------------------------------------------------------- (4) fail fast
+
+def one_line_error(error_type, fn, limit_s: float = 10.0) -> str:
+    start = time.perf_counter()
+    with pytest.raises(error_type) as info:
+        fn()
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert "\n" not in message and message
+    assert elapsed < limit_s, f"took {elapsed:.1f}s to fail: {message}"
+    return message
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["scaling.num_workers=3", "train.batch_size=48"], "3 workers with 1 CPU each, but the Ray cluster has 2 CPUs"),
+    (["scaling.cpus_per_worker=1.5"], "room for 1"),
+    (["scaling.use_gpu=true"], "0 GPUs"),
+])
+def test_more_workers_than_the_cluster_has(cluster, tmp_path, overrides, expected):
+    cfg = tiny_config(tmp_path, "big", "tracking.enabled=false", *overrides)
+    message = one_line_error(SetupError, lambda: run_distributed(cfg))
+    assert expected in message
+    assert not (cfg.run_dir / "checkpoint.pt").exists()
+
+
+def test_batch_not_divisible_by_workers(tmp_path):
+    cfg = tiny_config(tmp_path, "odd", "train.batch_size=33")
+    assert "not divisible" in one_line_error(SetupError, lambda: run_distributed(cfg))
+
+
+def test_unwritable_storage_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = tiny_config(tmp_path, "nostore", f"scaling.storage_path={blocker / 'storage'}")
+    message = one_line_error(SetupError, lambda: run_distributed(cfg))
+    assert "not writable" in message and str(blocker) in message
+
+
+def test_unreachable_tracking_server(tmp_path):
+    cfg = tiny_config(tmp_path, "noserver", f"tracking.tracking_uri=http://127.0.0.1:{free_port()}")
+    message = one_line_error(TrackingError, lambda: run_distributed(cfg))
+    assert "does not answer" in message
+
+
+def test_cli_reports_unreachable_server_in_one_line(tmp_path):
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "mwt_ray.train", "--num-workers", "2", "--set", f"output_dir={tmp_path}",
+         "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"127.0.0.1:{port} does not answer" in lines[0], result.stderr[-2000:]
+
+
+def test_resume_checkpoint_of_another_model(two_worker_run):
+    cfg, _, _, _ = two_worker_run
+    for section, key, value, expected in (("model", "width", 0.25, "width 0.125"), ("model", "name", "resnet18", "vgg16"),
+                                          ("train", "modular", False, "modular training")):
+        other = cfg.model_copy(deep=True)
+        setattr(getattr(other, section), key, value)
+        message = one_line_error(SetupError, lambda: run_distributed(other))
+        assert expected in message and "use a new name" in message
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+def test_train_loop_runs_in_a_plain_process_and_resumes(tmp_path):
+    """The worker function without Ray: world size 1, checkpoints straight to the storage folder."""
+    cfg = tiny_config(tmp_path, "plain", "tracking.enabled=false", workers=0, epochs=1)
+    first = train_loop_per_worker(loop_config(cfg))
+    assert first["epochs"] == 1
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
+    second = train_loop_per_worker(loop_config(longer))
+    assert second["epochs"] == 2
+    storage = Path(storage_root(cfg)) / cfg.name
+    state = latest_training_state(str(storage))
+    assert state["epoch"] == 2 and state["resumes"] == [1]
+    assert [m["epoch"] for m in load_checkpoint(cfg.run_dir / "checkpoint.pt")["history"]] == [1, 2]
+    assert len([p for p in storage.iterdir() if p.is_dir()]) <= 2  # older checkpoints pruned

@@ -1,0 +1,213 @@
+"""MLflow tracking with real stores: an sqlite file in tmp_path, and a real ``mlflow server``."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mwt_ray.checkpoint import load_checkpoint
+from mwt_ray.config import load_config
+from mwt_ray.plots import plot_convergence
+from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
+from mwt_ray.train import run
+
+METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate",
+               "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
+ARTIFACTS = {"checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread, and the machine has only 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path: Path, name: str, *overrides: str, epochs: int = 2):
+    return load_config(None, [
+        f"name={name}", f"output_dir={tmp_path / 'runs'}", "model.width=0.125", "data.train_limit=100",
+        "train.batch_size=25", f"train.epochs={epochs}", "modularize.cohesion_samples_per_class=10",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def runs_of(client, experiment: str = "mwt-ray"):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_flatten_params():
+    flat = flatten_params({"train": {"lr": 0.05, "modular": True}, "reuse": {"subtasks": [[0, 1], [2, 3]]},
+                           "data": {"root": None}, "name": "x"})
+    assert flat == {"train.lr": "0.05", "train.modular": "True", "reuse.subtasks": "[[0, 1], [2, 3]]",
+                    "data.root": "None", "name": "x"}
+
+
+def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path.resolve()}/sub/m.db"
+    assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_single_process_training_is_tracked(tmp_path):
+    cfg = tiny_config(tmp_path, "single")
+    summary = run(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = client_for(uri)
+    (tracked,) = runs_of(client)
+    run_id = tracked.info.run_id
+    assert tracked.info.status == "FINISHED" and tracked.info.run_name == "single"
+    assert tracked.data.params == flatten_params(cfg.model_dump(mode="json"))
+    assert tracked.data.params["scaling.num_workers"] == "0"
+    history = load_checkpoint(cfg.run_dir / "checkpoint.pt")["history"]
+    for key in METRIC_KEYS:
+        logged = client.get_metric_history(run_id, key)
+        assert [m.step for m in logged] == [1, 2], key
+        assert [m.value for m in logged] == pytest.approx([h[key] for h in history]), key
+    assert summary["final"]["test_accuracy"] == pytest.approx(history[-1]["test_accuracy"])
+    assert {a.path for a in client.list_artifacts(run_id)} == ARTIFACTS
+    # artifacts live next to the sqlite file, not in the current directory
+    local = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    assert local.is_relative_to(tmp_path)
+    assert (local / "convergence.png").read_bytes().startswith(PNG_SIGNATURE)
+    import torch
+
+    masks = torch.load(local / "module_masks.pt", weights_only=True)
+    assert masks["module_masks"].shape[0] == 10 and sum(masks["layer_sizes"]) == masks["module_masks"].shape[1]
+
+
+def test_standard_training_is_tracked_without_mask_metrics(tmp_path):
+    cfg = tiny_config(tmp_path, "std", "train.modular=false", epochs=1)
+    run(cfg)
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tracked,) = runs_of(client)
+    assert "coupling" not in tracked.data.metrics and "test_accuracy" in tracked.data.metrics
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id)} == ARTIFACTS - {"module_masks.pt"}
+
+
+def test_continued_run_logs_each_epoch_once(tmp_path):
+    cfg = tiny_config(tmp_path, "cont")
+    lines = []
+    first = open_run(cfg, log=lines.append)
+    epoch1 = {"epoch": 1, "test_accuracy": 0.5, "loss": 2.0, "lr": 0.1}
+    epoch2 = {"epoch": 2, "test_accuracy": 0.6, "loss": 1.5, "lr": 0.05}
+    assert first.log_epoch(epoch1) is True
+    assert first.log_epoch({**epoch1, "test_accuracy": 0.9}) is False
+    changed = cfg.model_copy(deep=True)
+    changed.train.epochs = 5
+    again = open_run(changed, first.run_id, log=lines.append)  # e.g. a resumed job with more epochs
+    assert again.run_id == first.run_id
+    assert again.log_history([epoch1, epoch2]) == 1
+    client = client_for(first.tracking_uri)
+    assert len(runs_of(client)) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "test_accuracy")] == [(1, 0.5), (2, 0.6)]
+    assert client.get_run(first.run_id).data.params["train.epochs"] == "2"
+    assert any("train.epochs=2->5" in line for line in lines)
+    # an unknown run id (e.g. from another store) starts a new run instead of failing
+    other = open_run(cfg, "0" * 32, log=lines.append)
+    assert other.run_id != first.run_id and len(runs_of(client)) == 2
+
+
+def test_tracking_disabled_writes_no_store(tmp_path):
+    cfg = tiny_config(tmp_path, "untracked", "tracking.enabled=false", epochs=1)
+    run(cfg)
+    assert (cfg.run_dir / "checkpoint.pt").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_server_fails_fast_before_training(tmp_path):
+    port = free_port()
+    cfg = tiny_config(tmp_path, "down", f"tracking.tracking_uri=http://127.0.0.1:{port}")
+    start = time.perf_counter()
+    with pytest.raises(TrackingError) as info:
+        run(cfg)
+    assert time.perf_counter() - start < 10
+    assert f"http://127.0.0.1:{port} does not answer" in str(info.value) and "\n" not in str(info.value)
+    assert not cfg.run_dir.exists()  # nothing trained
+
+
+def test_unwritable_sqlite_store(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = tiny_config(tmp_path, "nodb", f"tracking.tracking_uri=sqlite:///{blocker}/sub/mlflow.db")
+    with pytest.raises(TrackingError, match="not writable"):
+        run(cfg)
+
+
+def test_plot_convergence(tmp_path):
+    history = [{"epoch": e, "coupling": 0.9 - 0.1 * e, "cohesion": 0.5 + 0.1 * e, "kernel_rate": 0.8 - 0.1 * e,
+                "train_accuracy": 0.3 * e, "test_accuracy": 0.25 * e} for e in (1, 2, 3)]
+    path = plot_convergence(history, tmp_path / "fig5.png", "t")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError):
+        plot_convergence([], tmp_path / "empty.png")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    artifacts = tmp_path / "server_artifacts"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(artifacts),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri, artifacts
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_training_against_a_real_mlflow_server(tmp_path, mlflow_server):
+    uri, artifacts = mlflow_server
+    check_server(uri)
+    cfg = tiny_config(tmp_path, "served", f"tracking.tracking_uri={uri}", "tracking.experiment=served", epochs=1)
+    run(cfg)
+    client = client_for(uri)
+    (tracked,) = runs_of(client, "served")
+    assert tracked.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "coupling")] == [1]
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id)} == ARTIFACTS
+    assert any(p.name == "checkpoint.pt" for p in artifacts.rglob("*"))  # uploaded through the server's proxy
+    assert not (tmp_path / "mlflow.db").exists()
