@@ -38,6 +38,9 @@ the workers, a storage path that cannot be written, a checkpoint to resume whose
 not the config's, an MLflow server that does not answer, and more workers, CPUs or GPUs than the
 Ray cluster has (Ray would otherwise wait for them forever).
 
+Rank 0 prints one line per epoch. Ray Train's own logging runs at level WARNING
+(``MWT_RAY_TRAIN_LOG_LEVEL=INFO`` for more).
+
 ``train_loop_per_worker`` also runs in a plain process without Ray (world size 1, checkpoints
 written straight to the storage folder): ``train_loop_per_worker(loop_config(cfg))``.
 """
@@ -239,8 +242,25 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _wait_until_registered(storage: _Storage, folder_name: str, timeout_s: float = 30.0) -> None:
+    """Wait until Ray Train's controller has registered checkpoint ``folder_name``.
+
+    ``ray.train.report`` returns once the checkpoint is uploaded, but the controller registers it
+    when it next polls the worker; a worker killed before that poll loses the checkpoint. Fault
+    injection waits for the registration (visible in the controller's snapshot file) so that the
+    injected failure always resumes from the previous epoch. Real failures can hit that window:
+    then the epoch is trained again, and MLflow keeps the values it logged first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        snapshot = storage.read_bytes("checkpoint_manager_snapshot.json") or b""
+        if folder_name.encode() in snapshot:
+            return
+        time.sleep(0.1)
+
+
 def _fault_hook(storage: _Storage, fail_at_epoch: int, start_epoch: int, steps_per_epoch: int,
-                log: Callable[[str], None]):
+                log: Callable[[str], None], in_ray: bool):
     """An optimizer step hook that SIGKILLs this process once, half-way through ``fail_at_epoch``."""
     marker = f".fault_injected_epoch_{fail_at_epoch}"
     kill_step = max(1, steps_per_epoch // 2)
@@ -252,6 +272,8 @@ def _fault_hook(storage: _Storage, fail_at_epoch: int, start_epoch: int, steps_p
         epoch = start_epoch + (done - 1) // steps_per_epoch + 1
         step = (done - 1) % steps_per_epoch + 1
         if epoch == fail_at_epoch and step == kill_step and not storage.exists(marker):
+            if in_ray and epoch > 1:
+                _wait_until_registered(storage, f"checkpoint_epoch_{epoch - 1:04d}")
             storage.write_bytes(marker, f"killed pid {os.getpid()} at epoch {epoch} step {step}\n".encode())
             log(f"fault injection: killing worker pid {os.getpid()} at epoch {epoch}, step {step}/{steps_per_epoch}")
             sys.stdout.flush()
@@ -333,6 +355,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
         _set_rng_state(state["rng"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
         resumes = list(state.get("resumes", [])) + [start_epoch]
+        planned = (state.get("config") or {}).get("train", {}).get("epochs")
+        if planned is not None and planned != settings.epochs:
+            log(f"warning: the checkpoint was trained for train.epochs={planned}, now {settings.epochs}; the "
+                "learning-rate schedule continues from the checkpoint's (cosine over the old epoch count)")
         log(f"resuming from epoch {start_epoch} ({state['source']})")
 
     if context is not None and world_size > 1:
@@ -347,7 +373,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             log(f"MLflow: logged {backfilled} checkpointed epoch(s) the run was missing")
     if cfg.scaling.fail_at_epoch and rank == 0:
         steps = len(data.train_labels) // cfg.train.batch_size
-        optimizer.register_step_post_hook(_fault_hook(storage, cfg.scaling.fail_at_epoch, start_epoch, steps, log))
+        optimizer.register_step_post_hook(_fault_hook(storage, cfg.scaling.fail_at_epoch, start_epoch, steps, log,
+                                                            in_ray=context is not None))
 
     def save_state(folder: Path, epoch: int) -> None:
         save_checkpoint(folder / TRAINING_STATE, model, arch, optimizer_state=optimizer.state_dict(),
@@ -446,6 +473,9 @@ def preflight(cfg: Config, sync_batchnorm: bool = False) -> tuple[Config, _Stora
         raise SetupError("SyncBatchNorm needs GPUs (PyTorch has no CPU implementation); set scaling.use_gpu=true")
     if cfg.scaling.use_gpu and cfg.train.device == "cpu":
         raise SetupError("scaling.use_gpu=true but train.device=cpu; set train.device=auto")
+    if not cfg.scaling.use_gpu and cfg.train.device.startswith("cuda"):
+        raise SetupError(f"train.device={cfg.train.device} but scaling.use_gpu=false: Ray Train workers get no GPU; "
+                         "set scaling.use_gpu=true")
     storage = _experiment(cfg)
     storage.check_writable()
     state = latest_training_state(storage)
