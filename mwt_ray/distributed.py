@@ -452,12 +452,14 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
 
 
 def _worker_runtime_env() -> dict | None:
-    """Make this source tree importable in workers when mwt_ray is not an installed package."""
+    """Environment for the workers: this source tree on PYTHONPATH when mwt_ray is not an
+    installed package, and the driver's MLFLOW_* variables (server credentials, TLS settings)."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
     parent = Path(__file__).resolve().parent.parent
-    if "site-packages" in parent.parts or "dist-packages" in parent.parts:
-        return None
-    paths = [str(parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+    if not ("site-packages" in parent.parts or "dist-packages" in parent.parts):
+        paths = [str(parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return {"env_vars": env} if env else None
 
 
 def preflight(cfg: Config, sync_batchnorm: bool = False) -> tuple[Config, _Storage]:

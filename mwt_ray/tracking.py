@@ -18,8 +18,10 @@ database file). Browse it with::
 For a shared server backed by a real database, start for example
 ``mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://...`` and set
 ``tracking.tracking_uri=http://host:5000``; the server is probed before training starts and a
-server that does not answer stops the job with one line. ``tracking.enabled=false`` switches
-tracking off.
+server that does not answer stops the job with one line. Server credentials go in MLflow's own
+variables (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN``);
+distributed jobs pass every ``MLFLOW_*`` variable on to the Ray workers. ``tracking.enabled=false``
+switches tracking off.
 
 Exactly-once epochs: a resumed job (after a worker failure, or re-run under the same name)
 continues the same MLflow run, and ``MlflowRun.log_epoch`` skips an epoch the run already has, so

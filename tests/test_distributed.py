@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from mwt_ray.checkpoint import build_model, load_checkpoint  # noqa: E402
 from mwt_ray.config import load_config  # noqa: E402
-from mwt_ray.distributed import (SetupError, latest_training_state, loop_config, run_distributed,  # noqa: E402
+from mwt_ray.distributed import (DistributedTrainingError, SetupError, latest_training_state, loop_config, run_distributed,  # noqa: E402
                                  storage_root, train_loop_per_worker)
 from mwt_ray.tracking import TrackingError  # noqa: E402
 
@@ -231,6 +231,16 @@ def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(cluster, tmp_p
     assert run.info.status == "FINISHED"
     for key in ("test_accuracy", "loss", "coupling"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
+
+
+def test_worker_killed_without_failure_budget_fails_the_job(cluster, tmp_path):
+    cfg = tiny_config(tmp_path, "nobudget", "scaling.fail_at_epoch=1", epochs=1)
+    with pytest.raises(DistributedTrainingError) as info:
+        run_distributed(cfg)
+    message = str(info.value)
+    print(message)
+    assert "scaling.max_failures=0" in message and "\n" not in message
+    assert only_run(mlflow_client(tmp_path)).info.status == "FAILED"
 
 
 # ----------------------------------------------------------------------------- (4) fail fast
