@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import VGG, BasicBlock, ConvUnit, ResNet, masked_units
+from .models import RESCNN_RESIDUALS, VGG, BasicBlock, ConvUnit, ResCNN, ResNet, masked_units
 
-__all__ = ["extract_module", "PrunedResNet", "PrunedBasicBlock"]
+__all__ = ["extract_module", "PrunedResNet", "PrunedBasicBlock", "PrunedResCNN"]
 
 
 def _copy_unit(source: ConvUnit, out_index: torch.Tensor, in_index: torch.Tensor) -> ConvUnit:
@@ -98,13 +98,14 @@ def _extract_vgg(model: VGG, keep: list[torch.Tensor]) -> VGG:
     first = model.units[0]
     out_indices = [torch.arange(first.num_kernels)] + [_indices(k) for k in keep]
     in_index = torch.arange(first.conv.in_channels)
-    module = VGG([len(i) for i in out_indices], model.pool_after, model.classifier[0].out_features,
-                 model.classifier[-1].out_features, modular=False, in_channels=len(in_index))
+    first_fc = next(i for i, layer in enumerate(model.classifier) if isinstance(layer, nn.Linear))
+    module = VGG([len(i) for i in out_indices], model.pool_after, model.classifier[first_fc].out_features,
+                 model.classifier[-1].out_features, modular=False, in_channels=len(in_index), dropout=model.dropout)
     for position, (unit, out_index) in enumerate(zip(model.units, out_indices)):
         module.units[position] = _copy_unit(unit, out_index, in_index)
         in_index = out_index
     module.classifier = copy.deepcopy(model.classifier)
-    module.classifier[0] = _linear_with_inputs(model.classifier[0], in_index)
+    module.classifier[first_fc] = _linear_with_inputs(model.classifier[first_fc], in_index)
     return module.to(first.conv.weight.device)
 
 
@@ -132,6 +133,57 @@ def _extract_resnet(model: ResNet, keep: list[torch.Tensor]) -> PrunedResNet:
     return PrunedResNet(stem, blocks, _linear_with_inputs(model.fc, live)).to(model.fc.weight.device)
 
 
+class PrunedResCNN(nn.Module):
+    """ResCNN with pruned units; each residual sum is formed in the union of both sides' channels."""
+
+    def __init__(self, units: list[ConvUnit], residuals: list[tuple[int, int, int, torch.Tensor, torch.Tensor]],
+                 classifier: nn.Module):
+        super().__init__()
+        self.units, self.classifier = nn.ModuleList(units), classifier
+        # (first unit, last unit, sum channels); positions of each side in the sum are buffers.
+        self.residuals = [(first, last, channels) for first, last, channels, _, _ in residuals]
+        for index, (*_, main, side) in enumerate(residuals):
+            self.register_buffer(f"main_positions_{index}", main)
+            self.register_buffer(f"side_positions_{index}", side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        starts = {first: i for i, (first, _, _) in enumerate(self.residuals)}
+        ends = {last: i for i, (_, last, _) in enumerate(self.residuals)}
+        residual = None
+        for index, unit in enumerate(self.units):
+            if index in starts:
+                residual = x
+            x = unit(x)
+            if index in ends:
+                k = ends[index]
+                out = x.new_zeros(x.shape[0], self.residuals[k][2], *x.shape[2:])
+                out.index_add_(1, getattr(self, f"main_positions_{k}"), x)
+                out.index_add_(1, getattr(self, f"side_positions_{k}"), residual)
+                x = out
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _extract_rescnn(model: ResCNN, keep: list[torch.Tensor]) -> PrunedResCNN:
+    first = model.units[0]
+    out_indices = [torch.arange(first.num_kernels)] + [_indices(k) for k in keep]
+    live = torch.arange(first.conv.in_channels)
+    starts, first_of = dict(RESCNN_RESIDUALS), {last: first for first, last in RESCNN_RESIDUALS}
+    units, residuals, residual_live = [], [], None
+    for index, (unit, out_index) in enumerate(zip(model.units, out_indices)):
+        if index in starts:
+            residual_live = live
+        units.append(_copy_unit(unit, out_index, live))
+        live = out_index
+        if index in first_of:
+            summed = torch.unique(torch.cat([out_index, residual_live]))
+            residuals.append((first_of[index], index, len(summed), torch.searchsorted(summed, out_index),
+                              torch.searchsorted(summed, residual_live)))
+            live = summed
+    classifier = copy.deepcopy(model.classifier)
+    classifier[-1] = _linear_with_inputs(model.classifier[-1], live)
+    return PrunedResCNN(units, residuals, classifier).to(first.conv.weight.device)
+
+
 def extract_module(model: nn.Module, keep) -> nn.Module:
     """Physically pruned copy of ``model`` keeping the kernels in ``keep``.
 
@@ -143,6 +195,8 @@ def extract_module(model: nn.Module, keep) -> nn.Module:
         module = _extract_vgg(model, layers)
     elif isinstance(model, ResNet):
         module = _extract_resnet(model, layers)
+    elif isinstance(model, ResCNN):
+        module = _extract_rescnn(model, layers)
     else:
         raise TypeError(f"no extraction rule for {type(model).__name__}")
     return module.train(model.training)

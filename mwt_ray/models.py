@@ -24,6 +24,7 @@ __all__ = [
     "ConvUnit",
     "VGG",
     "ResNet",
+    "ResCNN",
     "BasicBlock",
     "create_model",
     "list_models",
@@ -162,18 +163,20 @@ class VGG(nn.Module):
     """
 
     def __init__(self, conv_channels: list[int], pool_after: list[bool], hidden: int,
-                 num_classes: int, modular: bool = True, in_channels: int = 3):
+                 num_classes: int, modular: bool = True, in_channels: int = 3, dropout: float = 0.0):
         super().__init__()
         self.conv_channels = list(conv_channels)
         self.pool_after = list(pool_after)
+        self.dropout = dropout
         units = []
         for index, (out_channels, pool) in enumerate(zip(conv_channels, pool_after)):
             units.append(ConvUnit(in_channels, out_channels, pool=pool, masked=modular and index > 0))
             in_channels = out_channels
         self.units = nn.ModuleList(units)
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
         self.classifier = nn.Sequential(
-            nn.Linear(in_channels, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            *drop, nn.Linear(in_channels, hidden), nn.ReLU(inplace=True),
+            *drop, nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
         _init_backbone(self)
@@ -231,10 +234,54 @@ class ResNet(nn.Module):
         return (logits, masks) if return_masks else logits
 
 
+RESCNN_CHANNELS = (64, 128, 128, 128, 256, 512, 512, 512, 512, 512, 512, 512)
+RESCNN_POOL_AFTER = (1, 4, 5, 8, 9)
+RESCNN_RESIDUALS = ((2, 3), (6, 7), (10, 11))  # (first, last) unit of each residual pair
+
+
+class ResCNN(nn.Module):
+    """ResCNN of CNNSplitter / MwT: 12 conv units, 2x2 pools after units 1, 4, 5, 8, 9, and three
+    residual pairs whose input is added to the second unit's (ReLU-ed) output, no ReLU after the
+    sum; then dropout and one FC on the 1x1 feature map."""
+
+    def __init__(self, channels: list[int], num_classes: int, modular: bool = True, in_channels: int = 3):
+        super().__init__()
+        units = []
+        for index, out_channels in enumerate(channels):
+            units.append(ConvUnit(in_channels, out_channels, pool=index in RESCNN_POOL_AFTER,
+                                  masked=modular and index > 0))
+            in_channels = out_channels
+        self.units = nn.ModuleList(units)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(in_channels, num_classes))
+        _init_backbone(self)
+
+    def forward(self, x: torch.Tensor, return_masks: bool = False):
+        masks: list[torch.Tensor] | None = [] if return_masks else None
+        starts, ends = dict(RESCNN_RESIDUALS), {last for _, last in RESCNN_RESIDUALS}
+        residual = None
+        for index, unit in enumerate(self.units):
+            if index in starts:
+                residual = x
+            x = unit(x, masks)
+            if index in ends:
+                x = x + residual
+        logits = self.classifier(torch.flatten(x, 1))
+        return (logits, masks) if return_masks else logits
+
+
 def _vgg16(num_classes: int, width: float, modular: bool) -> VGG:
     channels = [_scaled(c, width) for c in VGG16_LAYOUT if c != "M"]
     pool_after = [nxt == "M" for cur, nxt in zip(VGG16_LAYOUT, VGG16_LAYOUT[1:] + (None,)) if cur != "M"]
     return VGG(channels, pool_after, _scaled(512, width), num_classes, modular)
+
+
+def _simcnn(num_classes: int, width: float, modular: bool) -> VGG:
+    vgg = _vgg16(num_classes, width, modular)
+    return VGG(vgg.conv_channels, vgg.pool_after, _scaled(512, width), num_classes, modular, dropout=0.5)
+
+
+def _rescnn(num_classes: int, width: float, modular: bool) -> ResCNN:
+    return ResCNN([_scaled(c, width) for c in RESCNN_CHANNELS], num_classes, modular)
 
 
 def _resnet18(num_classes: int, width: float, modular: bool) -> ResNet:
@@ -244,6 +291,8 @@ def _resnet18(num_classes: int, width: float, modular: bool) -> ResNet:
 _REGISTRY: dict[str, Callable[[int, float, bool], nn.Module]] = {
     "vgg16": _vgg16,
     "resnet18": _resnet18,
+    "simcnn": _simcnn,
+    "rescnn": _rescnn,
 }
 
 

@@ -15,7 +15,7 @@ def _trained_like(name):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
 @pytest.mark.parametrize("keep_fraction", [0.05, 0.4, 1.0])
 def test_extracted_module_equals_hard_masked_model(name, keep_fraction):
     model = _trained_like(name)

@@ -36,7 +36,7 @@ def analytic_flops(model, size=32):
     return total
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
 def test_module_flops_equal_analytic_count_and_are_below_the_model(name):
     model = create_model(name, width=0.125)
     plain = create_model(name, width=0.125, modular=False)

@@ -46,7 +46,16 @@ def test_in_place_mask_matches_autograd(relu):
     torch.testing.assert_close(grads[1] * (mask > 0), ref_grads[1] * (mask > 0))
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+def test_simcnn_and_rescnn_layouts():
+    # Layouts of the authors' public code: SimCNN is VGG16's 13 convs with a dropout classifier,
+    # ResCNN 12 convs (64, 128 x3, 256, 512 x7) with three residual pairs.
+    assert sum(u.num_kernels for u in conv_units(create_model("simcnn"))) == 4224
+    assert [u.num_kernels for u in conv_units(create_model("rescnn"))] == [64, 128, 128, 128, 256] + [512] * 7
+    for name in ("simcnn", "rescnn"):
+        assert create_model(name, width=0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
 def test_modular_forward_equals_naive_masking(name):
     """Mask after ReLU/pool (the fast path) equals the paper's BN -> x mask -> ReLU order."""
     model = create_model(name, width=0.125).double().eval()
