@@ -49,15 +49,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks along dim 0; the backward sums each rank's gradient slice."""
+    try:
+        from torch.distributed._functional_collectives import all_gather_single
+    except ImportError:  # torch < 2.10: the older autograd-aware collective
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor), dim=0)
+    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD) * 1  # "* 1" waits for the result
+
+
 def gather_global_batch(masks: list[torch.Tensor], labels: torch.Tensor):
     """Masks and labels of the whole global batch; gradients flow back to each rank's slice."""
     _, world_size = world()
     if world_size == 1:
         return masks, labels
-    from torch.distributed.nn.functional import all_gather
-
     sizes = [m.shape[1] for m in masks]
-    flat = torch.cat(all_gather(torch.cat(masks, dim=1)), dim=0)
+    flat = _all_gather_with_grad(torch.cat(masks, dim=1))
     gathered_labels = [torch.empty_like(labels) for _ in range(world_size)]
     dist.all_gather(gathered_labels, labels)
     return list(torch.split(flat, sizes, dim=1)), torch.cat(gathered_labels)
