@@ -66,7 +66,7 @@ from torch import nn
 from .checkpoint import check_architecture, load_checkpoint, save_checkpoint
 from .config import Config
 from .models import create_model
-from .train import architecture, finish_run, load_data, resolve_device, seed_everything
+from .train import JobFailed, architecture, finish_run, load_data, resolve_device, seed_everything
 from .training import fit, make_optimizer, make_scheduler
 
 __all__ = ["run_distributed", "train_loop_per_worker", "loop_config", "wrap_model", "SetupError",
@@ -82,7 +82,7 @@ class SetupError(ValueError):
     """Bad input found before training starts (one line)."""
 
 
-class DistributedTrainingError(RuntimeError):
+class DistributedTrainingError(JobFailed):
     """Training started but failed more often than ``scaling.max_failures`` allows."""
 
 

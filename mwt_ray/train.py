@@ -26,7 +26,11 @@ from .models import create_model
 from .modularize import count_kernel_usage, modularity_report, module_masks
 from .training import fit
 
-__all__ = ["main", "run", "train_single_process", "modularize_model", "resolve_device", "load_data", "seed_everything"]
+__all__ = ["JobFailed", "main", "run", "train_single_process", "modularize_model", "resolve_device", "load_data", "seed_everything"]
+
+
+class JobFailed(RuntimeError):
+    """A job that started but could not finish (e.g. workers failed beyond the failure budget)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         run(cfg)
-    except (ConfigError, ValueError, FloatingPointError) as error:
+    except (ConfigError, ValueError) as error:  # bad input: nothing was trained
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (JobFailed, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
