@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .models import create_model
+from .training import unwrap_ddp
 
 __all__ = ["save_checkpoint", "load_checkpoint", "build_model", "check_architecture"]
 
@@ -32,7 +33,7 @@ def atomic_save(obj, path: str | Path) -> None:
 def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **extra) -> None:
     """``architecture``: {"name", "width", "num_classes", "modular", "classes"}; ``extra``: any
     weights-only-safe values (config dict, kernel_usage, module_masks, optimizer state, ...)."""
-    state = getattr(model, "module", model).state_dict()
+    state = unwrap_ddp(model).state_dict()
     atomic_save({"format": 1, "architecture": dict(architecture), "model_state": state, **extra}, path)
 
 

@@ -67,7 +67,7 @@ from .checkpoint import check_architecture, load_checkpoint, save_checkpoint
 from .config import Config
 from .models import create_model
 from .train import JobFailed, architecture, finish_run, load_data, resolve_device, seed_everything
-from .training import fit, make_optimizer, make_scheduler
+from .training import fit, make_optimizer, make_scheduler, unwrap_ddp
 
 __all__ = ["run_distributed", "train_loop_per_worker", "loop_config", "wrap_model", "SetupError",
            "DistributedTrainingError", "storage_root", "check_cluster_resources", "latest_training_state",
@@ -220,7 +220,7 @@ def wrap_model(model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+    return unwrap_ddp(model)
 
 
 def _rng_state() -> dict:

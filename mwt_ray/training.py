@@ -23,7 +23,7 @@ from .losses import modular_objective
 from .metrics import batch_modularity
 
 __all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "train_epoch", "evaluate", "fit",
-           "gather_global_batch", "world"]
+           "gather_global_batch", "world", "unwrap_ddp"]
 
 
 @dataclass
@@ -58,6 +58,11 @@ def _all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
         return torch.cat(all_gather(tensor), dim=0)
     return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD) * 1  # "* 1" waits for the result
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (other models unchanged)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def gather_global_batch(masks: list[torch.Tensor], labels: torch.Tensor):
@@ -136,20 +141,30 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, data: ImageData,
-             device: torch.device, batch_size: int = 512, classes: list[int] | None = None) -> float:
+             device: torch.device, batch_size: int = 512, classes: list[int] | None = None,
+             shard: bool = False) -> float:
     """Top-1 accuracy; with ``classes``, logits are restricted to those classes and labels are
-    indices into that list (how a standard model is scored on an M-class sub-task)."""
+    indices into that list (how a standard model is scored on an M-class sub-task).
+
+    ``shard=True`` under torch.distributed: each rank scores every world_size-th sample and the
+    counts are summed, so the work is split instead of repeated."""
+    rank, world_size = world() if shard else (0, 1)
+    model = unwrap_ddp(model)  # no DDP collectives: ranks may see unequal shards
     was_training = model.training
     model.eval()
-    correct = 0
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
     restrict = torch.tensor(classes, device=device) if classes is not None else None
-    for x, y in iterate_batches(images, labels, batch_size, mean=data.mean, std=data.std):
+    for x, y in iterate_batches(images[rank::world_size], labels[rank::world_size], batch_size,
+                                mean=data.mean, std=data.std):
         logits = model(x.to(device))
         if restrict is not None:
             logits = logits[:, restrict]
-        correct += (logits.argmax(1) == y.to(device)).sum().item()
+        counts[0] += (logits.argmax(1) == y.to(device)).sum()
+        counts[1] += len(y)
+    if world_size > 1:
+        dist.all_reduce(counts)
     model.train(was_training)
-    return correct / max(1, len(labels))
+    return counts[0].item() / max(1, counts[1].item())
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -170,7 +185,7 @@ def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.devic
         lr = optimizer.param_groups[0]["lr"]
         metrics = train_epoch(model, optimizer, data, s, epoch, device)
         scheduler.step()
-        metrics["test_accuracy"] = evaluate(model, data.test_images, data.test_labels, data, device)
+        metrics["test_accuracy"] = evaluate(model, data.test_images, data.test_labels, data, device, shard=True)
         metrics["lr"] = lr
         metrics["epoch"] = epoch + 1
         if not all(math.isfinite(v) for k, v in metrics.items() if "loss" in k):
