@@ -219,10 +219,6 @@ def wrap_model(model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
     return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return unwrap_ddp(model)
-
-
 def _rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -417,7 +413,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     def finish(folder: Path) -> None:
         nonlocal summary
-        summary = finish_run(unwrap(model), data, cfg, device, history, log=log)
+        summary = finish_run(unwrap_ddp(model), data, cfg, device, history, log=log)
         if tracked is not None:
             names = tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
             log(f"MLflow: uploaded {', '.join(names)} to run {tracked.run_id}")

@@ -174,7 +174,7 @@ def _gradient_step(config: dict) -> None:
         results["gathered" if gather else "local"] = {
             "loss": values[0].item(), "cohesion_loss": values[1].item(), "coupling_loss": values[2].item(),
             "labels": all_labels.clone(),
-            "grads": {n: p.grad.clone() for n, p in distributed.unwrap(model).named_parameters()}}
+            "grads": {n: p.grad.clone() for n, p in training.unwrap_ddp(model).named_parameters()}}
     if rank == 0:
         torch.save(results, config["out"])
 
