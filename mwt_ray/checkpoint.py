@@ -7,34 +7,23 @@ to a temporary name and renamed, so a crash never leaves a half-written checkpoi
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .files import atomic_torch_save
 from .models import create_model
 from .training import unwrap_ddp
 
 __all__ = ["save_checkpoint", "load_checkpoint", "build_model", "check_architecture"]
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **extra) -> None:
     """``architecture``: {"name", "width", "num_classes", "modular", "classes"}; ``extra``: any
     weights-only-safe values (config dict, kernel_usage, module_masks, optimizer state, ...)."""
     state = unwrap_ddp(model).state_dict()
-    atomic_save({"format": 1, "architecture": dict(architecture), "model_state": state, **extra}, path)
+    atomic_torch_save({"format": 1, "architecture": dict(architecture), "model_state": state, **extra}, path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -7,8 +7,8 @@ and what is allowed.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,7 +17,7 @@ from .data import DATASETS
 from .models import list_models
 from .training import OptimSettings
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "validate_config"]
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -44,7 +44,6 @@ class DataConfig(_Section):
     name: str = "digits"
     root: str | None = Field(None, description="dataset folder (cifar10/svhn root, or an image folder / .tar.gz)")
     download: bool = False
-    image_size: int = Field(32, ge=8)
     train_limit: int | None = Field(None, ge=2, description="class-balanced cap on training samples")
 
     @field_validator("name")
@@ -68,7 +67,14 @@ class TrainConfig(_Section):
     warmup_epochs: float = Field(0.0, ge=0, description="ramp alpha and beta from 0 over this many epochs")
     augment: bool = True
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", description="auto (a GPU if there is one), cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+        return value
 
     def optim_settings(self) -> OptimSettings:
         return OptimSettings(**self.model_dump(exclude={"device"}))
@@ -76,7 +82,8 @@ class TrainConfig(_Section):
 
 class ModularizeConfig(_Section):
     tau: float = Field(0.9, gt=0, le=1, description="keep a kernel used by >= tau of a class's samples")
-    cohesion_samples_per_class: int = Field(1000, ge=0, description="samples per class for the exact Jaccard cohesion (0: skip)")
+    cohesion_samples_per_class: int | None = Field(
+        None, ge=0, description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip")
 
 
 class ReuseConfig(_Section):
@@ -115,7 +122,7 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # Where this config came from; not a setting.
-    source: Literal[None] | str = Field(None, exclude=True)
+    source: str | None = Field(None, exclude=True)
 
     @property
     def run_dir(self) -> Path:
@@ -152,6 +159,13 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def validate_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_first_error(error)}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     tree: dict = {}
     if path is not None:
@@ -165,9 +179,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     apply_overrides(tree, overrides or [])
-    try:
-        config = Config.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(f"invalid config: {_first_error(error)}") from None
+    config = validate_config(tree)
     config.source = str(path) if path else None
     return config

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .files import atomic_torch_save
 
 __all__ = ["ImageData", "load_dataset", "iterate_batches", "DATASETS", "cache_dir"]
 
@@ -87,7 +91,7 @@ class ImageData:
         labels = self.train_labels.cpu()
         for c in range(self.num_classes):
             idx = (labels == c).nonzero().flatten()
-            take = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+            take = min(int(round(len(idx) * fraction)), len(idx) - 1)  # keep one to train on
             held[idx[torch.randperm(len(idx), generator=generator)[:take]]] = True
         held = held.to(self.train_images.device)
         rest = ImageData(self.train_images[~held], self.train_labels[~held], self.test_images,
@@ -203,7 +207,7 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
             parts = [torchvision.datasets.SVHN(root, split=s, download=download) for s in ("train", "test")]
             arrays = [(torch.from_numpy(p.data), torch.from_numpy(p.labels).to(torch.int64)) for p in parts]
             classes = [str(d) for d in range(10)]
-    except RuntimeError as error:
+    except (RuntimeError, OSError) as error:
         raise ValueError(f"{name} not found under {root!r} ({error}); set data.download=true on a machine "
                          "with a network, or use dataset 'folder' with an image-folder copy") from None
     return ImageData(*arrays[0], *arrays[1], list(classes))
@@ -242,10 +246,7 @@ def _folder(root: str | None, image_size: int) -> ImageData:
         images = _decode_all([splits[split] / c / f.name for c, f in items], image_size)
         labels = torch.tensor([classes.index(c) for c, _ in items], dtype=torch.int64)
         state[f"{split}_images"], state[f"{split}_labels"] = images, labels
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cached.with_suffix(".tmp")
-    torch.save(state, temporary)
-    temporary.replace(cached)  # atomic: a crash never leaves a half-written cache
+    atomic_torch_save(state, cached)
     return ImageData(state["train_images"], state["train_labels"], state["test_images"], state["test_labels"], classes)
 
 
@@ -253,11 +254,17 @@ def _decode_all(paths: list[Path], image_size: int) -> torch.Tensor:
     from PIL import Image
 
     def decode(p: Path) -> np.ndarray:
-        with Image.open(p) as image:
-            image = image.convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(image)
+        try:
+            with Image.open(p) as image:
+                image = image.convert("RGB")
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), Image.BILINEAR)
+                return np.asarray(image)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot decode image {str(p)!r}: {error}") from None
+
+    if not paths:
+        raise ValueError("an image folder split holds no images")
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         arrays = list(pool.map(decode, paths, chunksize=256))
@@ -267,10 +274,18 @@ def _decode_all(paths: list[Path], image_size: int) -> torch.Tensor:
 def _extract_archive(archive: Path) -> Path:
     digest = hashlib.sha1(f"{archive.resolve()}|{archive.stat().st_size}|{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "archives" / digest
-    if not (target / ".complete").exists():
+    if not target.exists():
         print(f"extracting {archive} to {target} (once)", flush=True)
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
-        (target / ".complete").touch()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=target.parent))
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging, filter="data")
+        except (tarfile.TarError, OSError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ValueError(f"data path {str(archive)!r} is a file but not a readable tar archive ({error})") from None
+        try:
+            staging.rename(target)  # atomic; a concurrent extraction that finished first wins
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -336,7 +336,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                state = load_checkpoint(Path(folder) / TRAINING_STATE, map_location=device)
+                state = load_checkpoint(Path(folder) / TRAINING_STATE, map_location="cpu")
                 state["source"] = checkpoint.path
     else:
         state = latest_training_state(storage)

@@ -81,8 +81,7 @@ def batch_modularity(masks: list[torch.Tensor], labels: torch.Tensor, num_classe
     onehot = torch.nn.functional.one_hot(labels, num_classes).to(torch.float32)
     counts = onehot.sum(0)
     jaccard = jaccard_matrix(kernel_sets)
-    same = onehot @ onehot.T
-    pair_sums = onehot.T @ ((jaccard - torch.eye(len(labels), device=jaccard.device)) * same) @ onehot
+    pair_sums = onehot.T @ (jaccard - torch.eye(len(labels), device=jaccard.device)) @ onehot
     has_pairs = counts > 1
     per_class = pair_sums.diagonal()[has_pairs] / (counts[has_pairs] * (counts[has_pairs] - 1))
     present = counts > 0

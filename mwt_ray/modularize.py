@@ -49,10 +49,14 @@ class KernelUsage:
 
 @torch.no_grad()
 def count_kernel_usage(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       num_classes: int, device: torch.device | str = "cpu",
-                       max_samples_per_class: int = 0) -> KernelUsage:
-    """Stream ``(images, labels)`` batches through ``model`` in eval mode and count usage."""
+                       num_classes: int, device: torch.device | str | None = None,
+                       max_samples_per_class: int | None = 0) -> KernelUsage:
+    """Stream ``(images, labels)`` batches through ``model`` in eval mode and count usage.
+
+    ``max_samples_per_class``: how many per-sample kernel sets to keep per class for the exact
+    Jaccard cohesion (None: all, 0: none). ``device`` defaults to the model's."""
     units = masked_units(model)
+    device = device if device is not None else next(model.parameters()).device
     if not units:
         raise ValueError("the model has no mask generators: modularize a model built with modular=True")
     layer_sizes = [u.num_kernels for u in units]
@@ -69,7 +73,10 @@ def count_kernel_usage(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
             active = torch.cat([m > 0 for m in masks], dim=1)
             counts.index_add_(0, labels, active.to(torch.int64))
             class_sizes += torch.bincount(labels, minlength=num_classes)
-            if max_samples_per_class > 0:
+            if max_samples_per_class is None:
+                kept_sets.append(active.cpu())
+                kept_labels.append(labels.cpu())
+            elif max_samples_per_class > 0:
                 labels_cpu, active_cpu = labels.cpu(), active.cpu()
                 # Keep the first samples of each class up to the cap: a bounded, unbiased-enough
                 # sample when the data order is shuffled or class-interleaved.
@@ -100,7 +107,7 @@ def module_masks(usage: KernelUsage, tau: float) -> torch.Tensor:
 
     A layer where no kernel reaches tau would cut the module's path in two; there the module
     keeps the layer's most frequent kernel(s) for that class instead (threshold lowered to the
-    layer's highest frequency).
+    layer's highest frequency; a single kernel if the class never activates the layer).
     """
     if not (0 < tau <= 1):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
@@ -109,15 +116,23 @@ def module_masks(usage: KernelUsage, tau: float) -> torch.Tensor:
         raise ValueError(f"class(es) {empty} have no samples: cannot build their modules")
     kept = []
     for freq in split_layers(usage.frequencies, usage.layer_sizes):
-        threshold = torch.minimum(torch.full_like(freq[:, :1], tau), freq.max(dim=1, keepdim=True).values)
-        kept.append(freq >= threshold)
+        highest = freq.max(dim=1, keepdim=True)
+        layer = freq >= torch.minimum(torch.full_like(freq[:, :1], tau), highest.values)
+        never_active = highest.values.squeeze(1) == 0
+        layer[never_active] = torch.nn.functional.one_hot(highest.indices[never_active, 0], freq.shape[1]).bool()
+        kept.append(layer)
     return torch.cat(kept, dim=1)
 
 
-def modularity_report(usage: KernelUsage, masks: torch.Tensor) -> dict:
-    """KRR, coupling, Jaccard cohesion (on the kept sample of kernel sets) and per-layer KRR."""
+def modularity_report(usage: KernelUsage, masks: torch.Tensor, unmasked_kernels: int = 0) -> dict:
+    """KRR, coupling, Jaccard cohesion (over the kept kernel sets) and per-layer KRR.
+
+    ``krr`` counts masked kernels only; ``krr_all_kernels`` follows the paper's Table 2 totals,
+    where the ``unmasked_kernels`` (the first conv's) count as kept by every module."""
+    total = masks.shape[1] + unmasked_kernels
     report = {
         "krr": kernel_retention_rate(masks),
+        "krr_all_kernels": (masks.sum(1).to(torch.float64).mean().item() + unmasked_kernels) / total,
         "coupling": coupling(masks),
         "layer_krr": [kernel_retention_rate(layer) for layer in split_layers(masks, usage.layer_sizes)],
         "module_kernels": masks.sum(1).tolist(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from .data import ImageData, iterate_batches, validate_classes
 from .extract import extract_module
+from .files import atomic_write_text
 from .flops import count_flops
 from .models import create_model
 from .training import evaluate
@@ -44,8 +46,7 @@ def mixed_module_mask(module_masks: torch.Tensor, classes: list[int]) -> torch.T
 
 
 def build_reused_model(model: nn.Module, module_masks: torch.Tensor, classes: list[int]) -> ReusedModel:
-    keep = mixed_module_mask(module_masks, classes)
-    return ReusedModel(extract_module(model, keep), module_masks.shape[0], len(classes))
+    return ReusedModel(extract_module(model, mixed_module_mask(module_masks, classes)), module_masks.shape[0], len(classes))
 
 
 @dataclass
@@ -113,8 +114,8 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
     validate_classes(classes, data.num_classes)
     sub = data.subset(classes)
     torch.manual_seed(s.seed)
-    reused = build_reused_model(modular_model, module_masks, classes).to(device)
     keep = mixed_module_mask(module_masks, classes)
+    reused = ReusedModel(extract_module(modular_model, keep), module_masks.shape[0], len(classes)).to(device)
     tuned = fine_tune(reused, sub, s, device)
     size = data.train_images.shape[-1]
     result = {
@@ -145,25 +146,34 @@ def reuse_from_checkpoints(modular_path: str, standard_path: str | None, overrid
     import pandas as pd
 
     from .checkpoint import build_model, load_checkpoint
-    from .config import Config, apply_overrides
+    from .config import apply_overrides, validate_config
+    from .modularize import KernelUsage, module_masks
     from .train import load_data, resolve_device
 
     state = load_checkpoint(modular_path)
-    if "module_masks" not in state:
-        raise ValueError(f"{modular_path!r} has no module masks: pass the checkpoint of a modular run")
-    cfg = Config.model_validate(apply_overrides(copy.deepcopy(state["config"]), overrides))
+    if "kernel_usage" not in state:
+        raise ValueError(f"{modular_path!r} has no kernel usage counts: pass the checkpoint of a modular run")
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    fixed = [k for k in keys if k.split(".")[0] in ("model", "train") and k not in ("train.device", "train.seed")]
+    if fixed:
+        raise ValueError(f"{fixed[0]!r}: model and training settings come from the checkpoint and cannot be overridden")
+    cfg = validate_config(apply_overrides(copy.deepcopy(state["config"]), overrides))
     device = resolve_device(cfg.train.device)
     data = load_data(cfg).to(device)
     arch = state["architecture"]
     if arch["num_classes"] != data.num_classes:
         raise ValueError(f"checkpoint has {arch['num_classes']} classes but dataset {cfg.data.name!r} has {data.num_classes}")
+    if arch.get("classes") and list(arch["classes"]) != list(data.classes):
+        raise ValueError(f"checkpoint classes {arch['classes']} differ from the dataset's {data.classes}")
     modular = build_model(state).to(device)
+    # Module masks for the requested tau, from the stored counts: no pass over the data.
+    masks = module_masks(KernelUsage.from_state_dict(state["kernel_usage"]), cfg.modularize.tau)
     standard = None
     if standard_path:
         standard_state = load_checkpoint(standard_path)
-        if standard_state["architecture"]["num_classes"] != data.num_classes:
-            raise ValueError(f"standard checkpoint {standard_path!r} has {standard_state['architecture']['num_classes']} classes, "
-                             f"dataset has {data.num_classes}")
+        standard_arch = standard_state["architecture"]
+        if standard_arch["modular"] or list(standard_arch.get("classes", [])) != list(data.classes):
+            raise ValueError(f"{standard_path!r} is not a standard model of this dataset's classes {data.classes}")
         standard = build_model(standard_state).to(device)
     tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(
         data.num_classes, cfg.reuse.sizes, cfg.reuse.per_size, cfg.train.seed)
@@ -175,7 +185,7 @@ def reuse_from_checkpoints(modular_path: str, standard_path: str | None, overrid
                                 val_fraction=cfg.reuse.val_fraction, seed=cfg.train.seed)
     rows = []
     for task in tasks:
-        row = evaluate_subtask(modular, state["module_masks"], data, task, settings, device, standard, arch)
+        row = evaluate_subtask(modular, masks, data, task, settings, device, standard, arch)
         rows.append(row)
         if log:
             line = (f"classes {task}: KRR {row['krr']:.3f}  FLOPs {row['module_flops'] / 1e6:.2f}M "
@@ -183,10 +193,8 @@ def reuse_from_checkpoints(modular_path: str, standard_path: str | None, overrid
             if standard is not None:
                 line += f"  standard acc {row['standard_accuracy']:.2%}  change {row['accuracy_change'] * 100:+.2f} pp"
             log(line)
-    out = __import__("pathlib").Path(modular_path).parent / "reuse.json"
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(rows, indent=2))
-    temporary.replace(out)
+    out = Path(modular_path).parent / "reuse.json"
+    atomic_write_text(out, json.dumps(rows, indent=2))
     if log:
         table = pd.DataFrame(rows).drop(columns=["classes"]).groupby("m").mean(numeric_only=True)
         log(table.to_string(float_format=lambda v: f"{v:.4g}"))
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -19,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_save, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import Config, ConfigError, load_config
+from .files import atomic_write_text
 from .data import ImageData, iterate_batches, load_dataset
-from .models import create_model
+from .models import conv_units, create_model
 from .modularize import count_kernel_usage, modularity_report, module_masks
 from .training import fit
 
@@ -39,6 +42,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device is {name!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"train.device is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
@@ -49,7 +54,7 @@ def seed_everything(seed: int) -> None:
 
 
 def load_data(cfg: Config) -> ImageData:
-    return load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.image_size, cfg.data.train_limit)
+    return load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, train_limit=cfg.data.train_limit)
 
 
 def architecture(cfg: Config, data: ImageData) -> dict:
@@ -63,20 +68,17 @@ def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
     usage = count_kernel_usage(model, batches, data.num_classes, device,
                                max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
     masks = module_masks(usage, cfg.modularize.tau)
-    return usage, masks, modularity_report(usage, masks)
+    first_convs = sum(u.num_kernels for u in conv_units(model) if u.mask_generator is None)
+    return usage, masks, modularity_report(usage, masks, unmasked_kernels=first_convs)
 
 
 def write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    temporary = run_dir / ".history.csv.tmp"
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    temporary.replace(run_dir / "history.csv")
-    temporary = run_dir / ".metrics.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2))
-    temporary.replace(run_dir / "metrics.json")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "history.csv", table.getvalue())
+    atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
 
 
 def finish_run(model, data: ImageData, cfg: Config, device: torch.device, history: list[dict],
@@ -98,9 +100,24 @@ def finish_run(model, data: ImageData, cfg: Config, device: torch.device, histor
     return summary
 
 
-def train_single_process(cfg: Config, log=print, on_epoch_end=None) -> dict:
+def check_job(cfg: Config) -> ImageData:
+    """Every check on the input that needs no training, before anything is written: the data
+    (loaded, decoded and cached here, once), the device, the batch size, the output folder."""
+    if not cfg.scaling.use_gpu or cfg.scaling.num_workers == 0:
+        resolve_device(cfg.train.device)
+    data = load_data(cfg)
+    if cfg.train.batch_size > len(data.train_labels):
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the training set "
+                         f"({len(data.train_labels)} samples)")
+    existing = next(p for p in [cfg.run_dir.absolute(), *cfg.run_dir.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {cfg.output_dir!r} cannot be written ({existing} is not a writable folder)")
+    return data
+
+
+def train_single_process(cfg: Config, log=print, on_epoch_end=None, data: ImageData | None = None) -> dict:
     device = resolve_device(cfg.train.device)
-    data = load_data(cfg).to(device)
+    data = (data if data is not None else check_job(cfg)).to(device)
     seed_everything(cfg.train.seed)
     model = create_model(cfg.model.name, data.num_classes, cfg.model.width, cfg.train.modular).to(device)
     if log:
@@ -115,17 +132,18 @@ def train_single_process(cfg: Config, log=print, on_epoch_end=None) -> dict:
 def run(cfg: Config, log=print) -> dict:
     """Train as the config says: on Ray Train workers (scaling.num_workers > 0) or in this
     process; tracked in MLflow unless tracking.enabled is false (see mwt_ray.tracking)."""
+    data = check_job(cfg)
     if cfg.scaling.num_workers > 0:
         from .distributed import run_distributed
 
         return run_distributed(cfg, log)
     if not cfg.tracking.enabled:
-        return train_single_process(cfg, log)
+        return train_single_process(cfg, log, data=data)
     from .tracking import open_run
 
     tracked = open_run(cfg, tags={"mwt.num_workers": "0"}, log=log)
     try:
-        summary = train_single_process(cfg, log, on_epoch_end=tracked.epoch_callback())
+        summary = train_single_process(cfg, log, on_epoch_end=tracked.epoch_callback(), data=data)
         tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
     except BaseException as error:
         tracked.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

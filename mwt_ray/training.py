@@ -51,13 +51,15 @@ def world() -> tuple[int, int]:
 
 def _all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenation over ranks along dim 0; the backward sums each rank's gradient slice."""
-    try:
-        from torch.distributed._functional_collectives import all_gather_single
-    except ImportError:  # torch < 2.10: the older autograd-aware collective
+    try:  # differentiable functional collective (newer torch)
+        from torch.distributed._functional_collectives import all_gather_single_autograd
+    except ImportError:  # older torch: the autograd-aware collective of torch.distributed.nn
         from torch.distributed.nn.functional import all_gather
 
         return torch.cat(all_gather(tensor), dim=0)
-    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD) * 1  # "* 1" waits for the result
+    gathered = all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD) * 1  # "* 1" waits for it
+    assert gathered.grad_fn is not None or not tensor.requires_grad, "mask all-gather lost its gradient"
+    return gathered
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
@@ -103,6 +105,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
     names = ["loss", "ce_loss", "correct", "samples"] + (
         ["cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate"] if s.modular else [])
     totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    # Steps that defined each value: a batch without a same-class pair has no cohesion (NaN).
+    defined = torch.zeros(len(names), dtype=torch.float64, device=device)
     start = time.perf_counter()
     batches = iterate_batches(data.train_images, data.train_labels, s.batch_size, mean=data.mean,
                               std=data.std, shuffle=True, augment=s.augment, seed=s.seed * 100_003 + epoch,
@@ -126,15 +130,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
             if s.modular:
                 fig5 = batch_modularity(all_masks, all_labels, num_classes)
                 row += [parts["cohesion_loss"], parts["coupling_loss"], fig5["cohesion"], fig5["coupling"], fig5["kernel_rate"]]
-            totals += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
-    if world_size > 1:
+            row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
+            totals += torch.nan_to_num(row, nan=0.0)
+            defined += ~row.isnan()
+    if world_size > 1:  # per-rank step means average out; correct/samples are plain sums
         dist.all_reduce(totals)
-        totals[:2] /= world_size
-        if s.modular:
-            totals[4:] /= world_size  # every rank computed the same global-batch values
-    values = dict(zip(names, totals.tolist()))
-    result = {name: values[name] / steps for name in names if name not in ("correct", "samples")}
-    result["train_accuracy"] = values["correct"] / values["samples"]
+        dist.all_reduce(defined)
+    values = dict(zip(names, (totals / defined.clamp_min(1)).tolist()))
+    values.update({name: float("nan") for name, n in zip(names, defined.tolist()) if n == 0})
+    result = {name: values[name] for name in names if name not in ("correct", "samples")}
+    result["train_accuracy"] = totals[2].item() / totals[3].item()
     result["epoch_time_s"] = time.perf_counter() - start
     return result
 
@@ -185,6 +190,9 @@ def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.devic
         lr = optimizer.param_groups[0]["lr"]
         metrics = train_epoch(model, optimizer, data, s, epoch, device)
         scheduler.step()
+        if dist.is_available() and dist.is_initialized():
+            for buffer in unwrap_ddp(model).buffers():  # score rank 0's model (the one checkpointed)
+                dist.broadcast(buffer, 0)
         metrics["test_accuracy"] = evaluate(model, data.test_images, data.test_labels, data, device, shard=True)
         metrics["lr"] = lr
         metrics["epoch"] = epoch + 1

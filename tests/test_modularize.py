@@ -36,6 +36,11 @@ def test_module_masks_threshold_and_non_empty_layers():
     assert module_masks(usage, 0.05).sum() == 8
 
 
+def test_layer_a_class_never_activates_keeps_one_kernel():
+    usage = KernelUsage(torch.tensor([[4, 4, 0, 0, 0]]), torch.tensor([4]), [2, 3])
+    assert module_masks(usage, 0.9).tolist() == [[True, True, True, False, False]]
+
+
 @pytest.mark.parametrize("tau", [0, -0.1, 1.01])
 def test_tau_out_of_range(tau):
     usage = KernelUsage(torch.ones(2, 3, dtype=torch.int64), torch.tensor([1, 1]), [3])

@@ -86,7 +86,25 @@ def test_reuse_cli_rejects_bad_classes_and_wrong_checkpoint(modular_run, tmp_pat
     for sub, message in [("[[0, 12]]", "out of range"), ("[[3, 3]]", "repeat")]:
         result = run_cli("mwt_ray.reuse", ["--modular", ckpt, "--set", f"reuse.subtasks={sub}"], tmp_path)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    for override, message in [("reuse.epochs=-1", "reuse.epochs"), ("model.width=0.5", "cannot be overridden")]:
+        result = run_cli("mwt_ray.reuse", ["--modular", ckpt, "--set", override], tmp_path)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     result = run_cli("mwt_ray.reuse", ["--modular", str(garbage)], tmp_path)
     assert result.returncode == 2 and "cannot be read" in result.stderr
+
+
+def test_reuse_rebuilds_module_masks_for_another_tau(modular_run):
+    from mwt_ray.reuse import reuse_from_checkpoints
+
+    cfg, _ = modular_run
+    ckpt = str(cfg.run_dir / "checkpoint.pt")
+    krr = {}
+    for tau in (0.3, 1.0):
+        rows = reuse_from_checkpoints(ckpt, None, [f"modularize.tau={tau}", "reuse.epochs=0",
+                                                   "reuse.subtasks=[[0, 1]]"], log=None)
+        krr[tau] = rows[0]["krr"]
+    state = load_checkpoint(ckpt)
+    stored = state["module_masks"][[0, 1]].any(0).float().mean().item()
+    assert krr[0.3] >= stored >= krr[1.0] and krr[0.3] > krr[1.0]
