@@ -269,15 +269,14 @@ class ResCNN(nn.Module):
         return (logits, masks) if return_masks else logits
 
 
-def _vgg16(num_classes: int, width: float, modular: bool) -> VGG:
+def _vgg16(num_classes: int, width: float, modular: bool, dropout: float = 0.0) -> VGG:
     channels = [_scaled(c, width) for c in VGG16_LAYOUT if c != "M"]
     pool_after = [nxt == "M" for cur, nxt in zip(VGG16_LAYOUT, VGG16_LAYOUT[1:] + (None,)) if cur != "M"]
-    return VGG(channels, pool_after, _scaled(512, width), num_classes, modular)
+    return VGG(channels, pool_after, _scaled(512, width), num_classes, modular, dropout=dropout)
 
 
 def _simcnn(num_classes: int, width: float, modular: bool) -> VGG:
-    vgg = _vgg16(num_classes, width, modular)
-    return VGG(vgg.conv_channels, vgg.pool_after, _scaled(512, width), num_classes, modular, dropout=0.5)
+    return _vgg16(num_classes, width, modular, dropout=0.5)
 
 
 def _rescnn(num_classes: int, width: float, modular: bool) -> ResCNN:
