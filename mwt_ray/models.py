@@ -57,17 +57,44 @@ class _ApplyMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, mask = ctx.saved_tensors
-        grad_y = grad_mask = None
-        if ctx.needs_input_grad[1]:
-            weighted = torch.einsum("nchw,nchw->nc", grad, out)
-            positive = mask > 0
-            grad_mask = torch.where(positive, weighted / torch.where(positive, mask, 1.0), 0.0)
-        if ctx.needs_input_grad[0]:
-            grad_y = grad * mask[:, :, None, None]
-            if ctx.relu:
-                # out > 0 exactly where y > 0 and mask > 0; elsewhere the gradient is 0 anyway.
-                grad_y = torch.ops.aten.threshold_backward(grad_y, out, 0)
+        need_y, need_mask = ctx.needs_input_grad[:2]
+        grad_y = torch.empty_like(grad) if need_y else None
+        weighted = torch.empty_like(mask) if need_mask else None
+        # Work through the batch in slices of ~4 MB so each slice of grad and out is read from
+        # memory once and reused from cache for both gradients (about 2x faster on a CPU).
+        step = max(1, _CHUNK_ELEMENTS // max(1, grad[0].numel()))
+        for start in range(0, grad.shape[0], step):
+            rows = slice(start, start + step)
+            g, o = grad[rows], out[rows]
+            if need_mask:
+                torch.sum(g * o, dim=(2, 3), out=weighted[rows])
+            if need_y and ctx.relu:  # out > 0 exactly where y > 0 and mask > 0; elsewhere grad is 0
+                scaled = g * mask[rows, :, None, None]
+                torch.ops.aten.threshold_backward.grad_input(scaled, o, 0, grad_input=grad_y[rows])
+            elif need_y:
+                torch.mul(g, mask[rows, :, None, None], out=grad_y[rows])
+        grad_mask = None
+        if need_mask:
+            grad_mask = weighted.div_(mask.clamp_min(torch.finfo(mask.dtype).tiny)).masked_fill_(mask == 0, 0)
         return grad_y, grad_mask, None
+
+
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class _SpatialMean(torch.autograd.Function):
+    """Mean over H and W whose backward returns a broadcast view instead of materialising
+    ``grad / (H * W)`` at the input's full size (autograd's mean does, at a full pass per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, c, h, w = ctx.shape
+        return (grad / (h * w))[:, :, None, None].expand(n, c, h, w)
 
 
 class MaskGenerator(nn.Module):
@@ -87,7 +114,7 @@ class MaskGenerator(nn.Module):
         nn.init.constant_(self.fc2.bias, 1.0)
 
     def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
-        pooled = conv_input.mean(dim=(2, 3))
+        pooled = _SpatialMean.apply(conv_input)
         return torch.relu(torch.tanh(self.fc2(torch.relu(self.fc1(pooled)))))
 
 

@@ -74,3 +74,22 @@ def test_modular_forward_equals_naive_masking(name):
     for unit in conv_units(model):
         unit.forward = lambda inp, masks_out=None, unit=unit: naive(unit, inp)
     torch.testing.assert_close(model(x), logits)
+
+
+def test_generator_gradients_match_plain_autograd():
+    """The custom spatial mean (broadcast-view backward) gives autograd's gradients."""
+    from mwt_ray.models import MaskGenerator
+
+    torch.manual_seed(0)
+    generator = MaskGenerator(6, 5).double()
+    x = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 5, dtype=torch.float64)
+    (generator(x) * weights).sum().backward()
+    fast = [x.grad.clone()] + [p.grad.clone() for p in generator.parameters()]
+    x.grad = None
+    generator.zero_grad()
+    hidden = torch.relu(generator.fc1(x.mean(dim=(2, 3))))
+    (torch.relu(torch.tanh(generator.fc2(hidden))) * weights).sum().backward()
+    reference = [x.grad] + [p.grad for p in generator.parameters()]
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b)
