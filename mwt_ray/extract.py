@@ -34,6 +34,14 @@ def _copy_unit(source: ConvUnit, out_index: torch.Tensor, in_index: torch.Tensor
     return unit.to(conv.weight.device)
 
 
+def _residual_sum(main: torch.Tensor, main_positions: torch.Tensor, side: torch.Tensor,
+                  side_positions: torch.Tensor, channels: int) -> torch.Tensor:
+    """main + side, each placed at its channels of the union: zero-padding without the zeros."""
+    out = main.new_zeros(main.shape[0], channels, *main.shape[2:])
+    out.index_add_(1, main_positions, main)
+    return out.index_add_(1, side_positions, side)
+
+
 class PrunedBasicBlock(nn.Module):
     """A basic block whose residual sum lives in the union of both sides' kept channels."""
 
@@ -48,9 +56,7 @@ class PrunedBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = self.unit2(self.unit1(x))
         side = x if self.shortcut is None else self.shortcut(x)
-        out = main.new_zeros(main.shape[0], self.out_channels, *main.shape[2:])
-        out.index_add_(1, self.main_positions, main)
-        out.index_add_(1, self.shortcut_positions, side)
+        out = _residual_sum(main, self.main_positions, side, self.shortcut_positions, self.out_channels)
         return F.relu(out, inplace=True)
 
 
@@ -156,10 +162,8 @@ class PrunedResCNN(nn.Module):
             x = unit(x)
             if index in ends:
                 k = ends[index]
-                out = x.new_zeros(x.shape[0], self.residuals[k][2], *x.shape[2:])
-                out.index_add_(1, getattr(self, f"main_positions_{k}"), x)
-                out.index_add_(1, getattr(self, f"side_positions_{k}"), residual)
-                x = out
+                x = _residual_sum(x, getattr(self, f"main_positions_{k}"), residual,
+                                  getattr(self, f"side_positions_{k}"), self.residuals[k][2])
         return self.classifier(torch.flatten(x, 1))
 
 
