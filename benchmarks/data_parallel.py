@@ -53,12 +53,13 @@ class _Stamp(torch.autograd.Function):
 def bench_loop(config: dict) -> None:
     import torch.distributed as dist
 
-    from mwt_ray.data import iterate_batches, load_dataset
-    from mwt_ray.distributed import wrap_model
-    from mwt_ray.losses import modular_objective
-    from mwt_ray.metrics import batch_modularity
-    from mwt_ray.models import create_model
-    from mwt_ray.training import OptimSettings, gather_global_batch, make_optimizer, world
+    from mwt_ray.core.data import iterate_batches, load_dataset
+    from mwt_ray.cluster.worker import wrap_model
+    from mwt_ray.core.losses import modular_objective
+    from mwt_ray.core.metrics import batch_modularity
+    from mwt_ray.core.models import create_model
+    from mwt_ray.config import TrainConfig
+    from mwt_ray.core.training import gather_global_batch, make_optimizer, world
 
     torch.set_num_threads(config["threads"])
     rank, world_size = world()
@@ -68,7 +69,7 @@ def bench_loop(config: dict) -> None:
     torch.manual_seed(0)
     model = create_model(config["model"], 10, config["width"], modular=True).to(device).train()
     model = wrap_model(model)  # DDP when world size > 1
-    optimizer = make_optimizer(model, OptimSettings())
+    optimizer = make_optimizer(model, TrainConfig().optim_settings())
     if config["data"] == "digits":
         data = load_dataset("digits").to(device)
         batches = list(iterate_batches(data.train_images, data.train_labels, batch, mean=data.mean, std=data.std,

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mwt_ray.losses import modular_objective
-from mwt_ray.metrics import batch_modularity
-from mwt_ray.models import create_model
-from mwt_ray.training import OptimSettings, make_optimizer
+from mwt_ray.core.losses import modular_objective
+from mwt_ray.core.metrics import batch_modularity
+from mwt_ray.core.models import create_model
+from mwt_ray.config import TrainConfig
+from mwt_ray.core.training import make_optimizer
 
 
 def make_step(model, optimizer, modular: bool, alpha=0.5, beta=1.5):
@@ -49,7 +50,7 @@ def measure(name: str, width: float, batch: int, steps: int, warmup: int, device
     for modular in (False, True):
         torch.manual_seed(0)
         model = create_model(name, width=width, modular=modular).to(device).train()
-        runners[modular] = make_step(model, make_optimizer(model, OptimSettings()), modular)
+        runners[modular] = make_step(model, make_optimizer(model, TrainConfig().optim_settings()), modular)
     times = {False: [], True: []}
     for i in range(warmup + steps):
         for modular in (False, True):

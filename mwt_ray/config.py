@@ -7,17 +7,20 @@ and what is allowed.
 """
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .data import DATASETS
-from .models import list_models
-from .training import OptimSettings
+from .core.data import DATASETS
+from .core.models import list_models
+from .core.reuse import FineTuneSettings
+from .core.training import OptimSettings
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "validate_config"]
+__all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "load_config", "apply_overrides", "validate_config",
+           "build_parser"]
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,8 @@ class DataConfig(_Section):
     root: str | None = Field(None, description="dataset folder (cifar10/svhn root, or an image folder / .tar.gz)")
     download: bool = False
     train_limit: int | None = Field(None, ge=2, description="class-balanced cap on training samples")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's training samples held out of "
+                                "training as a validation set (val_accuracy per epoch; the sweep's objective)")
 
     @field_validator("name")
     @classmethod
@@ -94,6 +99,11 @@ class ReuseConfig(_Section):
     lr: float = Field(0.01, gt=0)
     batch_size: int = Field(64, ge=2)
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of the sub-task's training data that picks the best epoch")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    def fine_tune_settings(self, seed: int) -> FineTuneSettings:
+        return FineTuneSettings(**self.model_dump(include=set(FineTuneSettings.__dataclass_fields__)), seed=seed)
 
 
 class ScalingConfig(_Section):
@@ -182,3 +192,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = validate_config(tree)
     config.source = str(path) if path else None
     return config
+
+
+def build_parser(description: str, *, with_config: bool = True) -> argparse.ArgumentParser:
+    """The arguments every command shares: ``--config FILE`` and repeatable ``--set key=value``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if with_config:
+        parser.add_argument("--config", help="YAML config (see tune_configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    return parser

@@ -1,5 +1,10 @@
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+
+from mwt_ray.config import load_config
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +20,30 @@ def random_masks(batch, layer_sizes, zero_fraction=0.3, generator=None):
         m[torch.rand(batch, k, generator=generator) < zero_fraction] = 0
         masks.append(m)
     return masks
+
+
+def tiny_config(tmp_path: Path, name: str, *overrides: str, workers: int = 2, epochs: int = 2):
+    return load_config(None, [
+        f"name={name}", f"output_dir={tmp_path / 'runs'}", "model.name=vgg16", "model.width=0.125",
+        "data.name=digits", "data.train_limit=160", "train.batch_size=32", f"train.epochs={epochs}",
+        "train.lr=0.02", "modularize.cohesion_samples_per_class=20", f"scaling.num_workers={workers}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+
+
+def mlflow_client(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def only_run(client, experiment: str = "mwt-ray"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected exactly one MLflow run, found {len(runs)}"
+    return runs[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

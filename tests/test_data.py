@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mwt_ray.data import ImageData, _crop_and_flip, iterate_batches, load_dataset
+from mwt_ray.core.data import ImageData, _crop_and_flip, iterate_batches, load_dataset
 
 
 def tiny_data(n=40, classes=4, size=8):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,12 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from mwt_ray.checkpoint import build_model, load_checkpoint  # noqa: E402
-from mwt_ray.config import load_config  # noqa: E402
-from mwt_ray.distributed import (DistributedTrainingError, SetupError, latest_training_state, loop_config, run_distributed,  # noqa: E402
-                                 storage_root, train_loop_per_worker)
+from mwt_ray.core.checkpoint import build_model, load_checkpoint  # noqa: E402
+from mwt_ray.cluster import DistributedTrainingError, loop_config, run_distributed, train_loop_per_worker  # noqa: E402
+from mwt_ray.jobs import SetupError, latest_training_state, storage_root  # noqa: E402
 from mwt_ray.tracking import TrackingError  # noqa: E402
+
+from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate",
@@ -51,33 +51,6 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.cluster_resources()
     ray.shutdown()
-
-
-def tiny_config(tmp_path: Path, name: str, *overrides: str, workers: int = 2, epochs: int = 2):
-    return load_config(None, [
-        f"name={name}", f"output_dir={tmp_path / 'runs'}", "model.name=vgg16", "model.width=0.125",
-        "data.name=digits", "data.train_limit=160", "train.batch_size=32", f"train.epochs={epochs}",
-        "train.lr=0.02", "modularize.cohesion_samples_per_class=20", f"scaling.num_workers={workers}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
-
-
-def mlflow_client(tmp_path: Path):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
-def only_run(client, experiment: str = "mwt-ray"):
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1, f"expected exactly one MLflow run, found {len(runs)}"
-    return runs[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +114,9 @@ def _gradient_step(config: dict) -> None:
     """One modular step on the same global batch; with Ray Train each rank takes its slice."""
     import torch.distributed as dist
 
-    from mwt_ray import distributed, losses, models, training
-    from mwt_ray.data import iterate_batches, load_dataset
+    from mwt_ray.cluster import worker as distributed
+    from mwt_ray.core import losses, models, training
+    from mwt_ray.core.data import iterate_batches, load_dataset
 
     rank, world_size = training.world()
     data = load_dataset("digits", train_limit=200)

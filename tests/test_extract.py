@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mwt_ray.extract import extract_module
-from mwt_ray.models import create_model, masked_units, set_kernel_masks
+from mwt_ray.core.extract import extract_module
+from mwt_ray.core.models import create_model, masked_units, set_kernel_masks
 
 
 def _trained_like(name):

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from mwt_ray.extract import extract_module
-from mwt_ray.flops import count_flops
-from mwt_ray.models import create_model, masked_units
+from mwt_ray.core.extract import extract_module
+from mwt_ray.core.flops import count_flops
+from mwt_ray.core.models import create_model, masked_units
 
 
 def analytic_flops(model, size=32):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mwt_ray.losses import cohesion_coupling_losses, modular_objective
+from mwt_ray.core.losses import cohesion_coupling_losses, modular_objective
 from tests.conftest import random_masks
 
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from mwt_ray.metrics import batch_modularity, class_cohesion, cohesion, coupling, jaccard_matrix, kernel_retention_rate
+from mwt_ray.core.metrics import batch_modularity, class_cohesion, cohesion, coupling, jaccard_matrix, kernel_retention_rate
 
 
 def ji(a, b):

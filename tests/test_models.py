@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mwt_ray.models import _ApplyMask, conv_units, create_model, masked_units
+from mwt_ray.core.models import _ApplyMask, conv_units, create_model, masked_units
 
 
 def test_kernel_counts_match_the_paper():
@@ -78,7 +78,7 @@ def test_modular_forward_equals_naive_masking(name):
 
 def test_generator_gradients_match_plain_autograd():
     """The custom spatial mean (broadcast-view backward) gives autograd's gradients."""
-    from mwt_ray.models import MaskGenerator
+    from mwt_ray.core.models import MaskGenerator
 
     torch.manual_seed(0)
     generator = MaskGenerator(6, 5).double()

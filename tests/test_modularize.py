@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mwt_ray.modularize import KernelUsage, count_kernel_usage, module_masks, modularity_report
-from mwt_ray.models import create_model, masked_units
+from mwt_ray.core.modularize import KernelUsage, count_kernel_usage, module_masks, modularity_report
+from mwt_ray.core.models import create_model, masked_units
 
 
 def test_streaming_counts_equal_one_in_memory_pass():

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from mwt_ray.data import ImageData
-from mwt_ray.extract import extract_module
-from mwt_ray.models import create_model, masked_units
-from mwt_ray.reuse import FineTuneSettings, build_reused_model, evaluate_subtask, mixed_module_mask, sample_subtasks
-from mwt_ray.training import evaluate
+from mwt_ray.core.data import ImageData
+from mwt_ray.core.extract import extract_module
+from mwt_ray.core.models import create_model, masked_units
+from mwt_ray.core.reuse import FineTuneSettings, build_reused_model, evaluate_subtask, mixed_module_mask, sample_subtasks
+from mwt_ray.core.training import evaluate
 
 
 def separable_data(n=120, classes=4):
@@ -44,7 +44,7 @@ def test_fine_tuning_learns_the_subtask_and_standard_is_scored_on_restricted_log
     model = create_model("vgg16", num_classes=4, width=0.125)
     sizes = [u.num_kernels for u in masked_units(model)]
     masks = torch.ones(4, sum(sizes), dtype=torch.bool)
-    settings = FineTuneSettings(epochs=4, lr=0.05, batch_size=16, val_fraction=0.2)
+    settings = FineTuneSettings(epochs=4, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0)
     result = evaluate_subtask(model, masks, data, [2, 0], settings, torch.device("cpu"), standard_model=model,
                               arch={"name": "vgg16", "num_classes": 4, "width": 0.125})
     assert result["module_accuracy"] >= 0.9
@@ -67,3 +67,31 @@ def test_sampled_subtasks_are_distinct_and_valid():
     assert sample_subtasks(10, [2], 3, seed=0) == sample_subtasks(10, [2], 3, seed=0)
     with pytest.raises(ValueError, match="out of range"):
         sample_subtasks(10, [11], 1, 0)
+
+
+def test_accuracy_without_fine_tuning_is_the_hard_masked_model_on_restricted_logits():
+    """Brute force: per held-out sample, the hard-masked full network's logits at the sub-task's
+    classes, argmax, compared with the label."""
+    from mwt_ray.core.models import set_kernel_masks
+    from mwt_ray.core.reuse import accuracy_without_fine_tuning
+
+    torch.manual_seed(1)
+    data = separable_data(n=200).with_validation(0.25, seed=0)
+    assert len(data.val_labels) == 48 and len(data.train_labels) == 152
+    model = create_model("vgg16", num_classes=4, width=0.125).eval()
+    sizes = [u.num_kernels for u in masked_units(model)]
+    masks = torch.rand(4, sum(sizes)) < 0.4
+    masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
+    classes = [3, 1]
+    got = accuracy_without_fine_tuning(model, masks, data, classes, torch.device("cpu"), split="val")
+    set_kernel_masks(model, list(torch.split(masks[classes].any(0), sizes)))
+    correct = total = 0
+    with torch.no_grad():
+        for image, label in zip(data.val_images, data.val_labels.tolist()):
+            if label not in classes:
+                continue
+            x = (image.float()[None] / 255 - data.mean[:, None, None]) / data.std[:, None, None]
+            logits = model(x)[0]
+            correct += int(classes[int(logits[classes].argmax())] == label)
+            total += 1
+    assert total == 24 and got == pytest.approx(correct / total)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from mwt_ray.checkpoint import load_checkpoint
-from mwt_ray.config import load_config
-from mwt_ray.plots import plot_convergence
+from mwt_ray.core.checkpoint import load_checkpoint
+from mwt_ray.tracking.plots import plot_convergence
 from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
-from mwt_ray.train import run
+from mwt_ray.cluster import run_training as run
+
+from conftest import free_port
+from conftest import tiny_config as _tiny_config
 
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate",
                "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
@@ -36,10 +37,7 @@ def one_torch_thread():
 
 
 def tiny_config(tmp_path: Path, name: str, *overrides: str, epochs: int = 2):
-    return load_config(None, [
-        f"name={name}", f"output_dir={tmp_path / 'runs'}", "model.width=0.125", "data.train_limit=100",
-        "train.batch_size=25", f"train.epochs={epochs}", "modularize.cohesion_samples_per_class=10",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+    return _tiny_config(tmp_path, name, *overrides, workers=0, epochs=epochs)
 
 
 def client_for(uri: str):
@@ -51,12 +49,6 @@ def client_for(uri: str):
 def runs_of(client, experiment: str = "mwt-ray"):
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id]) if exp else []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_flatten_params():

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mwt_ray.checkpoint import build_model, check_architecture, load_checkpoint
+from mwt_ray.core.checkpoint import build_model, check_architecture, load_checkpoint
 from mwt_ray.config import load_config
-from mwt_ray.train import train_single_process
+from mwt_ray.jobs import reuse_from_checkpoints, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_limit=300", "model.width=0.125", "train.batch_size=32", "tracking.enabled=false"]
@@ -19,7 +19,7 @@ TINY = ["data.train_limit=300", "model.width=0.125", "train.batch_size=32", "tra
 def modular_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, TINY + ["train.epochs=4", f"output_dir={out}", "name=mod"])
-    summary = train_single_process(cfg, log=None)
+    summary = train_in_process(cfg, log=None)
     return cfg, summary
 
 
@@ -49,7 +49,7 @@ def test_checkpoint_round_trip_with_weights_only(modular_run):
 
 def test_standard_training_has_no_modules(tmp_path):
     cfg = load_config(None, TINY + ["train.epochs=1", "train.modular=false", f"output_dir={tmp_path}"])
-    summary = train_single_process(cfg, log=None)
+    summary = train_in_process(cfg, log=None)
     assert "modules" not in summary
     assert "module_masks" not in load_checkpoint(cfg.run_dir / "checkpoint.pt")
 
@@ -96,8 +96,6 @@ def test_reuse_cli_rejects_bad_classes_and_wrong_checkpoint(modular_run, tmp_pat
 
 
 def test_reuse_rebuilds_module_masks_for_another_tau(modular_run):
-    from mwt_ray.reuse import reuse_from_checkpoints
-
     cfg, _ = modular_run
     ckpt = str(cfg.run_dir / "checkpoint.pt")
     krr = {}

@@ -46,6 +46,9 @@ class ImageData:
     # Per-channel statistics of the training pixels; subsets inherit those of the full dataset.
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    # Training samples held out of training (``with_validation``): choices are made on them, never on the test set.
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     def __post_init__(self):
         for name in ("train", "test"):
@@ -75,11 +78,15 @@ class ImageData:
         lookup = torch.full((self.num_classes,), -1, dtype=torch.int64)
         lookup[torch.tensor(classes)] = torch.arange(len(classes))
         parts = {}
-        for name in ("train", "test"):
+        for name in ("train", "test", "val"):
             images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+            if images is None:
+                parts[name] = (None, None)
+                continue
             keep = lookup[labels.cpu()] >= 0
             parts[name] = (images[keep.to(images.device)], lookup[labels.cpu()[keep]].to(labels.device))
-        return ImageData(*parts["train"], *parts["test"], [self.classes[c] for c in classes], self.mean, self.std)
+        return ImageData(*parts["train"], *parts["test"], [self.classes[c] for c in classes], self.mean, self.std,
+                         *parts["val"])
 
     def holdout(self, fraction: float, seed: int) -> tuple["ImageData", torch.Tensor, torch.Tensor]:
         """Move ``fraction`` of each class's training samples to a validation set.
@@ -98,9 +105,17 @@ class ImageData:
                          self.test_labels, self.classes, self.mean, self.std)
         return rest, self.train_images[held], self.train_labels[held]
 
+    def with_validation(self, fraction: float, seed: int) -> "ImageData":
+        """The same data with ``fraction`` of each class's training samples moved to ``val_*``."""
+        rest, val_images, val_labels = self.holdout(fraction, seed)
+        rest.val_images, rest.val_labels = val_images, val_labels
+        return rest
+
     def to(self, device) -> "ImageData":
-        return ImageData(self.train_images.to(device), self.train_labels.to(device), self.test_images.to(device),
-                         self.test_labels.to(device), self.classes, self.mean.to(device), self.std.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ImageData(move(self.train_images), move(self.train_labels), move(self.test_images),
+                         move(self.test_labels), self.classes, move(self.mean), move(self.std),
+                         move(self.val_images), move(self.val_labels))
 
 
 def validate_classes(classes: list[int], num_classes: int) -> None:

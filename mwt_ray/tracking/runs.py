@@ -25,8 +25,11 @@ switches tracking off.
 
 Exactly-once epochs: a resumed job (after a worker failure, or re-run under the same name)
 continues the same MLflow run, and ``MlflowRun.log_epoch`` skips an epoch the run already has, so
-no epoch is logged twice. This module is only imported by ``train.run`` and ``distributed``: the
-core training code never depends on MLflow.
+no epoch is logged twice. Only ``mwt_ray.jobs`` and ``mwt_ray.cluster`` import this package: the
+core never depends on MLflow.
+
+A run is a context manager: ``with open_run(cfg) as tracked:`` ends it FINISHED, KILLED (Ctrl-C)
+or FAILED (any other exception) as the block ends.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
+
+from ..core.files import writable_folder_error
 
 __all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
            "check_server", "check_store", "flatten_params", "ARTIFACTS"]
@@ -100,17 +105,12 @@ def check_store(uri: str) -> None:
         check_server(uri)
         return
     path = _sqlite_path(uri)
-    if path is None and "://" not in uri:
-        path = Path(uri) / "probe"  # a file-store folder
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            probe = path.parent / f".mwt_write_probe_{time.time_ns()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise TrackingError(f"MLflow store {uri} is not writable ({error.strerror or error}); "
-                                "set tracking.tracking_uri or tracking.enabled=false") from None
+    folder = path.parent if path is not None else Path(uri) if "://" not in uri else None  # sqlite file, or a file store
+    if folder is not None:
+        reason = writable_folder_error(folder)
+        if reason:
+            raise TrackingError(f"MLflow store {uri} is not writable ({reason}); "
+                                "set tracking.tracking_uri or tracking.enabled=false")
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -185,7 +185,7 @@ class MlflowRun:
 
     def log_results(self, run_dir: str | Path, title: str | None = None) -> list[str]:
         """Upload the finished run's files (see ``ARTIFACTS``); returns the artifact names."""
-        from .checkpoint import load_checkpoint
+        from ..core.checkpoint import load_checkpoint
         from .plots import plot_convergence
 
         run_dir = Path(run_dir)
@@ -212,6 +212,12 @@ class MlflowRun:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.end("FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -243,6 +249,8 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
     """
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_store(uri)
+    if _sqlite_path(uri) is not None:
+        _sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
     _quiet_mlflow_logs()
     from mlflow import MlflowClient
     from mlflow.entities import Param

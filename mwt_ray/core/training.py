@@ -28,18 +28,19 @@ __all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "train_epoch", "
 
 @dataclass
 class OptimSettings:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    modular: bool = True
-    alpha: float = 0.5
-    beta: float = 1.5
-    warmup_epochs: float = 0.0  # ramp alpha and beta linearly from 0 over this many epochs
-    augment: bool = True
-    seed: int = 0
+    """What ``fit`` needs; built by ``config.TrainConfig.optim_settings()``, where the defaults live."""
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    modular: bool
+    alpha: float
+    beta: float
+    warmup_epochs: float  # ramp alpha and beta linearly from 0 over this many epochs
+    augment: bool
+    seed: int
 
 
 def world() -> tuple[int, int]:
@@ -194,6 +195,8 @@ def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.devic
             for buffer in unwrap_ddp(model).buffers():  # score rank 0's model (the one checkpointed)
                 dist.broadcast(buffer, 0)
         metrics["test_accuracy"] = evaluate(model, data.test_images, data.test_labels, data, device, shard=True)
+        if data.val_labels is not None:
+            metrics["val_accuracy"] = evaluate(model, data.val_images, data.val_labels, data, device, shard=True)
         metrics["lr"] = lr
         metrics["epoch"] = epoch + 1
         if not all(math.isfinite(v) for k, v in metrics.items() if "loss" in k):
@@ -209,6 +212,8 @@ def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.devic
 def format_epoch(m: dict[str, float], epochs: int, modular: bool) -> str:
     line = (f"epoch {m['epoch']:>3}/{epochs}  loss {m['loss']:.4f}  ce {m['ce_loss']:.4f}  "
             f"train {m['train_accuracy']:.2%}  test {m['test_accuracy']:.2%}")
+    if "val_accuracy" in m:
+        line += f"  val {m['val_accuracy']:.2%}"
     if modular:
         line += (f"  L_ch {m['cohesion_loss']:.3f}  L_cp {m['coupling_loss']:.3f}  coh {m['cohesion']:.3f}  "
                  f"coup {m['coupling']:.3f}  kernel rate {m['kernel_rate']:.3f}")

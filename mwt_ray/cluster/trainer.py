@@ -1,0 +1,207 @@
+"""Data-parallel modular training on Ray Train (Train V2): checkpointed, restartable, tracked.
+
+    python -m mwt_ray.train --num-workers 2                      # 2 CPU workers (gloo) on this machine
+    python -m mwt_ray.train --config c.yaml --set scaling.num_workers=8 --set scaling.use_gpu=true  # NCCL
+    RAY_ADDRESS=ray://head:10001 python -m mwt_ray.train ...     # a running cluster
+
+``run_distributed(cfg)`` runs ``train_loop_per_worker`` on ``scaling.num_workers`` Ray Train
+workers. Each worker runs the core loop (``training.fit``) on its slice of every global batch
+(``train.batch_size`` is the global batch; ``data.iterate_batches`` shards it by rank) with the
+model wrapped in DistributedDataParallel. The masks of the whole global batch are all-gathered
+with autograd (``training.gather_global_batch``), so cohesion and coupling are the losses over
+the global batch, exactly as in one process, and their gradients reach every worker's slice.
+
+BatchNorm: under DDP each worker normalises with the statistics of its own slice of the batch
+(running statistics are broadcast from rank 0 at every forward). With few samples per worker this
+differs slightly from one process; ``run_distributed(..., sync_batchnorm=True)`` converts the model
+to SyncBatchNorm for exact global-batch statistics, which PyTorch only supports on GPUs
+(``scaling.use_gpu=true``).
+
+Checkpoints: after every epoch rank 0 writes ``training_state.pt`` (model, optimizer, scheduler,
+epoch, metric history, RNG state, the epochs it was resumed from, MLflow run id) and every rank calls ``ray.train.report`` (only
+rank 0 attaches the checkpoint). Storage is ``scaling.storage_path`` (a shared folder or an
+object-store URI on a multi-node cluster), by default ``<output_dir>/<name>/checkpoints`` (the
+layout is in ``jobs.storage``).
+
+With ``scaling.max_failures`` > 0 a dead worker restarts the worker group from the latest
+checkpoint, and re-running a job with the same ``name`` and storage resumes it (so use a new name
+for a fresh run). ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way
+through epoch N, to exercise that path; a marker file in the storage keeps the restarted attempt
+from failing again. After training, rank 0 modularizes and writes the same ``checkpoint.pt``,
+``metrics.json`` and ``history.csv`` as single-process training (``jobs.finish_run``).
+
+Before anything trains, bad input stops the job with one line: a global batch not divisible by
+the workers, a storage path that cannot be written, a checkpoint to resume whose architecture is
+not the config's, an MLflow server that does not answer, and more workers, CPUs or GPUs than the
+Ray cluster has (Ray would otherwise wait for them forever).
+
+Rank 0 prints one line per epoch. Ray Train's own logging runs at level WARNING
+(``MWT_RAY_TRAIN_LOG_LEVEL=INFO`` for more).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..config import Config
+from ..jobs import (RESULT_FILES, JobFailed, SetupError, absolute_paths, check_job, job_storage, latest_training_state,
+                    storage_root, train_in_process)
+from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage, check_resume
+from .worker import loop_config, train_loop_per_worker
+
+__all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "DistributedTrainingError"]
+
+
+class DistributedTrainingError(JobFailed):
+    """Training started but failed more often than ``scaling.max_failures`` allows."""
+
+
+def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Raise SetupError unless the running Ray cluster can place every worker now.
+
+    Ray Train would otherwise wait forever for resources that never come.
+    """
+    import ray
+
+    need = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    room = sum(min(math.floor(res.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for res in nodes)
+    if room >= num_workers:
+        return
+    total = ray.cluster_resources()
+    asked = f"{cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu else "")
+    have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if use_gpu else "")
+    raise SetupError(f"scaling asks for {num_workers} workers with {asked} each, but the Ray cluster has {have} "
+                     f"on {len(nodes)} node(s): room for {room}; lower scaling.num_workers or "
+                     "scaling.cpus_per_worker, or add nodes (Ray would wait forever)")
+
+
+def _worker_runtime_env() -> dict | None:
+    """Environment for the workers: this source tree on PYTHONPATH when mwt_ray is not an
+    installed package, and the driver's MLFLOW_* variables (server credentials, TLS settings)."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+    parent = Path(__file__).resolve().parents[2]  # the folder that holds the mwt_ray package
+    if not ("site-packages" in parent.parts or "dist-packages" in parent.parts):
+        paths = [str(parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return {"env_vars": env} if env else None
+
+
+def preflight(cfg: Config, sync_batchnorm: bool = False) -> tuple[Config, RunStorage]:
+    """Every check that needs no Ray cluster; returns the config with absolute paths."""
+    cfg = absolute_paths(cfg)
+    workers = cfg.scaling.num_workers
+    if workers < 1:
+        raise SetupError("scaling.num_workers must be >= 1 for distributed training")
+    if cfg.train.batch_size % workers:
+        raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by scaling.num_workers {workers}: "
+                         "every worker must get the same share of the global batch")
+    if sync_batchnorm and not cfg.scaling.use_gpu:
+        raise SetupError("SyncBatchNorm needs GPUs (PyTorch has no CPU implementation); set scaling.use_gpu=true")
+    if cfg.scaling.use_gpu and cfg.train.device == "cpu":
+        raise SetupError("scaling.use_gpu=true but train.device=cpu; set train.device=auto")
+    if not cfg.scaling.use_gpu and cfg.train.device.startswith("cuda"):
+        raise SetupError(f"train.device={cfg.train.device} but scaling.use_gpu=false: Ray Train workers get no GPU; "
+                         "set scaling.use_gpu=true")
+    storage = job_storage(cfg)
+    storage.check_writable()
+    state = latest_training_state(storage)
+    if state is not None:
+        check_resume(state, cfg)
+    if cfg.tracking.enabled:
+        from ..tracking import check_store, resolve_tracking_uri
+
+        check_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    return cfg, storage
+
+
+def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, sync_batchnorm: bool = False) -> dict:
+    """Train on ``cfg.scaling.num_workers`` Ray Train workers; returns the summary of ``finish_run``.
+
+    Uses the Ray cluster this process is connected to, else ``ray.init()`` (which joins the cluster
+    named by ``RAY_ADDRESS`` or starts a local one, shut down again at the end).
+    """
+    log = log or (lambda line: None)
+    cfg, storage = preflight(cfg, sync_batchnorm)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    try:
+        check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+        with _job_run(cfg, storage, log) as tracked:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=loop_config(cfg, tracked.info() if tracked else None, sync_batchnorm),
+                torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+                run_config=ray.train.RunConfig(
+                    name=cfg.name, storage_path=storage_root(cfg),
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                    logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
+                    worker_runtime_env=_worker_runtime_env()),
+            )
+            try:
+                result = trainer.fit()
+            except ray.train.TrainingFailedError as error:
+                lines = [line for line in str(error).splitlines() if line.strip()]
+                cause = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+                raise DistributedTrainingError(
+                    f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): {cause.strip()}") from error
+            return _collect_results(result, cfg)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _job_run(cfg: Config, storage: RunStorage, log):
+    """The job's MLflow run (continued when the storage names one in the same store), or no run."""
+    if not cfg.tracking.enabled:
+        return contextlib.nullcontext()
+    from ..tracking import open_run, resolve_tracking_uri
+
+    previous = storage.read_bytes(RUN_FILE)
+    previous = json.loads(previous) if previous else {}
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
+    tracked = open_run(cfg, run_id, tags={"mwt.num_workers": str(cfg.scaling.num_workers)}, log=log)
+    storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
+    return tracked
+
+
+def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Train as the config says: on ``scaling.num_workers`` Ray Train workers, or in this process
+    without Ray when it is 0 (``jobs.train_in_process``)."""
+    if cfg.scaling.num_workers > 0:
+        check_job(cfg)
+        return run_distributed(cfg, log)
+    return train_in_process(cfg, resume=resume, log=log)
+
+
+def _collect_results(result, cfg: Config) -> dict:
+    """Read the summary from the final checkpoint; copy the result files into ``cfg.run_dir``
+    when rank 0 ran on another node."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise DistributedTrainingError("training finished without a final checkpoint")
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        if not (folder / "metrics.json").exists():
+            raise DistributedTrainingError(f"the latest checkpoint {checkpoint.path} holds no metrics.json")
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in RESULT_FILES:
+            if not (cfg.run_dir / name).exists():
+                shutil.copy2(folder / name, cfg.run_dir / name)
+        return json.loads((folder / "metrics.json").read_text())

@@ -1,0 +1,114 @@
+"""One rank of a data-parallel job on Ray Train: the same ``jobs.TrainingJob`` as one process, with
+Ray Train's context (rank, device), its checkpoints and DistributedDataParallel.
+
+``train_loop_per_worker`` also runs in a plain process without Ray (world size 1, checkpoints
+written straight to the storage folder): ``train_loop_per_worker(loop_config(cfg))``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch import nn
+
+from ..config import Config
+from ..core.checkpoint import load_checkpoint
+from ..jobs import LocalSession, RunStorage, TrainingJob, job_storage
+from ..jobs.storage import TRAINING_STATE
+
+__all__ = ["train_loop_per_worker", "loop_config", "wrap_model", "RayTrainSession"]
+
+
+def wrap_model(model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
+    """``ray.train.torch.prepare_model``: to the worker's device, and DDP when world size > 1.
+
+    DDP forwards keyword arguments, so ``model(x, return_masks=True)`` returns (logits, masks)
+    as the bare model does; ``checkpoint.save_checkpoint`` and ``unwrap_ddp`` get the bare module.
+    """
+    import ray.train.torch
+
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # find_unused_parameters stays False: a modular model uses every generator at every step.
+    return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+
+
+class RayTrainSession:
+    """A rank of a Ray Train worker group: rank 0 attaches checkpoints, every rank reports."""
+
+    in_ray = True
+
+    def __init__(self, context, storage: RunStorage, sync_batchnorm: bool = False):
+        import ray.train.torch
+
+        self.storage, self.sync_batchnorm = storage, sync_batchnorm
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+        self.device = device[0] if isinstance(device, list) else device
+
+    def latest_state(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / TRAINING_STATE, map_location="cpu")
+        state["source"] = checkpoint.path
+        return state
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return wrap_model(model, self.sync_batchnorm) if self.world_size > 1 else model
+
+    def persist(self, folder: Path, folder_name: str, metrics: dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(str(folder)) if self.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder_name)
+
+    def wait_until_registered(self, folder_name: str, timeout_s: float = 30.0) -> None:
+        """Wait until Ray Train's controller has registered checkpoint ``folder_name``.
+
+        ``ray.train.report`` returns once the checkpoint is uploaded, but the controller registers it
+        when it next polls the worker; a worker killed before that poll loses the checkpoint. Fault
+        injection waits for the registration (visible in the controller's snapshot file) so that the
+        injected failure always resumes from the previous epoch. Real failures can hit that window:
+        then the epoch is trained again, and MLflow keeps the values it logged first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if folder_name.encode() in (self.storage.read_bytes("checkpoint_manager_snapshot.json") or b""):
+                return
+            time.sleep(0.1)
+
+
+def loop_config(cfg: Config, tracking: dict | None = None, sync_batchnorm: bool = False) -> dict:
+    """The ``train_loop_config`` of ``train_loop_per_worker``: plain JSON-like values only."""
+    return {"config": cfg.model_dump(mode="json"), "experiment": job_storage(cfg).uri,
+            "tracking": tracking, "sync_batchnorm": sync_batchnorm}
+
+
+def _ray_context():
+    """Ray Train's context inside a training worker, None in a plain process."""
+    try:
+        import ray.train
+
+        return ray.train.get_context()
+    except (ImportError, RuntimeError):
+        return None
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """One worker of a data-parallel job (or the whole job in a plain process without Ray).
+
+    ``config``: from ``loop_config``. Returns the run summary on rank 0, None on other ranks.
+    """
+    cfg = Config.model_validate(config["config"])
+    storage = RunStorage(config["experiment"])
+    context = _ray_context()
+    if context is not None:
+        session = RayTrainSession(context, storage, config.get("sync_batchnorm", False))
+    else:
+        session = LocalSession(storage, cfg.train.device)
+    return TrainingJob(cfg, session, config.get("tracking")).run()

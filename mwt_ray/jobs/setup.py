@@ -1,0 +1,86 @@
+"""What every job does before it trains: errors, device, seeding, data, and the checks on its input.
+
+Two kinds of failure, told apart by the command-line exit status: ``SetupError`` (and every other
+``ValueError``) is bad input found before anything was trained or written (exit 2);
+``JobFailed`` is a job that started and could not finish (exit 1).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..core.data import ImageData, load_dataset
+from ..core.files import writable_folder_error
+
+__all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data",
+           "architecture", "check_job", "absolute_paths"]
+
+# What a finished training job leaves in its run folder (``Config.run_dir``).
+RESULT_FILES = ("checkpoint.pt", "metrics.json", "history.csv")
+
+
+class SetupError(ValueError):
+    """Bad input found before training starts (one line, exit status 2)."""
+
+
+class JobFailed(RuntimeError):
+    """A job that started but could not finish (e.g. workers failed beyond the failure budget)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"train.device is {name!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SetupError(f"train.device is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: Config) -> ImageData:
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, train_limit=cfg.data.train_limit)
+    # The held-out split depends on the data seed only, so every trial of a sweep holds out the same samples.
+    return data.with_validation(cfg.data.val_fraction, seed=0) if cfg.data.val_fraction > 0 else data
+
+
+def architecture(cfg: Config, data: ImageData) -> dict:
+    """What a checkpoint records to rebuild its model (``core.checkpoint.build_model``)."""
+    return {"name": cfg.model.name, "width": cfg.model.width, "num_classes": data.num_classes,
+            "modular": cfg.train.modular, "classes": list(data.classes)}
+
+
+def check_job(cfg: Config) -> ImageData:
+    """Every check on the input that needs no training, before anything is written: the data
+    (loaded, decoded and cached here, once), the device, the batch size, the output folder."""
+    if not cfg.scaling.use_gpu or cfg.scaling.num_workers == 0:
+        resolve_device(cfg.train.device)
+    data = load_data(cfg)
+    if cfg.train.batch_size > len(data.train_labels):
+        raise SetupError(f"train.batch_size {cfg.train.batch_size} is larger than the training set "
+                         f"({len(data.train_labels)} samples)")
+    reason = writable_folder_error(cfg.run_dir)
+    if reason:
+        raise SetupError(f"output_dir {cfg.output_dir!r} cannot be written ({reason})")
+    return data
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy whose local paths are absolute: Ray workers run in another working directory."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    if cfg.data.root and "://" not in cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.scaling.storage_path and "://" not in cfg.scaling.storage_path:
+        cfg.scaling.storage_path = str(Path(cfg.scaling.storage_path).expanduser().resolve())
+    return cfg

@@ -1,0 +1,255 @@
+"""A training job, the same in one process and on every Ray Train worker: train, checkpoint every
+epoch, resume, modularize, write the results.
+
+    TrainingJob(cfg, LocalSession(job_storage(cfg))).run()   # one process, checkpoints to the run storage
+
+``TrainingJob.run`` reads top to bottom: build the model, ``resume`` from the session's latest
+checkpoint, train with ``end_epoch`` after every epoch (``persist`` a checkpoint, then log the
+epoch to MLflow), and ``finish``: modularize, write ``checkpoint.pt`` / ``metrics.json`` /
+``history.csv`` and persist them as the final checkpoint. A *session* says where the job runs:
+``LocalSession`` (this process, world size 1) or ``cluster.worker.RayTrainSession`` (one rank of a
+Ray Train worker group, checkpoints reported to Ray Train).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..core.checkpoint import save_checkpoint
+from ..core.data import ImageData, iterate_batches
+from ..core.files import atomic_write_text
+from ..core.models import conv_units, create_model
+from ..core.modularize import count_kernel_usage, modularity_report, module_masks
+from ..core.training import fit, make_optimizer, make_scheduler, unwrap_ddp
+from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
+from .storage import KEEP_CHECKPOINTS, TRAINING_STATE, RunStorage, check_resume, latest_training_state
+
+__all__ = ["TrainingJob", "LocalSession", "modularize_model", "finish_run"]
+
+
+def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
+    """Kernel usage over the (un-augmented) training set, module masks at tau, and their metrics."""
+    batches = iterate_batches(data.train_images, data.train_labels, 512, mean=data.mean, std=data.std)
+    usage = count_kernel_usage(model, batches, data.num_classes, device,
+                               max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
+    masks = module_masks(usage, cfg.modularize.tau)
+    first_convs = sum(u.num_kernels for u in conv_units(model) if u.mask_generator is None)
+    return usage, masks, modularity_report(usage, masks, unmasked_kernels=first_convs)
+
+
+def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "history.csv", table.getvalue())
+    atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
+
+
+def finish_run(model, data: ImageData, cfg: Config, device: torch.device, history: list[dict],
+               log=print) -> dict:
+    """Modularize (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary."""
+    summary = {"config": cfg.model_dump(), "final": history[-1], "epochs": len(history)}
+    extra = {"config": cfg.model_dump(), "history": history}
+    if cfg.train.modular:
+        usage, masks, report = modularize_model(model, data, cfg, device)
+        summary["modules"] = report
+        extra |= {"kernel_usage": usage.state_dict(), "module_masks": masks, "tau": cfg.modularize.tau}
+        if log:
+            log(f"modules at tau={cfg.modularize.tau}: KRR {report['krr']:.3f}  cohesion {report.get('cohesion', float('nan')):.3f}  "
+                f"coupling {report['coupling']:.3f}  per-layer KRR " + " ".join(f"{v:.2f}" for v in report["layer_krr"]))
+    save_checkpoint(cfg.run_dir / "checkpoint.pt", model, architecture(cfg, data), **extra)
+    _write_results(cfg.run_dir, history, summary)
+    if log:
+        log(f"test accuracy {history[-1]['test_accuracy']:.2%}; wrote {', '.join(RESULT_FILES)} to {cfg.run_dir.resolve()}")
+    return summary
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LocalSession:
+    """A job in this process: world size 1, checkpoints written straight to the run storage.
+
+    ``resume=False`` starts from scratch even when the storage holds checkpoints of an earlier job."""
+
+    rank, world_size, in_ray = 0, 1, False
+
+    def __init__(self, storage: RunStorage, device: torch.device | str = "auto", resume: bool = True):
+        self.storage = storage
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.resume = resume
+
+    def latest_state(self) -> dict | None:
+        return latest_training_state(self.storage) if self.resume else None
+
+    def wrap(self, model):
+        return model
+
+    def persist(self, folder: Path, folder_name: str, metrics: dict) -> None:
+        self.storage.upload_dir(folder, folder_name)
+        for _, old in self.storage.checkpoint_dirs()[:-KEEP_CHECKPOINTS]:
+            self.storage.delete_dir(old)
+
+    def wait_until_registered(self, folder_name: str) -> None:
+        """Checkpoints are stored once ``persist`` returns."""
+
+
+class TrainingJob:
+    """One job (or one rank of a data-parallel job). ``run()`` returns the summary on rank 0, else None."""
+
+    def __init__(self, cfg: Config, session, tracking: dict | None = None):
+        self.cfg, self.session, self.tracking = cfg, session, tracking
+        self.history: list[dict] = []
+        self.resumes: list[int] = []  # the epochs this job was resumed from (after failures or re-runs)
+        self.start_epoch = 0
+        self.tracked = None
+        self.summary = None
+
+    def log(self, line: str) -> None:
+        if self.session.rank == 0:  # not print(): Ray Train's print patch shows each printed line twice
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def run(self) -> dict | None:
+        cfg, session = self.cfg, self.session
+        if cfg.train.batch_size % session.world_size:
+            raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by {session.world_size} workers")
+        self.data = load_data(cfg).to(session.device)
+        seed_everything(cfg.train.seed)
+        self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(session.device)
+        self.settings = cfg.train.optim_settings()
+        self.optimizer = make_optimizer(self.model, self.settings)
+        self.scheduler = make_scheduler(self.optimizer, self.settings)
+        self.resume(session.latest_state())
+        self.model = session.wrap(self.model)
+        self.open_tracking()
+        if cfg.scaling.fail_at_epoch and session.rank == 0:
+            steps = len(self.data.train_labels) // cfg.train.batch_size
+            self.optimizer.register_step_post_hook(self._fault_hook(cfg.scaling.fail_at_epoch, steps))
+        if self.start_epoch < self.settings.epochs:
+            kind = "modular" if cfg.train.modular else "standard"
+            self.log(f"{kind} training of {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name} with "
+                     f"{session.world_size} worker{'s' if session.world_size > 1 else ''} on {session.device}: "
+                     f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images, "
+                     f"{self.data.num_classes} classes, global batch {cfg.train.batch_size}, "
+                     f"epochs {self.start_epoch + 1}..{self.settings.epochs}")
+        fit(self.model, self.data, self.settings, session.device, optimizer=self.optimizer, scheduler=self.scheduler,
+            start_epoch=self.start_epoch, on_epoch_end=self.end_epoch, log=self.log)
+        if not self.history:
+            raise SetupError("no epoch was trained and the checkpoint holds no history")
+        self.persist(f"final_{time.strftime('%Y%m%d-%H%M%S')}_{len(self.history):04d}", self.finish, self.history[-1])
+        return self.summary
+
+    def resume(self, state: dict | None) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, RNG state and metric history."""
+        if state is None:
+            return
+        check_resume(state, self.cfg, self.data.num_classes)
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        _set_rng_state(state["rng"])
+        self.start_epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.resumes = list(state.get("resumes", [])) + [self.start_epoch]
+        planned = (state.get("config") or {}).get("train", {}).get("epochs")
+        if planned is not None and planned != self.settings.epochs:
+            self.log(f"warning: the checkpoint was trained for train.epochs={planned}, now {self.settings.epochs}; the "
+                     "learning-rate schedule continues from the checkpoint's (cosine over the old epoch count)")
+        self.log(f"resuming from epoch {self.start_epoch} ({state['source']})")
+
+    def open_tracking(self) -> None:
+        """Rank 0 reopens the MLflow run the driver opened, and logs epochs a crash left unlogged."""
+        if self.session.rank != 0 or not self.tracking:
+            return
+        from ..tracking import MlflowRun
+
+        self.tracked = MlflowRun.from_info(self.tracking)
+        backfilled = self.tracked.log_history(self.history)
+        if backfilled:
+            self.log(f"MLflow: logged {backfilled} checkpointed epoch(s) the run was missing")
+
+    def end_epoch(self, epoch: int, metrics: dict) -> None:
+        self.history.append(metrics)
+        self.persist(f"checkpoint_epoch_{epoch + 1:04d}", lambda folder: self.save_state(folder, epoch + 1), metrics)
+        if self.tracked is not None:  # after the checkpoint: a crash in between is backfilled on resume
+            self.tracked.log_epoch(metrics)
+
+    def save_state(self, folder: Path, epoch: int) -> None:
+        save_checkpoint(folder / TRAINING_STATE, self.model, architecture(self.cfg, self.data),
+                        optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
+                        epoch=epoch, history=self.history, rng=_rng_state(), resumes=self.resumes,
+                        config=self.cfg.model_dump(mode="json"), mlflow_run_id=(self.tracking or {}).get("run_id"))
+
+    def persist(self, folder_name: str, fill: Callable[[Path], None], metrics: dict) -> None:
+        """Rank 0 fills a scratch folder; the session stores it as checkpoint ``folder_name``."""
+        with tempfile.TemporaryDirectory(prefix="mwt_ckpt_") as scratch:
+            if self.session.rank == 0:
+                fill(Path(scratch))
+            self.session.persist(Path(scratch), folder_name, metrics)
+
+    def finish(self, folder: Path) -> None:
+        """Modularize and write the results; the final checkpoint holds them too."""
+        cfg = self.cfg
+        self.summary = finish_run(unwrap_ddp(self.model), self.data, cfg, self.session.device, self.history, log=self.log)
+        if self.tracked is not None:
+            names = self.tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
+            self.log(f"MLflow: uploaded {', '.join(names)} to run {self.tracked.run_id}")
+        self.save_state(folder, len(self.history))
+        for name in RESULT_FILES:
+            shutil.copy2(cfg.run_dir / name, folder / name)
+
+    def _fault_hook(self, fail_at_epoch: int, steps_per_epoch: int):
+        """An optimizer step hook that SIGKILLs this process once, half-way through ``fail_at_epoch``.
+
+        A marker file in the storage keeps the restarted attempt from failing again."""
+        storage, session, log = self.session.storage, self.session, self.log
+        marker = f".fault_injected_epoch_{fail_at_epoch}"
+        kill_step = max(1, steps_per_epoch // 2)
+        done = 0
+
+        def hook(optimizer, args, kwargs):
+            nonlocal done
+            done += 1
+            epoch = self.start_epoch + (done - 1) // steps_per_epoch + 1
+            step = (done - 1) % steps_per_epoch + 1
+            if epoch == fail_at_epoch and step == kill_step and not storage.exists(marker):
+                if epoch > 1:
+                    session.wait_until_registered(f"checkpoint_epoch_{epoch - 1:04d}")
+                storage.write_bytes(marker, f"killed pid {os.getpid()} at epoch {epoch} step {step}\n".encode())
+                log(f"fault injection: killing worker pid {os.getpid()} at epoch {epoch}, step {step}/{steps_per_epoch}")
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return hook
