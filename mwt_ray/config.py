@@ -119,6 +119,7 @@ class TrackingConfig(_Section):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<cwd>/mlflow.db")
     experiment: str = "mwt-ray"
+    parent_run_id: str | None = Field(None, description="nest this job's MLflow run under that run (a sweep sets it)")
 
 
 class Config(_Section):

@@ -121,7 +121,8 @@ def preflight(cfg: Config, sync_batchnorm: bool = False) -> tuple[Config, RunSto
     return cfg, storage
 
 
-def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, sync_batchnorm: bool = False) -> dict:
+def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, sync_batchnorm: bool = False,
+                    callbacks: list | None = None) -> dict:
     """Train on ``cfg.scaling.num_workers`` Ray Train workers; returns the summary of ``finish_run``.
 
     Uses the Ray cluster this process is connected to, else ``ray.init()`` (which joins the cluster
@@ -151,7 +152,7 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
                     failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                     logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
-                    worker_runtime_env=_worker_runtime_env()),
+                    worker_runtime_env=_worker_runtime_env(), callbacks=callbacks),
             )
             try:
                 result = trainer.fit()
@@ -160,7 +161,10 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
                 cause = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
                 raise DistributedTrainingError(
                     f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): {cause.strip()}") from error
-            return _collect_results(result, cfg)
+            summary = _collect_results(result, cfg)
+            if tracked:
+                summary["mlflow_run_id"] = tracked.run_id
+            return summary
     finally:
         if started:
             ray.shutdown()
@@ -181,13 +185,15 @@ def _job_run(cfg: Config, storage: RunStorage, log):
     return tracked
 
 
-def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, report=None,
+                 train_callbacks: list | None = None) -> dict:
     """Train as the config says: on ``scaling.num_workers`` Ray Train workers, or in this process
-    without Ray when it is 0 (``jobs.train_in_process``)."""
+    without Ray when it is 0 (``jobs.train_in_process``, which calls ``report(metrics)`` after every
+    epoch). ``train_callbacks``: Ray Train run callbacks (a sweep trial forwards reports to Tune)."""
     if cfg.scaling.num_workers > 0:
         check_job(cfg)
-        return run_distributed(cfg, log)
-    return train_in_process(cfg, resume=resume, log=log)
+        return run_distributed(cfg, log, callbacks=train_callbacks)
+    return train_in_process(cfg, resume=resume, log=log, report=report)
 
 
 def _collect_results(result, cfg: Config) -> dict:

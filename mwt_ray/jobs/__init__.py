@@ -18,13 +18,14 @@ __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_ev
            "train_in_process"]
 
 
-def train_in_process(cfg: Config, *, resume: bool = False, log=print) -> dict:
+def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=None) -> dict:
     """Train in this process (no Ray), checkpointing every epoch to the run storage; tracked in
-    MLflow unless ``tracking.enabled`` is false. ``resume=True`` continues from the latest checkpoint."""
+    MLflow unless ``tracking.enabled`` is false. ``resume=True`` continues from the latest checkpoint;
+    ``report(metrics)`` is called after every epoch."""
     check_job(cfg)
     storage = job_storage(cfg)
     storage.check_writable()
-    session = LocalSession(storage, cfg.train.device, resume=resume)
+    session = LocalSession(storage, cfg.train.device, resume=resume, report=report)
     if not cfg.tracking.enabled:
         return TrainingJob(cfg, session).run()
     from ..tracking import open_run

@@ -101,14 +101,17 @@ def _set_rng_state(state: dict) -> None:
 class LocalSession:
     """A job in this process: world size 1, checkpoints written straight to the run storage.
 
-    ``resume=False`` starts from scratch even when the storage holds checkpoints of an earlier job."""
+    ``resume=False`` starts from scratch even when the storage holds checkpoints of an earlier job.
+    ``report(metrics)`` runs after each epoch's checkpoint is stored (a sweep trial reports to Tune)."""
 
     rank, world_size, in_ray = 0, 1, False
 
-    def __init__(self, storage: RunStorage, device: torch.device | str = "auto", resume: bool = True):
+    def __init__(self, storage: RunStorage, device: torch.device | str = "auto", resume: bool = True,
+                 report: Callable[[dict], None] | None = None):
         self.storage = storage
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.resume = resume
+        self.report = report
 
     def latest_state(self) -> dict | None:
         return latest_training_state(self.storage) if self.resume else None
@@ -120,6 +123,8 @@ class LocalSession:
         self.storage.upload_dir(folder, folder_name)
         for _, old in self.storage.checkpoint_dirs()[:-KEEP_CHECKPOINTS]:
             self.storage.delete_dir(old)
+        if self.report is not None and folder_name.startswith("checkpoint_epoch_"):
+            self.report(metrics)
 
     def wait_until_registered(self, folder_name: str) -> None:
         """Checkpoints are stored once ``persist`` returns."""
@@ -223,6 +228,7 @@ class TrainingJob:
         cfg = self.cfg
         self.summary = finish_run(unwrap_ddp(self.model), self.data, cfg, self.session.device, self.history, log=self.log)
         if self.tracked is not None:
+            self.summary["mlflow_run_id"] = self.tracked.run_id
             names = self.tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
             self.log(f"MLflow: uploaded {', '.join(names)} to run {self.tracked.run_id}")
         self.save_state(folder, len(self.history))

@@ -281,6 +281,8 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
     if run_id is None:
         run_tags = {"mwt.model": cfg.model.name, "mwt.dataset": cfg.data.name,
                     "mwt.modular": str(cfg.train.modular), **(tags or {})}
+        if cfg.tracking.parent_run_id:  # shown nested under the parent (a sweep) in the MLflow UI
+            run_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         run_id = client.create_run(experiment_id, tags=run_tags, run_name=cfg.name).info.run_id
         if log:
             log(f"MLflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
