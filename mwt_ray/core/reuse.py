@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import copy
 import random
+import statistics
+import time
 from dataclasses import dataclass
+from itertools import combinations
+from math import comb
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +29,7 @@ from .models import create_model
 from .training import evaluate
 
 __all__ = ["ReusedModel", "mixed_module_mask", "build_reused_model", "fine_tune", "evaluate_subtask",
-           "accuracy_without_fine_tuning",
+           "accuracy_without_fine_tuning", "inference_latency", "compare_latency",
            "sample_subtasks", "FineTuneSettings"]
 
 
@@ -60,14 +65,18 @@ class FineTuneSettings:
     seed: int
 
 
-def fine_tune(model: nn.Module, data: ImageData, s: FineTuneSettings, device: torch.device) -> dict:
-    """Fine-tune on ``data`` (already the sub-task, labels 0..M-1); keeps the best epoch in place."""
+def fine_tune(model: nn.Module, data: ImageData, s: FineTuneSettings, device: torch.device,
+              on_step: Callable[[int], None] | None = None) -> dict:
+    """Fine-tune on ``data`` (already the sub-task, labels 0..M-1); keeps the best epoch in place.
+
+    ``on_step(step)`` runs after every optimizer step (1-based; fault injection uses it)."""
     train_data, val_images, val_labels = data.holdout(s.val_fraction, s.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, nesterov=True,
                                 weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, s.epochs))
     best = {"epoch": 0, "val_accuracy": -1.0, "state": copy.deepcopy(model.state_dict())}
     history = []
+    steps = 0
     for epoch in range(s.epochs):
         model.train()
         batches = iterate_batches(train_data.train_images, train_data.train_labels, s.batch_size,
@@ -80,6 +89,9 @@ def fine_tune(model: nn.Module, data: ImageData, s: FineTuneSettings, device: to
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps += 1
+            if on_step is not None:
+                on_step(steps)
         scheduler.step()
         val = evaluate(model, val_images, val_labels, data, device) if len(val_labels) else float("nan")
         history.append({"epoch": epoch + 1, "val_accuracy": val})
@@ -105,49 +117,110 @@ def accuracy_without_fine_tuning(modular_model: nn.Module, module_masks: torch.T
 
 
 def sample_subtasks(num_classes: int, sizes: list[int], per_size: int, seed: int) -> list[list[int]]:
-    """``per_size`` distinct random class sets for each M in ``sizes`` (sorted class lists)."""
-    from math import comb
-
-    rng = random.Random(seed)
+    """``per_size`` distinct random class sets for each M in ``sizes`` (sorted class lists), all
+    C(N, M) of them when there are no more than ``per_size``. Each M draws from its own generator
+    seeded by (seed, M), so adding an M to ``sizes`` leaves the sets of the others unchanged."""
+    if per_size < 1:
+        raise ValueError(f"sub-tasks per size must be >= 1, got {per_size}")
     tasks = []
     for m in sizes:
         if not 2 <= m <= num_classes:
             raise ValueError(f"sub-task size {m} is out of range: use 2..{num_classes}")
-        wanted = min(per_size, comb(num_classes, m))
+        if comb(num_classes, m) <= per_size:
+            tasks += [list(t) for t in combinations(range(num_classes), m)]
+            continue
+        rng = random.Random(f"{seed}-{m}")
         chosen: set[tuple[int, ...]] = set()
-        while len(chosen) < wanted:
+        while len(chosen) < per_size:
             chosen.add(tuple(sorted(rng.sample(range(num_classes), m))))
         tasks += [list(t) for t in sorted(chosen)]
     return tasks
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def compare_latency(models: list[nn.Module], batch_size: int, image_size: int, device: torch.device,
+                    repeats: int = 5, channels: int = 3) -> list[float]:
+    """Median seconds of one forward pass of each model on a batch of ``batch_size`` random images,
+    the models timed in turn (a b a b ...) so that load on the machine hits them alike. One
+    warm-up pass each first; eval mode, no autograd."""
+    x = torch.randn(batch_size, channels, image_size, image_size, device=device)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+        m(x)
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        for _ in range(repeats):
+            for m, spent in zip(models, times):
+                _sync(device)
+                start = time.perf_counter()
+                m(x)
+                _sync(device)
+                spent.append(time.perf_counter() - start)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return [statistics.median(t) for t in times]
+
+
+def inference_latency(model: nn.Module, batch_size: int, image_size: int, device: torch.device,
+                      repeats: int = 5) -> float:
+    """Median seconds of one forward pass at ``batch_size`` (see ``compare_latency``)."""
+    return compare_latency([model], batch_size, image_size, device, repeats)[0]
+
+
 def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data: ImageData,
                      classes: list[int], s: FineTuneSettings, device: torch.device,
-                     standard_model: nn.Module | None = None, arch: dict | None = None) -> dict:
+                     standard_model: nn.Module | None = None, arch: dict | None = None, *,
+                     zero_fine_tune: bool = False, latency_batch_sizes: tuple[int, ...] = (),
+                     latency_repeats: int = 5, model_flops: int | None = None,
+                     whole_model: nn.Module | None = None, on_step: Callable[[int], None] | None = None) -> dict:
     """Reuse the mixed module of ``classes``: KRR, FLOPs vs the full network, accuracy after
-    fine-tuning, and (given ``standard_model``) the standard model's accuracy on the sub-task."""
+    fine-tuning (m-ACC), and given ``standard_model`` the standard model's accuracy on the sub-task
+    with its logits restricted to the M classes (M-ACC) and the loss M-ACC - m-ACC.
+
+    ``arch`` ({"name", "num_classes", "width"}) adds the full network's FLOPs (``model_flops``
+    skips recounting them) and the reduction; ``zero_fine_tune`` adds the mixed module's accuracy
+    with no training (``accuracy_without_fine_tuning``); each of ``latency_batch_sizes`` adds the
+    median forward time of the reused module and of the whole model (the standard model, else
+    ``whole_model``, else the plain network of ``arch``) at that batch size, timed in turn, and
+    their ratio. ``on_step`` is passed to ``fine_tune``."""
     validate_classes(classes, data.num_classes)
     sub = data.subset(classes)
-    torch.manual_seed(s.seed)
-    keep = mixed_module_mask(module_masks, classes)
-    reused = ReusedModel(extract_module(modular_model, keep), module_masks.shape[0], len(classes)).to(device)
-    tuned = fine_tune(reused, sub, s, device)
     size = data.train_images.shape[-1]
-    result = {
-        "classes": list(classes),
-        "m": len(classes),
-        "krr": keep.float().mean().item(),
+    keep = mixed_module_mask(module_masks, classes)
+    result: dict = {"classes": list(classes), "m": len(classes), "krr": keep.float().mean().item()}
+    if zero_fine_tune:
+        result["zero_ft_accuracy"] = accuracy_without_fine_tuning(modular_model, module_masks, data, classes, device)
+    torch.manual_seed(s.seed)
+    reused = ReusedModel(extract_module(modular_model, keep), module_masks.shape[0], len(classes)).to(device)
+    tuned = fine_tune(reused, sub, s, device, on_step=on_step)
+    result |= {
         "module_flops": count_flops(reused.module, size),
         "module_accuracy": evaluate(reused, sub.test_images, sub.test_labels, sub, device),
         "best_epoch": tuned["best_epoch"],
         "val_accuracy": tuned["val_accuracy"],
     }
+    plain = standard_model if standard_model is not None else whole_model
+    if plain is None and arch is not None and (model_flops is None or latency_batch_sizes):
+        plain = create_model(arch["name"], arch["num_classes"], arch["width"], modular=False).to(device)
     if arch is not None:
-        plain = create_model(arch["name"], arch["num_classes"], arch["width"], modular=False)
-        result["model_flops"] = count_flops(plain, size)
+        result["model_flops"] = model_flops if model_flops is not None else count_flops(plain, size)
         result["flops_reduction"] = 1 - result["module_flops"] / result["model_flops"]
     if standard_model is not None:
         result["standard_accuracy"] = evaluate(standard_model, sub.test_images, sub.test_labels, sub,
                                                device, classes=list(classes))
         result["accuracy_change"] = result["module_accuracy"] - result["standard_accuracy"]
+        result["accuracy_loss"] = -result["accuracy_change"]
+    if latency_batch_sizes and plain is None:
+        raise ValueError("latency needs the whole model: pass standard_model or arch")
+    for batch in latency_batch_sizes:
+        module_s, model_s = compare_latency([reused, plain], batch, size, device, latency_repeats)
+        result |= {f"module_ms_b{batch}": module_s * 1e3, f"model_ms_b{batch}": model_s * 1e3,
+                   f"latency_ratio_b{batch}": module_s / model_s}
     return result
