@@ -93,14 +93,54 @@ class ModularizeConfig(_Section):
 
 class ReuseConfig(_Section):
     subtasks: list[list[int]] = Field(default_factory=list, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]")
-    sizes: list[int] = Field(default_factory=list, description="M values to sample sub-tasks for, e.g. [2, 5]")
-    per_size: int = Field(1, ge=1, description="sampled sub-tasks per M")
+    sizes: list[int] = Field(default_factory=list, description="M values to sample sub-tasks for, e.g. [2, 5] or "
+                             "'2..9'; empty = 2..N-1 unless subtasks are given")
+    per_size: int = Field(10, ge=1, description="K: sampled sub-tasks per M (all of them when C(N, M) <= K)")
+    seed: int | None = Field(None, description="seed of the sub-task sampling; null = train.seed")
     epochs: int = Field(5, ge=0, description="fine-tuning epochs of a reused module")
     lr: float = Field(0.01, gt=0)
     batch_size: int = Field(64, ge=2)
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of the sub-task's training data that picks the best epoch")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    zero_fine_tune: bool = Field(True, description="also score the mixed module with no training (restricted logits)")
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 128], description="batch sizes of the "
+                                           "measured inference latency of module vs model; [] = none")
+    latency_repeats: int = Field(5, ge=1, description="timed forward passes per model and batch size (median)")
+    num_actors: int | None = Field(None, ge=0, description="Ray actors evaluating sub-tasks; null = as many as the "
+                                   "cluster can place; 0 = in this process without Ray")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (> 0: sub-tasks run on the GPU)")
+    max_restarts: int = Field(3, ge=0, description="restarts of an actor that died; its sub-task is retried")
+    fail_at_subtask: int | None = Field(None, ge=0, description="fault injection: the actor evaluating this "
+                                        "sub-task (index in the plan) kills its own process once, mid-fine-tuning")
+    output_dir: str | None = Field(None, description="where the tables and plots go; null = a reuse/ folder "
+                                   "beside the modular checkpoint (<output_dir>/reuse-<run id> for an MLflow run)")
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _range(cls, value):
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", value)
+            if not match or int(match[1]) > int(match[2]):
+                raise ValueError(f"sizes must be a list of M values or a range 'a..b' with a <= b")
+            return list(range(int(match[1]), int(match[2]) + 1))
+        return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _at_least_two(cls, value: list[int]) -> list[int]:
+        small = [m for m in value if m < 2]
+        if small:
+            raise ValueError(f"sub-task size M={small[0]} is below 2: an M-class sub-task needs M >= 2")
+        return value
+
+    @field_validator("latency_batch_sizes")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value):
+            raise ValueError(f"latency batch sizes must be >= 1, got {value}")
+        return value
 
     def fine_tune_settings(self, seed: int) -> FineTuneSettings:
         return FineTuneSettings(**self.model_dump(include=set(FineTuneSettings.__dataclass_fields__)), seed=seed)
