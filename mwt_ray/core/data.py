@@ -10,7 +10,8 @@ whole batches, on the GPU when there is one. Sources:
 - ``cifar10`` / ``svhn``: torchvision's loaders from a local root (``download=True`` only when
   asked for and a network exists).
 - ``folder``: any image folder with ``train/<class>/*`` and ``test/<class>/*`` (or a .tar.gz
-  of one), decoded once and cached under ``~/.cache/mwt_ray``.
+  of one), decoded once and cached under ``~/.cache/mwt_ray`` (``$MWT_RAY_CACHE``), keyed on
+  every file's name, size and modification time.
 """
 from __future__ import annotations
 
@@ -213,6 +214,8 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
 
     if root is None:
         raise ValueError(f"dataset {name!r} needs data.root: the folder that holds (or will hold) its files")
+    folder = Path(root).expanduser()
+    before = set(folder.iterdir()) if folder.is_dir() else None
     try:
         if name == "cifar10":
             parts = [torchvision.datasets.CIFAR10(root, train=t, download=download) for t in (True, False)]
@@ -222,10 +225,30 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
             parts = [torchvision.datasets.SVHN(root, split=s, download=download) for s in ("train", "test")]
             arrays = [(torch.from_numpy(p.data), torch.from_numpy(p.labels).to(torch.int64)) for p in parts]
             classes = [str(d) for d in range(10)]
-    except (RuntimeError, OSError) as error:
-        raise ValueError(f"{name} not found under {root!r} ({error}); set data.download=true on a machine "
+    except Exception as error:  # no network, a half-downloaded archive, a corrupt file
+        _remove_new_entries(folder, before)
+        reason = _one_line(error)
+        if download:
+            raise ValueError(f"{name} could not be downloaded to {root!r} ({reason}); this machine may have no "
+                             "network: copy the dataset files there and set data.download=false, or use dataset "
+                             "'folder' with an image-folder copy") from None
+        raise ValueError(f"{name} not found under {root!r} ({reason}); set data.download=true on a machine "
                          "with a network, or use dataset 'folder' with an image-folder copy") from None
     return ImageData(*arrays[0], *arrays[1], list(classes))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _remove_new_entries(folder: Path, before: set | None) -> None:
+    """Undo what a failed download created: the folder itself when it did not exist, else its new entries."""
+    if before is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.is_dir():
+        for entry in set(folder.iterdir()) - before:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _folder(root: str | None, image_size: int) -> ImageData:
@@ -246,27 +269,52 @@ def _folder(root: str | None, image_size: int) -> ImageData:
     classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{str(splits['train'])!r} holds no class folders")
+    test_classes = sorted(p.name for p in splits["test"].iterdir() if p.is_dir())
+    if test_classes != classes:
+        extra, missing = sorted(set(test_classes) - set(classes)), sorted(set(classes) - set(test_classes))
+        raise ValueError(f"the test split's classes differ from the training split's in {str(path)!r}: "
+                         + "; ".join(part for part in (f"only in test/: {extra}" if extra else "",
+                                                       f"missing from test/: {missing}" if missing else "") if part))
     files = {s: sorted((c, f) for c in classes for f in (d / c).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
              for s, d in splits.items()}
-    fingerprint = hashlib.sha1(f"{path.resolve()}|{image_size}|{len(files['train'])}|{len(files['test'])}|"
-                               f"{splits['train'].stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "folders" / f"{fingerprint}.pt"
-    if cached.exists():
-        state = torch.load(cached, weights_only=True)
-        return ImageData(state["train_images"], state["train_labels"], state["test_images"],
-                         state["test_labels"], classes)
-    print(f"decoding {len(files['train'])} + {len(files['test'])} images from {path} (once; cached at {cached})", flush=True)
-    state = {}
     for split, items in files.items():
-        images = _decode_all([splits[split] / c / f.name for c, f in items], image_size)
-        labels = torch.tensor([classes.index(c) for c, _ in items], dtype=torch.int64)
-        state[f"{split}_images"], state[f"{split}_labels"] = images, labels
-    atomic_torch_save(state, cached)
-    return ImageData(state["train_images"], state["train_labels"], state["test_images"], state["test_labels"], classes)
+        if not items:
+            raise ValueError(f"{str(splits[split])!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    cached = cache_dir() / "folders" / f"{_fingerprint(path, image_size, files)}.pt"
+    if cached.exists():
+        try:
+            state = torch.load(cached, weights_only=True)
+            return ImageData(state["train_images"], state["train_labels"], state["test_images"],
+                             state["test_labels"], classes)
+        except Exception:  # a cache file from another version, or damaged: decode again
+            pass
+    print(f"decoding {len(files['train'])} + {len(files['test'])} images from {path} (once; cached at {cached})", flush=True)
+    paths = [splits[s] / c / f.name for s in ("train", "test") for c, f in files[s]]
+    images = _decode_all(paths, image_size, what=f"decoding {path.name}")
+    n_train = len(files["train"])
+    labels = {s: torch.tensor([classes.index(c) for c, _ in files[s]], dtype=torch.int64) for s in files}
+    # Built (and so validated: every class has training samples) before anything is cached.
+    data = ImageData(images[:n_train], labels["train"], images[n_train:], labels["test"], classes)
+    atomic_torch_save({"train_images": data.train_images, "train_labels": data.train_labels,
+                       "test_images": data.test_images, "test_labels": data.test_labels}, cached)
+    return data
 
 
-def _decode_all(paths: list[Path], image_size: int) -> torch.Tensor:
+def _fingerprint(path: Path, image_size: int, files: dict) -> str:
+    """Key of the decoded-image cache: the folder, the image size and every file's name, size and mtime,
+    so replacing, adding or removing an image decodes again."""
+    digest = hashlib.sha1(f"{path.resolve()}|{image_size}".encode())
+    for split, items in files.items():
+        for c, f in items:
+            info = f.stat()
+            digest.update(f"{split}/{c}/{f.name}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_all(paths: list[Path], image_size: int, what: str = "decoding images") -> torch.Tensor:
     from PIL import Image
+
+    from .progress import progress
 
     def decode(p: Path) -> np.ndarray:
         try:
@@ -276,31 +324,46 @@ def _decode_all(paths: list[Path], image_size: int) -> torch.Tensor:
                     image = image.resize((image_size, image_size), Image.BILINEAR)
                 return np.asarray(image)
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot decode image {str(p)!r}: {error}") from None
+            raise ValueError(f"cannot decode image {str(p)!r}: {_one_line(error)}") from None
 
     if not paths:
         raise ValueError("an image folder split holds no images")
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(decode, paths, chunksize=256))
+        arrays = list(progress(pool.map(decode, paths, chunksize=256), len(paths), what))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def _extract_archive(archive: Path) -> Path:
     digest = hashlib.sha1(f"{archive.resolve()}|{archive.stat().st_size}|{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "archives" / digest
-    if not target.exists():
-        print(f"extracting {archive} to {target} (once)", flush=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=target.parent))
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(staging, filter="data")
-        except (tarfile.TarError, OSError) as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ValueError(f"data path {str(archive)!r} is a file but not a readable tar archive ({error})") from None
-        try:
-            staging.rename(target)  # atomic; a concurrent extraction that finished first wins
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+    if target.exists():
+        return target
+    try:
+        tar = tarfile.open(archive)
+    except Exception as error:  # not a tar at all: nothing is created
+        reason = ("not a .tar, .tar.gz, .tar.bz2 or .tar.xz file" if isinstance(error, tarfile.ReadError)
+                  else _one_line(error))
+        raise ValueError(f"data path {str(archive)!r} is a file but not a readable tar archive ({reason})") from None
+    created = [p for p in (cache_dir(), target.parent) if not p.exists()]
+    print(f"extracting {archive} to {target} (once)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=target.parent))
+    try:
+        with tar:
+            tar.extractall(staging, filter="data")
+        staging.rename(target)  # atomic; a concurrent extraction that finished first wins
+    except BaseException as error:  # a truncated or corrupt archive, a full disk, Ctrl-C: leave nothing
+        shutil.rmtree(staging, ignore_errors=True)
+        if target.exists():
+            return target
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        if not isinstance(error, Exception):
+            raise
+        raise ValueError(f"data path {str(archive)!r} is a damaged or truncated tar archive "
+                         f"({type(error).__name__}: {_one_line(error)})") from None
     return target
