@@ -96,7 +96,7 @@ class ReuseConfig(_Section):
     sizes: list[int] = Field(default_factory=list, description="M values to sample sub-tasks for, e.g. [2, 5] or "
                              "'2..9'; empty = 2..N-1 unless subtasks are given")
     per_size: int = Field(10, ge=1, description="K: sampled sub-tasks per M (all of them when C(N, M) <= K)")
-    seed: int | None = Field(None, description="seed of the sub-task sampling; null = train.seed")
+    sampling_seed: int | None = Field(None, description="seed of the sub-task sampling; null = train.seed")
     epochs: int = Field(5, ge=0, description="fine-tuning epochs of a reused module")
     lr: float = Field(0.01, gt=0)
     batch_size: int = Field(64, ge=2)
