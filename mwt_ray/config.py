@@ -8,11 +8,13 @@ and what is allowed.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .core.data import DATASETS
 from .core.models import list_models
@@ -31,6 +33,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# Models larger than this are refused before they are built (float32 weights alone: 8 GB).
+MAX_PARAMETERS = 2e9
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters_at_width_one(name: str) -> int:
+    """Parameters of ``name`` at width 1 with 10 classes, counted on the meta device (nothing allocated)."""
+    import torch
+
+    from .core.models import create_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(name, 10, 1.0, modular=True).parameters())
+
+
 class ModelConfig(_Section):
     name: str = "vgg16"
     width: float = Field(0.25, gt=0, description="channel multiplier (1.0 = the paper's models)")
@@ -40,6 +57,20 @@ class ModelConfig(_Section):
     def _known(cls, value: str) -> str:
         if value not in list_models():
             raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+        return value
+
+    @field_validator("width")
+    @classmethod
+    def _not_absurd(cls, value: float, info: ValidationInfo) -> float:
+        """Every channel count scales with the width, so the parameter count grows with its square."""
+        name = info.data.get("name")
+        if value <= 4 or name not in list_models():  # below 4 every model has < 0.4e9 parameters
+            return value
+        estimate = _parameters_at_width_one(name) * value ** 2
+        if estimate > MAX_PARAMETERS:
+            largest = math.sqrt(MAX_PARAMETERS / _parameters_at_width_one(name))
+            raise ValueError(f"width {value:g} would give {name} about {estimate:.2g} parameters, more than the "
+                             f"{MAX_PARAMETERS:.0e} allowed; use a width up to {largest:.1f}")
         return value
 
 
@@ -175,9 +206,26 @@ class Config(_Section):
     # Where this config came from; not a setting.
     source: str | None = Field(None, exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, value: str) -> str:
+        """The job's folder under output_dir (and in the run storage): one plain folder name."""
+        if (value in ("", ".", "..") or value != value.strip() or value.startswith(".")
+                or any(c in value for c in "/\\:*?\"<>|") or any(ord(c) < 32 for c in value) or len(value) > 100):
+            raise ValueError("name must be a plain folder name such as 'mwt' or 'vgg16-run2': no path separators "
+                             "or any of :*?\"<>|, not starting with '.', no surrounding spaces, at most 100 characters")
+        return value
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (YAML's own message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _first_error(error: ValidationError) -> str:
@@ -221,12 +269,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({getattr(error, 'strerror', None) or error})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     apply_overrides(tree, overrides or [])
@@ -235,9 +287,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end like every other bad input: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(description: str, *, with_config: bool = True) -> argparse.ArgumentParser:
     """The arguments every command shares: ``--config FILE`` and repeatable ``--set key=value``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if with_config:
         parser.add_argument("--config", help="YAML config (see tune_configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -4,10 +4,15 @@
     python -m mwt_ray.train --config tune_configs/cifar10_vgg16.yaml --set train.epochs=20
     python -m mwt_ray.train --standard                        # plain training, no masks
     python -m mwt_ray.train --num-workers 2                   # data parallel on Ray Train workers
+    python -m mwt_ray.train --resume                          # continue the latest job of this name
+
+Every run is a new job of its ``name`` (a fresh folder under ``<output_dir>/<name>/jobs/``), even when
+the name was used before; ``--resume`` continues the latest job of that name from its last finished
+epoch, in the same MLflow run, without logging an epoch twice.
 
 Writes ``<output_dir>/<name>/``: ``checkpoint.pt`` (weights, config, per-class kernel counts,
-module masks), ``metrics.json`` and ``history.csv``; checkpoints of every epoch under
-``checkpoints/``; an MLflow run.
+module masks), ``metrics.json`` and ``history.csv`` of the job that finished last; each job's
+per-epoch checkpoints under ``jobs/<job id>/``; an MLflow run per job.
 """
 from __future__ import annotations
 
@@ -24,13 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--standard", action="store_true", help="standard training (no mask generators)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (0: this process, no Ray)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the latest job of this name (its checkpoint and MLflow run) instead of a new job")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.standard:
         overrides.append("train.modular=false")
     if args.num_workers is not None:
         overrides.append(f"scaling.num_workers={args.num_workers}")
-    return run_command(lambda: run_training(load_config(args.config, overrides)))
+    return run_command(lambda: run_training(load_config(args.config, overrides), resume=args.resume),
+                       interrupted_hint="; checkpoints up to the last finished epoch are kept: run the same "
+                                        "command with --resume to continue")
 
 
 if __name__ == "__main__":

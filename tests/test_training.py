@@ -92,7 +92,7 @@ def test_reuse_cli_rejects_bad_classes_and_wrong_checkpoint(modular_run, tmp_pat
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     result = run_cli("mwt_ray.reuse", ["--modular", str(garbage)], tmp_path)
-    assert result.returncode == 2 and "cannot be read" in result.stderr
+    assert result.returncode == 2 and "is not a PyTorch checkpoint file" in result.stderr
 
 
 def test_reuse_rebuilds_module_masks_for_another_tau(modular_run):

@@ -24,8 +24,11 @@ object-store URI on a multi-node cluster), by default ``<output_dir>/<name>/chec
 layout is in ``jobs.storage``).
 
 With ``scaling.max_failures`` > 0 a dead worker restarts the worker group from the latest
-checkpoint, and re-running a job with the same ``name`` and storage resumes it (so use a new name
-for a fresh run). ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way
+checkpoint. Every run is a new job (its own folder in the run storage, its own MLflow run);
+``resume=True`` (``--resume``) continues the latest job of the same ``name`` instead. A job that
+fails after starting ends in one line naming the worker that failed first (a worker whose process
+died before the workers that then lost their connection to it); the workers' stderr (tracebacks,
+Ray's own log lines) goes to ``worker_stderr.log`` in the job's folder instead of the terminal. ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way
 through epoch N, to exercise that path; a marker file in the storage keeps the restarted attempt
 from failing again. After training, rank 0 modularizes and writes the same ``checkpoint.pt``,
 ``metrics.json`` and ``history.csv`` as single-process training (``jobs.finish_run``).
@@ -43,19 +46,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 from ..config import Config
-from ..jobs import (RESULT_FILES, JobFailed, SetupError, absolute_paths, check_job, job_storage, latest_training_state,
+from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, absolute_paths, check_job, plan_job, start_job,
                     storage_root, train_in_process)
-from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage, check_resume
+from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage
 from .worker import loop_config, train_loop_per_worker
 
-__all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "DistributedTrainingError"]
+__all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "describe_failure",
+           "DistributedTrainingError"]
 
 
 class DistributedTrainingError(JobFailed):
@@ -77,7 +85,7 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
     total = ray.cluster_resources()
     asked = f"{cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu else "")
     have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if use_gpu else "")
-    raise SetupError(f"scaling asks for {num_workers} workers with {asked} each, but the Ray cluster has {have} "
+    raise SetupError(f"scaling asks for {num_workers} worker{'s' if num_workers != 1 else ''} with {asked} each, but the Ray cluster has {have} "
                      f"on {len(nodes)} node(s): room for {room}; lower scaling.num_workers or "
                      "scaling.cpus_per_worker, or add nodes (Ray would wait forever)")
 
@@ -93,8 +101,11 @@ def _worker_runtime_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def preflight(cfg: Config, sync_batchnorm: bool = False) -> tuple[Config, RunStorage]:
-    """Every check that needs no Ray cluster; returns the config with absolute paths."""
+def preflight(cfg: Config, sync_batchnorm: bool = False, resume: bool = False, num_classes: int | None = None,
+              log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
+    """Every check that needs no Ray cluster, before anything is written; returns the config with
+    absolute paths and the job to run (a new one, or with ``resume`` the latest job of the name,
+    whose checkpoint must fit the config: model, width, ``num_classes``)."""
     cfg = absolute_paths(cfg)
     workers = cfg.scaling.num_workers
     if workers < 1:
@@ -109,58 +120,152 @@ def preflight(cfg: Config, sync_batchnorm: bool = False) -> tuple[Config, RunSto
     if not cfg.scaling.use_gpu and cfg.train.device.startswith("cuda"):
         raise SetupError(f"train.device={cfg.train.device} but scaling.use_gpu=false: Ray Train workers get no GPU; "
                          "set scaling.use_gpu=true")
-    storage = job_storage(cfg)
-    storage.check_writable()
-    state = latest_training_state(storage)
-    if state is not None:
-        check_resume(state, cfg)
+    plan = plan_job(cfg, resume, num_classes, log=log)
     if cfg.tracking.enabled:
         from ..tracking import check_store, resolve_tracking_uri
 
         check_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    return cfg, storage
+    return cfg, plan
+
+
+# A line Ray forwards from a worker, actor or raylet: "(RayTrainWorker pid=123) ...", "(raylet) ...".
+_RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\((raylet|autoscaler|[\w.]+ pid=\d+)[^)]*\)")
+
+
+class _WorkerStderr:
+    """Stands in for ``sys.stderr`` while Ray Train runs: the lines Ray forwards from the workers' and
+    controller's stderr (tracebacks, Ray's own INFO lines) go to a log file, everything else through."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.path, self.file, self.pending = stream, path, None, ""
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                if _RAY_PREFIX.match(line):
+                    if self.file is None:
+                        self.path.parent.mkdir(parents=True, exist_ok=True)
+                        self.file = open(self.path, "a")
+                    self.file.write(line + "\n")
+                    self.file.flush()
+                else:
+                    self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.pending and not _RAY_PREFIX.match(self.pending):
+                self.stream.write(self.pending)
+                self.pending = ""
+            self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def close_log(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@contextlib.contextmanager
+def _worker_stderr_to(path: Path):
+    if os.environ.get("MWT_RAY_WORKER_STDERR"):  # show the workers' stderr live instead
+        yield None
+        return
+    previous = sys.stderr
+    sys.stderr = _WorkerStderr(previous, path)
+    try:
+        yield sys.stderr
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close_log()
+        sys.stderr = previous
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line on why a Ray Train run failed, naming the worker that failed first: a worker whose
+    process died is named before the workers that then lost their connection to it."""
+    failures = dict(sorted((getattr(error, "worker_failures", None) or {}).items()))
+    if failures:
+        def died(exc) -> bool:
+            names = {type(exc).__name__, type(getattr(exc, "health_check_failure", None)).__name__}
+            return bool(names & {"WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError",
+                                 "WorkerHealthCheckTimeoutError"})
+
+        dead = [rank for rank, exc in failures.items() if died(exc)]
+        if dead:
+            rank = dead[0]
+            pid = re.search(r"pid=(\d+)", str(failures[rank])) or re.search(r"pid: (\d+)", str(failures[rank]))
+            others = [r for r in failures if r != rank]
+            return (f"worker rank {rank}{f' (pid {pid[1]})' if pid else ''} died: its process was killed or crashed "
+                    "(a signal, the out-of-memory killer, a lost node)"
+                    + (f"; rank(s) {', '.join(map(str, others))} then failed" if others else ""))
+        rank, exc = next(iter(failures.items()))
+        base = getattr(exc, "_base_exc", exc)
+        kind = "" if isinstance(base, (SetupError, JobFailed)) else f"{type(base).__name__}: "
+        return f"worker rank {rank} failed: {kind}{_one_line(base)}"
+    cause = getattr(error, "controller_failure", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return next((line.strip() for line in lines if "Error" in line or "error" in line), lines[0] if lines else type(cause).__name__)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, sync_batchnorm: bool = False,
-                    callbacks: list | None = None) -> dict:
-    """Train on ``cfg.scaling.num_workers`` Ray Train workers; returns the summary of ``finish_run``.
+                    callbacks: list | None = None, resume: bool = False, num_classes: int | None = None) -> dict:
+    """Train on ``cfg.scaling.num_workers`` Ray Train workers as a new job of ``cfg.name`` (with
+    ``resume``: the latest job of that name continues); returns the summary of ``finish_run``.
 
     Uses the Ray cluster this process is connected to, else ``ray.init()`` (which joins the cluster
     named by ``RAY_ADDRESS`` or starts a local one, shut down again at the end).
     """
     log = log or (lambda line: None)
-    cfg, storage = preflight(cfg, sync_batchnorm)
+    cfg, plan = preflight(cfg, sync_batchnorm, resume, num_classes, log)
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = not ray.is_initialized()
     if started:
-        ray.init()
+        ray.init(logging_level=logging.ERROR)  # Ray's own INFO / WARNING lines would bury the one error line
     try:
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
-        with _job_run(cfg, storage, log) as tracked:
+        local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
+        stderr_log = Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
+        with _job_run(cfg, plan, log) as tracked:
+            from ..tracking import resolve_tracking_uri
+
+            start_job(cfg, plan, resolve_tracking_uri(cfg.tracking.tracking_uri) if tracked else None, log)
+            log(f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} (checkpoints in "
+                f"{plan.storage.uri}; the workers' stderr goes to {stderr_log})")
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config=loop_config(cfg, tracked.info() if tracked else None, sync_batchnorm),
+                train_loop_config=loop_config(cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
                 run_config=ray.train.RunConfig(
-                    name=cfg.name, storage_path=storage_root(cfg),
+                    name=plan.job_id, storage_path=storage_root(cfg),
                     failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                     logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
                     worker_runtime_env=_worker_runtime_env(), callbacks=callbacks),
             )
-            try:
-                result = trainer.fit()
-            except ray.train.TrainingFailedError as error:
-                lines = [line for line in str(error).splitlines() if line.strip()]
-                cause = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
-                raise DistributedTrainingError(
-                    f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): {cause.strip()}") from error
+            with _worker_stderr_to(stderr_log):
+                try:
+                    result = trainer.fit()
+                except ray.train.TrainingFailedError as error:
+                    raise DistributedTrainingError(
+                        f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): "
+                        f"{describe_failure(error)}; the workers' stderr is in {stderr_log}") from None
+            _prune_checkpoints(plan.storage)
             summary = _collect_results(result, cfg)
             if tracked:
                 summary["mlflow_run_id"] = tracked.run_id
@@ -170,18 +275,27 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
             ray.shutdown()
 
 
-def _job_run(cfg: Config, storage: RunStorage, log):
-    """The job's MLflow run (continued when the storage names one in the same store), or no run."""
+def _prune_checkpoints(storage: RunStorage) -> None:
+    """Keep the newest ``KEEP_CHECKPOINTS`` checkpoint folders: a driver killed between a checkpoint's
+    upload and its registration with Ray Train leaves one more, which the resumed job removes here."""
+    for _, old in storage.checkpoint_dirs()[:-KEEP_CHECKPOINTS]:
+        try:
+            storage.delete_dir(old)
+        except OSError:
+            pass
+
+
+def _job_run(cfg: Config, plan: JobPlan, log):
+    """The job's MLflow run (continued when the job resumes and names one in the same store), or no run."""
     if not cfg.tracking.enabled:
         return contextlib.nullcontext()
     from ..tracking import open_run, resolve_tracking_uri
 
-    previous = storage.read_bytes(RUN_FILE)
-    previous = json.loads(previous) if previous else {}
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
-    tracked = open_run(cfg, run_id, tags={"mwt.num_workers": str(cfg.scaling.num_workers)}, log=log)
-    storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
+    run_id = plan.run_info.get("run_id") if plan.run_info.get("tracking_uri") == uri else None
+    tracked = open_run(cfg, run_id, tags={"mwt.num_workers": str(cfg.scaling.num_workers), "mwt.job_id": plan.job_id},
+                       log=log)
+    plan.storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
     return tracked
 
 
@@ -189,10 +303,12 @@ def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None
                  train_callbacks: list | None = None) -> dict:
     """Train as the config says: on ``scaling.num_workers`` Ray Train workers, or in this process
     without Ray when it is 0 (``jobs.train_in_process``, which calls ``report(metrics)`` after every
-    epoch). ``train_callbacks``: Ray Train run callbacks (a sweep trial forwards reports to Tune)."""
+    epoch). A new job of ``cfg.name`` each time; ``resume=True`` continues the latest job of that name
+    (its checkpoint and MLflow run). ``train_callbacks``: Ray Train run callbacks (a sweep trial
+    forwards reports to Tune)."""
     if cfg.scaling.num_workers > 0:
-        check_job(cfg)
-        return run_distributed(cfg, log, callbacks=train_callbacks)
+        data = check_job(cfg)
+        return run_distributed(cfg, log, callbacks=train_callbacks, resume=resume, num_classes=data.num_classes)
     return train_in_process(cfg, resume=resume, log=log, report=report)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Config
 from ..core.checkpoint import load_checkpoint
-from ..jobs import LocalSession, RunStorage, TrainingJob, job_storage
+from ..jobs import LocalSession, RunStorage, TrainingJob, latest_training_state, plan_job
 from ..jobs.storage import TRAINING_STATE
 
 __all__ = ["train_loop_per_worker", "loop_config", "wrap_model", "RayTrainSession"]
@@ -47,11 +47,13 @@ class RayTrainSession:
         self.device = device[0] if isinstance(device, list) else device
 
     def latest_state(self) -> dict | None:
+        """The checkpoint Ray Train restores (after a worker failure, or a resumed job's latest
+        registered one), else the newest one in the job's folder."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return latest_training_state(self.storage)
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / TRAINING_STATE, map_location="cpu")
         state["source"] = checkpoint.path
@@ -83,10 +85,26 @@ class RayTrainSession:
             time.sleep(0.1)
 
 
-def loop_config(cfg: Config, tracking: dict | None = None, sync_batchnorm: bool = False) -> dict:
-    """The ``train_loop_config`` of ``train_loop_per_worker``: plain JSON-like values only."""
-    return {"config": cfg.model_dump(mode="json"), "experiment": job_storage(cfg).uri,
+def loop_config(cfg: Config, tracking: dict | None = None, sync_batchnorm: bool = False,
+                storage_uri: str | None = None) -> dict:
+    """The ``train_loop_config`` of ``train_loop_per_worker``: plain JSON-like values only.
+    ``storage_uri``: the job's folder; by default the latest job of ``cfg.name`` (a new one if none)."""
+    if storage_uri is None:
+        storage_uri = plan_job(cfg, resume=True, log=None).storage.uri
+    return {"config": cfg.model_dump(mode="json"), "experiment": storage_uri,
             "tracking": tracking, "sync_batchnorm": sync_batchnorm}
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs "Reporting training result ..." at INFO on every rank for every report, from a
+    logger named after its file (outside the ``ray.train`` logger that ``LoggingConfig`` sets)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
 def _ray_context():
@@ -108,6 +126,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     storage = RunStorage(config["experiment"])
     context = _ray_context()
     if context is not None:
+        _quiet_ray_train_reports()
         session = RayTrainSession(context, storage, config.get("sync_batchnorm", False))
     else:
         session = LocalSession(storage, cfg.train.device)

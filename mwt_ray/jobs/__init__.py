@@ -5,30 +5,49 @@ imports Ray (``mwt_ray.cluster`` adds Ray on top).
 """
 from __future__ import annotations
 
+import json
+
 from ..config import Config
 from .reuse_job import reuse_from_checkpoints
 from .setup import (RESULT_FILES, JobFailed, SetupError, absolute_paths, architecture, check_job, load_data,
                     resolve_device, seed_everything)
-from .storage import RunStorage, job_storage, latest_training_state, storage_root
+from .storage import (RUN_FILE, JobPlan, RunStorage, job_storage, latest_training_state, list_jobs, plan_job, start_job,
+                      storage_root)
 from .training_job import LocalSession, TrainingJob, finish_run, modularize_model
 
 __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data", "architecture",
            "check_job", "absolute_paths", "RunStorage", "job_storage", "latest_training_state", "storage_root",
-           "LocalSession", "TrainingJob", "finish_run", "modularize_model", "reuse_from_checkpoints",
-           "train_in_process"]
+           "JobPlan", "plan_job", "start_job", "list_jobs", "LocalSession", "TrainingJob", "finish_run",
+           "modularize_model", "reuse_from_checkpoints", "train_in_process"]
 
 
 def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=None) -> dict:
-    """Train in this process (no Ray), checkpointing every epoch to the run storage; tracked in
-    MLflow unless ``tracking.enabled`` is false. ``resume=True`` continues from the latest checkpoint;
-    ``report(metrics)`` is called after every epoch."""
-    check_job(cfg)
-    storage = job_storage(cfg)
-    storage.check_writable()
-    session = LocalSession(storage, cfg.train.device, resume=resume, report=report)
+    """Train in this process (no Ray) as a new job of ``cfg.name``, checkpointing every epoch to the
+    job's folder; tracked in MLflow unless ``tracking.enabled`` is false. ``resume=True`` continues the
+    latest job of that name (its checkpoint and its MLflow run; a new job when there is none);
+    ``report(metrics)`` is called after every epoch.
+
+    Every check on the input runs before anything is written (data, device, output folder, run
+    storage, the checkpoint to resume, the MLflow store)."""
+    data = check_job(cfg)
+    plan = plan_job(cfg, resume, data.num_classes, log=log)
+    uri = None
+    if cfg.tracking.enabled:
+        from ..tracking import check_store, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        check_store(uri)
+    session = LocalSession(plan.storage, cfg.train.device, resume=plan.resumed, report=report)
+    if log:
+        log(f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} (checkpoints in {plan.storage.uri})"
+            + (" - it had finished: writing its results again" if plan.finished else ""))
     if not cfg.tracking.enabled:
+        start_job(cfg, plan, None, log)
         return TrainingJob(cfg, session).run()
     from ..tracking import open_run
 
-    with open_run(cfg, tags={"mwt.num_workers": "0"}, log=log) as tracked:
+    run_id = plan.run_info.get("run_id") if plan.run_info.get("tracking_uri") == uri else None
+    with open_run(cfg, run_id, tags={"mwt.num_workers": "0", "mwt.job_id": plan.job_id}, log=log) as tracked:
+        start_job(cfg, plan, uri, log)
+        plan.storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
         return TrainingJob(cfg, session, tracked.info()).run()

@@ -63,15 +63,15 @@ def architecture(cfg: Config, data: ImageData) -> dict:
 def check_job(cfg: Config) -> ImageData:
     """Every check on the input that needs no training, before anything is written: the data
     (loaded, decoded and cached here, once), the device, the batch size, the output folder."""
+    reason = writable_folder_error(cfg.run_dir)  # first: a failing check must not leave a decoded cache behind
+    if reason:
+        raise SetupError(f"output_dir {cfg.output_dir!r} cannot be written ({reason}); set output_dir to a writable folder")
     if not cfg.scaling.use_gpu or cfg.scaling.num_workers == 0:
         resolve_device(cfg.train.device)
     data = load_data(cfg)
     if cfg.train.batch_size > len(data.train_labels):
         raise SetupError(f"train.batch_size {cfg.train.batch_size} is larger than the training set "
                          f"({len(data.train_labels)} samples)")
-    reason = writable_folder_error(cfg.run_dir)
-    if reason:
-        raise SetupError(f"output_dir {cfg.output_dir!r} cannot be written ({reason})")
     return data
 
 

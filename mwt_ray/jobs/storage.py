@@ -1,17 +1,27 @@
 """Run storage: where a job's checkpoints live, a local folder or an object-store URI (s3://, gs://).
 
-One layout for every job, in one process or on Ray Train workers (Ray Train writes the same
-folders through ``RunConfig(storage_path=storage_root(cfg), name=cfg.name)``)::
+Every run of ``python -m mwt_ray.train`` is a *job* with its own folder, so running a name again
+trains again, and ``--resume`` continues the latest job of that name. One layout for every job, in
+one process or on Ray Train workers (Ray Train writes the same folders through
+``RunConfig(storage_path=storage_root(cfg), name=<job id>)``)::
 
-    <storage root>/<name>/checkpoint_epoch_0003/training_state.pt
-    <storage root>/<name>/final_<time>_<epochs>/  training_state.pt, checkpoint.pt, metrics.json, history.csv
-    <storage root>/<name>/mlflow_run.json          the MLflow run of this job
+    <storage root>                                   scaling.storage_path/<name>, default <output_dir>/<name>/jobs
+      job-20261125-193501-123456/                    one job (its id sorts by start time)
+        job.json                                     who ran it: host, pid, start time, workers
+        mlflow_run.json                              the MLflow run of this job
+        checkpoint_epoch_0003/training_state.pt      the newest KEEP_CHECKPOINTS epochs
+        final_<time>_<epochs>/                       training_state.pt, checkpoint.pt, metrics.json, history.csv
+
+A job whose folder holds a ``final_*`` checkpoint has finished.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,12 +31,15 @@ from ..core.checkpoint import check_architecture
 from ..core.files import writable_folder_error
 from .setup import SetupError
 
-__all__ = ["RunStorage", "storage_root", "job_storage", "latest_training_state", "check_resume",
-           "TRAINING_STATE", "RUN_FILE", "KEEP_CHECKPOINTS"]
+__all__ = ["RunStorage", "storage_root", "job_storage", "latest_training_state", "check_resume", "JobPlan",
+           "plan_job", "start_job", "list_jobs", "new_job_id", "TRAINING_STATE", "RUN_FILE", "JOB_FILE",
+           "KEEP_CHECKPOINTS"]
 
 TRAINING_STATE = "training_state.pt"
 RUN_FILE = "mlflow_run.json"
+JOB_FILE = "job.json"
 KEEP_CHECKPOINTS = 2
+_PARTIAL = ".partial-"
 
 
 class RunStorage:
@@ -88,53 +101,174 @@ class RunStorage:
         return sorted(found)
 
     def upload_dir(self, local_dir: str | Path, name: str) -> None:
+        """Store a checkpoint folder so that a kill at any moment leaves either all of it or none of it
+        (a folder without ``training_state.pt`` is not a checkpoint): on local disk a copy under a
+        temporary name, then a rename; on an object store every file, then ``training_state.pt``."""
+        local_dir = Path(local_dir)
+        if isinstance(self.fs, self._pafs.LocalFileSystem):
+            import shutil
+
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            for leftover in Path(self.path).glob(f"{_PARTIAL}*"):  # from a process killed while copying
+                shutil.rmtree(leftover, ignore_errors=True)
+            partial = Path(self.path) / f"{_PARTIAL}{name}"
+            shutil.copytree(local_dir, partial)
+            target = Path(self.path) / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(partial, target)
+            return
         target = self._join(name)
         self.fs.create_dir(target, recursive=True)
-        self._pafs.copy_files(str(local_dir), target, source_filesystem=self._pafs.LocalFileSystem(),
-                              destination_filesystem=self.fs)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name == TRAINING_STATE):
+            with open(path, "rb") as source, self.fs.open_output_stream(f"{target}/{path.relative_to(local_dir).as_posix()}") as out:
+                out.write(source.read())
 
     def delete_dir(self, name: str) -> None:
         self.fs.delete_dir(self._join(name))
 
 
 def storage_root(cfg: Config) -> str:
-    """``scaling.storage_path``, or ``<output_dir>/<name>/checkpoints`` as an absolute path."""
+    """The folder of every job of ``cfg.name``: ``scaling.storage_path/<name>``, or
+    ``<output_dir>/<name>/jobs`` as an absolute path."""
     if cfg.scaling.storage_path:
         root = cfg.scaling.storage_path
-        return root if "://" in root else str(Path(root).expanduser().resolve())
-    return str((cfg.run_dir / "checkpoints").resolve())
+        root = root if "://" in root else str(Path(root).expanduser().resolve())
+        return f"{root.rstrip('/')}/{cfg.name}"
+    return str((cfg.run_dir / "jobs").resolve())
 
 
-def job_storage(cfg: Config) -> RunStorage:
-    """The folder of this job's checkpoints: ``<storage root>/<name>``."""
-    root = storage_root(cfg)
-    return RunStorage(f"{root.rstrip('/')}/{cfg.name}")
+def new_job_id() -> str:
+    """``job-<date>-<time>-<microseconds>``: job ids sort by start time."""
+    now = time.time()
+    return f"job-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{int(now % 1 * 1e6):06d}"
+
+
+def job_storage(cfg: Config, job_id: str) -> RunStorage:
+    """The folder of one job: ``<storage root>/<job id>``."""
+    return RunStorage(f"{storage_root(cfg).rstrip('/')}/{job_id}")
+
+
+def list_jobs(cfg: Config) -> list[str]:
+    """The ids of every job of ``cfg.name`` in the run storage, oldest first."""
+    root = RunStorage(storage_root(cfg))
+    selector = root._pafs.FileSelector(root.path, allow_not_found=True)
+    return sorted(info.base_name for info in root.fs.get_file_info(selector)
+                  if info.type == root._pafs.FileType.Directory and info.base_name.startswith("job-"))
+
+
+def _read_state(storage: RunStorage, name: str) -> dict:
+    data = storage.read_bytes(f"{name}/{TRAINING_STATE}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def latest_training_state(storage: RunStorage | str) -> dict | None:
-    """The newest ``training_state.pt`` in a job's storage folder, or None."""
+    """The newest readable ``training_state.pt`` in a job's folder, or None when it has none."""
     storage = RunStorage(storage) if isinstance(storage, str) else storage
     folders = storage.checkpoint_dirs()
-    if not folders:
-        return None
-    name = folders[-1][1]
-    data = storage.read_bytes(f"{name}/{TRAINING_STATE}")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SetupError(f"checkpoint {storage.uri}/{name}/{TRAINING_STATE} cannot be read ({error}); "
-                         "delete it or use a new name") from None
-    state["source"] = f"{storage.uri}/{name}"
-    return state
+    failure = None
+    for _, name in reversed(folders):
+        try:
+            state = _read_state(storage, name)
+        except Exception as error:  # damaged by hand or by the file system: try the one before
+            failure = failure or (name, error)
+            continue
+        if not isinstance(state, dict) or not {"architecture", "model_state", "epoch"} <= set(state):
+            failure = failure or (name, ValueError("not a training state"))
+            continue
+        state["source"] = f"{storage.uri}/{name}"
+        return state
+    if failure:
+        name, error = failure
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise SetupError(f"checkpoint {storage.uri}/{name}/{TRAINING_STATE} cannot be read ({reason}); "
+                         "start a new job (without --resume) or delete it")
+    return None
 
 
 def check_resume(state: dict, cfg: Config, num_classes: int | None = None) -> None:
     source = f"checkpoint to resume ({state.get('source', 'run storage')})"
     try:
         check_architecture(state, cfg.model.name, cfg.model.width, num_classes, source=source)
-    except ValueError as error:
-        raise SetupError(f"{error}; use a new name or delete the run storage") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise SetupError(f"{error}; run without --resume to start a new job") from None
     if bool(state["architecture"].get("modular")) != cfg.train.modular:
         kind = "modular" if state["architecture"].get("modular") else "standard"
         raise SetupError(f"{source} is from {kind} training, but train.modular={cfg.train.modular}; "
-                         "use a new name or delete the run storage")
+                         "run without --resume to start a new job")
+
+
+@dataclass
+class JobPlan:
+    """What a job will be, decided before anything is written (``plan_job``)."""
+    job_id: str
+    storage: RunStorage
+    resumed: bool
+    state: dict | None = None  # the training state it resumes from
+    run_info: dict = field(default_factory=dict)  # its MLflow run so far (tracking_uri, run_id)
+    finished: bool = False
+
+
+def plan_job(cfg: Config, resume: bool, num_classes: int | None = None, log=print) -> JobPlan:
+    """Decide the job, reading only: a new one, or with ``resume`` the latest job of ``cfg.name``
+    (a new one when there is none). Raises SetupError when the storage cannot be written or the
+    checkpoint to resume does not fit the config (another model, width or class count)."""
+    RunStorage(storage_root(cfg)).check_writable()
+    jobs = list_jobs(cfg) if resume else []
+    if resume and not jobs and log:
+        log(f"--resume: no earlier job named {cfg.name!r} in {storage_root(cfg)}; starting a new job")
+    plan = JobPlan(jobs[-1], job_storage(cfg, jobs[-1]), True) if jobs else JobPlan(new_job_id(), None, False)
+    if plan.storage is None:
+        plan.storage = job_storage(cfg, plan.job_id)
+        return plan
+    plan.state = latest_training_state(plan.storage)
+    if plan.state is not None:
+        check_resume(plan.state, cfg, num_classes)
+    plan.finished = any(name.startswith("final_") for _, name in plan.storage.checkpoint_dirs())
+    raw = plan.storage.read_bytes(RUN_FILE)
+    try:
+        plan.run_info = json.loads(raw) if raw else {}
+    except ValueError:
+        plan.run_info = {}
+    return plan
+
+
+def _alive(record: dict) -> bool:
+    """Whether the process a ``job.json`` names still runs (on this host; other hosts: assume yes)."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        pid = int(record.get("pid", 0))
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def start_job(cfg: Config, plan: JobPlan, tracking_uri: str | None = None, log=print) -> None:
+    """Write the job's record; a new job also marks FAILED the MLflow runs that earlier jobs of the
+    same name left RUNNING (their process was killed without a chance to end them)."""
+    record = {"job_id": plan.job_id, "name": cfg.name, "host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_workers": cfg.scaling.num_workers,
+              "resumed": plan.resumed}
+    plan.storage.write_bytes(JOB_FILE, json.dumps(record, indent=1).encode())
+    if plan.resumed or tracking_uri is None:
+        return
+    for job_id in list_jobs(cfg):
+        if job_id == plan.job_id:
+            continue
+        storage = job_storage(cfg, job_id)
+        try:
+            run = json.loads(storage.read_bytes(RUN_FILE) or b"{}")
+            earlier = json.loads(storage.read_bytes(JOB_FILE) or b"{}")
+        except ValueError:
+            continue
+        if run.get("tracking_uri") != tracking_uri or not run.get("run_id") or _alive(earlier):
+            continue
+        from ..tracking.runs import fail_if_running
+
+        if fail_if_running(tracking_uri, run["run_id"]) and log:
+            log(f"MLflow: run {run['run_id']} of the earlier job {job_id} was left RUNNING (killed?); marked FAILED")

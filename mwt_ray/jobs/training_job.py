@@ -1,7 +1,7 @@
 """A training job, the same in one process and on every Ray Train worker: train, checkpoint every
 epoch, resume, modularize, write the results.
 
-    TrainingJob(cfg, LocalSession(job_storage(cfg))).run()   # one process, checkpoints to the run storage
+    TrainingJob(cfg, LocalSession(job_storage(cfg, job_id))).run()   # one process, checkpoints to the job's folder
 
 ``TrainingJob.run`` reads top to bottom: build the model, ``resume`` from the session's latest
 checkpoint, train with ``end_epoch`` after every epoch (``persist`` a checkpoint, then log the
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..core.checkpoint import save_checkpoint
+from ..core.checkpoint import load_weights, save_checkpoint
 from ..core.data import ImageData, iterate_batches
 from ..core.files import atomic_write_text
 from ..core.models import conv_units, create_model
@@ -43,7 +43,10 @@ __all__ = ["TrainingJob", "LocalSession", "modularize_model", "finish_run"]
 
 def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
     """Kernel usage over the (un-augmented) training set, module masks at tau, and their metrics."""
-    batches = iterate_batches(data.train_images, data.train_labels, 512, mean=data.mean, std=data.std)
+    from ..core.progress import progress
+
+    batches = progress(iterate_batches(data.train_images, data.train_labels, 512, mean=data.mean, std=data.std),
+                       len(data.train_labels), "modularizing: counting kernel usage", count=lambda batch: len(batch[1]))
     usage = count_kernel_usage(model, batches, data.num_classes, device,
                                max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
     masks = module_masks(usage, cfg.modularize.tau)
@@ -181,10 +184,15 @@ class TrainingJob:
         if state is None:
             return
         check_resume(state, self.cfg, self.data.num_classes)
-        self.model.load_state_dict(state["model_state"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
-        self.scheduler.load_state_dict(state["scheduler_state"])
-        _set_rng_state(state["rng"])
+        source = f"checkpoint to resume ({state.get('source', 'run storage')})"
+        try:
+            load_weights(self.model, state["model_state"], source)
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.scheduler.load_state_dict(state["scheduler_state"])
+            _set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise SetupError(f"{error if isinstance(error, ValueError) else f'{source}: cannot be restored ({error!r})'}; "
+                             "run without --resume to start a new job") from None
         self.start_epoch, self.history = int(state["epoch"]), list(state["history"])
         self.resumes = list(state.get("resumes", [])) + [self.start_epoch]
         planned = (state.get("config") or {}).get("train", {}).get("epochs")

@@ -23,13 +23,14 @@ variables (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLO
 distributed jobs pass every ``MLFLOW_*`` variable on to the Ray workers. ``tracking.enabled=false``
 switches tracking off.
 
-Exactly-once epochs: a resumed job (after a worker failure, or re-run under the same name)
-continues the same MLflow run, and ``MlflowRun.log_epoch`` skips an epoch the run already has, so
-no epoch is logged twice. Only ``mwt_ray.jobs`` and ``mwt_ray.cluster`` import this package: the
-core never depends on MLflow.
+Exactly-once epochs: a resumed job (after a worker failure, or ``--resume``) continues the same
+MLflow run, and ``MlflowRun.log_epoch`` skips an epoch the run already has, so no epoch is logged
+twice. Only ``mwt_ray.jobs`` and ``mwt_ray.cluster`` import this package: the core never depends on MLflow.
 
-A run is a context manager: ``with open_run(cfg) as tracked:`` ends it FINISHED, KILLED (Ctrl-C)
-or FAILED (any other exception) as the block ends.
+A run is a context manager: ``with open_run(cfg) as tracked:`` ends it FINISHED, KILLED (Ctrl-C,
+SIGTERM: any ``KeyboardInterrupt``) or FAILED (any other exception) as the block ends. A run whose
+process was SIGKILLed stays RUNNING until ``--resume`` continues it, or a new job of the same name
+marks it FAILED (``fail_if_running``).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from typing import Any, Callable
 from ..core.files import writable_folder_error
 
 __all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
-           "check_server", "check_store", "flatten_params", "ARTIFACTS"]
+           "check_server", "check_store", "fail_if_running", "flatten_params", "ARTIFACTS"]
 
 ARTIFACTS = ("checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png")
 # The metric that marks an epoch as logged (every epoch's batch of metrics holds it).
@@ -99,18 +100,63 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                             "tracking.tracking_uri, or set tracking.enabled=false") from None
 
 
+# URI schemes MLflow has a tracking store for (a driver suffix as in postgresql+psycopg2 is allowed).
+_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def check_store(uri: str) -> None:
-    """Raise TrackingError unless the store answers (HTTP) or can be written (sqlite, folder)."""
+    """Raise TrackingError unless the store answers (HTTP) or can be used (sqlite file, folder):
+    an unknown scheme, an sqlite path that is a folder or a file that is not a database, a folder
+    that cannot be written. Takes well under a second (MLflow itself would retry for minutes)."""
     if uri.startswith(("http://", "https://")):
         check_server(uri)
         return
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+        if scheme not in _SCHEMES:
+            raise TrackingError(f"tracking.tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}); use "
+                                "http(s)://host:port, sqlite:///path/to/mlflow.db, postgresql://, mysql://, mssql://, "
+                                "file:///folder or a folder")
     path = _sqlite_path(uri)
-    folder = path.parent if path is not None else Path(uri) if "://" not in uri else None  # sqlite file, or a file store
+    if path is not None:
+        if path.is_dir():
+            raise TrackingError(f"MLflow store {uri}: {path} is a folder, not an sqlite database file; "
+                                f"use e.g. sqlite:///{path / 'mlflow.db'}")
+        if path.exists():
+            try:
+                with open(path, "rb") as stream:
+                    header = stream.read(len(_SQLITE_HEADER))
+            except OSError as error:
+                raise TrackingError(f"MLflow store {uri} cannot be read ({error.strerror or error})") from None
+            if header and header != _SQLITE_HEADER:
+                raise TrackingError(f"MLflow store {uri}: {path} is not an sqlite database (it starts with "
+                                    f"{header[:8]!r}); point tracking.tracking_uri at another file")
+    local = uri[len("file://"):] if uri.startswith("file://") else uri if "://" not in uri else None
+    if local is not None and Path(local).exists() and not Path(local).is_dir():
+        raise TrackingError(f"MLflow store {uri} is a file, not a folder; set tracking.tracking_uri to a folder "
+                            "or an sqlite:/// URI")
+    folder = path.parent if path is not None else Path(local) if local is not None else None  # sqlite file, or a file store
     if folder is not None:
         reason = writable_folder_error(folder)
         if reason:
             raise TrackingError(f"MLflow store {uri} is not writable ({reason}); "
                                 "set tracking.tracking_uri or tracking.enabled=false")
+
+
+def fail_if_running(uri: str, run_id: str) -> bool:
+    """Mark run ``run_id`` FAILED if it is still RUNNING (its job was killed); True if it was."""
+    _quiet_mlflow_logs()
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_terminated(run_id, "FAILED")
+    except Exception:  # the run was deleted, the store moved: nothing to mark
+        return False
+    return True
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
