@@ -146,12 +146,13 @@ def _sync(device: torch.device) -> None:
 def compare_latency(models: list[nn.Module], batch_size: int, image_size: int, device: torch.device,
                     repeats: int = 5, channels: int = 3) -> list[float]:
     """Median seconds of one forward pass of each model on a batch of ``batch_size`` random images,
-    the models timed in turn (a b a b ...) so that load on the machine hits them alike. One
-    warm-up pass each first; eval mode, no autograd."""
+    the models timed in turn (a b a b ...) so that load on the machine hits them alike. Two
+    warm-up passes each first; eval mode, no autograd."""
     x = torch.randn(batch_size, channels, image_size, image_size, device=device)
     modes = [m.training for m in models]
     for m in models:
         m.eval()
+        m(x)  # two warm-up passes: the first call of a new shape sets up kernels and caches
         m(x)
     times: list[list[float]] = [[] for _ in models]
     try:

@@ -1,74 +1,294 @@
-"""Reuse from trained checkpoints, in one process: load the modular (and standard) model, rebuild
-module masks for the asked tau from the stored kernel counts, evaluate every sub-task, write
-``reuse.json`` beside the modular checkpoint and print a per-M table."""
+"""Reuse from trained models, without Ray: plan an evaluation (every check on the input, the
+sampled sub-tasks) and evaluate sub-tasks with models and data loaded once.
+
+    plan = plan_reuse("runs/mwt/checkpoint.pt", "runs/std/checkpoint.pt", overrides=["reuse.sizes=[2,5]"])
+    evaluator = SubtaskEvaluator(plan.spec)          # in this process, or in each Ray actor
+    rows = [evaluator.evaluate(i, task) for i, task in enumerate(plan.tasks)]
+
+A model is named by a *reference*: a checkpoint file, a run folder holding ``checkpoint.pt``, or
+an MLflow run id (its ``checkpoint.pt`` artifact). ``plan.spec`` is a small picklable dict that
+says where everything is (absolute paths or the MLflow run), so a Ray actor, also one restarted
+on another node, loads the same models and data from storage. ``reuse_from_checkpoints`` is the
+one-process command path (``reuse.num_actors=0``); ``mwt_ray.cluster.reuse_pool`` runs the same
+evaluator on a pool of actors.
+"""
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import apply_overrides, validate_config
+import torch
+
+from ..config import Config, apply_overrides, validate_config
 from ..core.checkpoint import build_model, load_checkpoint
 from ..core.data import validate_classes
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, writable_folder_error
+from ..core.flops import count_flops
 from ..core.modularize import KernelUsage, module_masks
+from ..core.models import create_model
 from ..core.reuse import evaluate_subtask, sample_subtasks
-from .setup import SetupError, load_data, resolve_device
+from .setup import SetupError, absolute_paths, load_data, resolve_device
 
-__all__ = ["reuse_from_checkpoints"]
+__all__ = ["ReusePlan", "SubtaskEvaluator", "plan_reuse", "resolve_reference", "load_reference",
+           "reuse_from_checkpoints", "format_row"]
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+# Settings a reuse evaluation may change; the rest of model.* and train.* come from the checkpoint.
+_OVERRIDABLE = ("train.device", "train.seed")
+
+
+def resolve_reference(ref: str, tracking_uri: str | None, what: str = "modular model") -> dict:
+    """A checkpoint file, a run folder with ``checkpoint.pt``, or an MLflow run id -> a source spec:
+    {"path": absolute path} or {"mlflow": {"tracking_uri", "run_id"}}. Raises SetupError."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"
+    if path.is_file():
+        return {"path": str(path.resolve())}
+    if not _RUN_ID.fullmatch(ref):
+        raise SetupError(f"{what} {ref!r} is neither a checkpoint file, a run folder with checkpoint.pt, "
+                         "nor an MLflow run id (32 hex digits)")
+    from ..tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    try:
+        run = client.get_run(ref)
+    except Exception:
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        raise SetupError(f"{what}: MLflow run {ref!r} does not exist in {uri} (set tracking.tracking_uri)")
+    return {"mlflow": {"tracking_uri": uri, "run_id": ref}}
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def load_reference(source: dict, what: str = "modular model") -> dict:
+    """The checkpoint a source spec names (an MLflow run's artifact is downloaded to a temporary folder)."""
+    if "path" in source:
+        return load_checkpoint(source["path"])
+    run = source["mlflow"]
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no progress bar on stderr
+    with tempfile.TemporaryDirectory(prefix="mwt_reuse_") as scratch:
+        try:
+            local = _client(run["tracking_uri"]).download_artifacts(run["run_id"], "checkpoint.pt", scratch)
+        except Exception:
+            raise SetupError(f"{what}: MLflow run {run['run_id']} has no checkpoint.pt artifact "
+                             "(a run that finished training uploads one)") from None
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
+        return load_checkpoint(local)
+
+
+def _describe(source: dict) -> str:
+    return source["path"] if "path" in source else f"MLflow run {source['mlflow']['run_id']}"
+
+
+@dataclass
+class ReusePlan:
+    """What an evaluation does: the spec every evaluator loads, the sub-tasks, where results go."""
+    spec: dict
+    tasks: list[list[int]]
+    cfg: Config
+    out_dir: Path
+    mlflow_run: dict | None = None  # {"tracking_uri", "run_id"} of the run evaluated (results are logged there), when known
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def has_standard(self) -> bool:
+        return self.spec.get("standard") is not None
+
+
+def _config_for(state: dict, cfg: Config | None, overrides: list[str], tau: float | None) -> Config:
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    fixed = [k for k in keys if k.split(".")[0] in ("model", "train") and k not in _OVERRIDABLE]
+    if fixed:
+        raise SetupError(f"{fixed[0]!r}: model and training settings come from the checkpoint and cannot be overridden")
+    tree = _known_keys(copy.deepcopy(state.get("config") or {}), Config)
+    if cfg is not None:  # the caller's data, reuse, tracking and output settings; model and training stay the checkpoint's
+        given = cfg.model_dump(mode="json")
+        for key in ("data", "reuse", "tracking", "output_dir"):
+            tree[key] = given[key]
+    tree = apply_overrides(tree, overrides)
+    if tau is not None:
+        tree.setdefault("modularize", {})["tau"] = tau
+    return absolute_paths(validate_config(tree))
+
+
+def _known_keys(tree: dict, model) -> dict:
+    """The checkpoint's config without keys this version does not know (a checkpoint of an older
+    or newer version still loads; what is dropped falls back to its default)."""
+    known = {}
+    for key, value in tree.items():
+        field_info = model.model_fields.get(key)
+        if field_info is None or field_info.exclude:
+            continue
+        sub = field_info.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and hasattr(sub, "model_fields"):
+            value = _known_keys(value, sub)
+        known[key] = value
+    return known
+
+
+def plan_reuse(modular_ref: str, standard_ref: str | None = None, cfg: Config | None = None,
+               overrides: list[str] | None = None, *, tau: float | None = None) -> ReusePlan:
+    """Check every input and sample the sub-tasks; nothing is written. Raises SetupError / ConfigError.
+
+    Settings: the modular checkpoint's config, with ``cfg``'s data / reuse / tracking / output
+    sections when given, then ``overrides`` (``reuse.*``, ``data.*``, ``modularize.tau``, ...), then
+    ``tau``. The data is loaded once here to check it against the checkpoint."""
+    overrides = list(overrides or [])
+    uri = _tracking_uri(cfg, overrides)
+    modular_source = resolve_reference(modular_ref, uri, "modular model")
+    state = load_reference(modular_source, "modular model")
+    where = _describe(modular_source)
+    if "kernel_usage" not in state and "module_masks" not in state:
+        raise SetupError(f"{where} has no module masks: pass the checkpoint or MLflow run of a modular run")
+    cfg = _config_for(state, cfg, overrides, tau)
+    arch = state["architecture"]
+    data = load_data(cfg)
+    if arch["num_classes"] != data.num_classes:
+        raise SetupError(f"{where} has {arch['num_classes']} classes but dataset {cfg.data.name!r} has {data.num_classes}")
+    if arch.get("classes") and list(arch["classes"]) != list(data.classes):
+        raise SetupError(f"{where} classes {arch['classes']} differ from the dataset's {data.classes}")
+    standard_source = None
+    if standard_ref:
+        standard_source = resolve_reference(standard_ref, cfg.tracking.tracking_uri, "standard model")
+        check_standard(load_reference(standard_source, "standard model"), arch, _describe(standard_source))
+    n = data.num_classes
+    sizes = list(cfg.reuse.sizes) or ([] if cfg.reuse.subtasks else list(range(2, n)))
+    outside = [m for m in sizes if not 2 <= m <= n]
+    if outside:
+        raise SetupError(f"reuse.sizes: M={outside[0]} is outside 2..{n} (the model has {n} classes)")
+    for task in cfg.reuse.subtasks:
+        validate_classes(task, n)
+    seed = cfg.train.seed if cfg.reuse.sampling_seed is None else cfg.reuse.sampling_seed
+    tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(n, sizes, cfg.reuse.per_size, seed)
+    if not tasks:
+        raise SetupError("no sub-tasks: set reuse.sizes (e.g. [2, 5]) or reuse.subtasks (e.g. [[0, 1]])")
+    if cfg.reuse.fail_at_subtask is not None and cfg.reuse.fail_at_subtask >= len(tasks):
+        raise SetupError(f"reuse.fail_at_subtask {cfg.reuse.fail_at_subtask} is not a sub-task index: 0..{len(tasks) - 1}")
+    if cfg.reuse.num_actors == 0:
+        resolve_device(cfg.train.device)
+    if "path" in modular_source:
+        from ..tracking import resolve_tracking_uri
+
+        run_id = state.get("mlflow_run_id")
+        evaluated = {"tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri), "run_id": run_id} if run_id else None
+        default_out = Path(modular_source["path"]).parent / "reuse"
+    else:
+        evaluated = dict(modular_source["mlflow"])
+        default_out = Path(cfg.output_dir) / f"reuse-{evaluated['run_id'][:8]}"
+    out_dir = Path(cfg.reuse.output_dir).expanduser().resolve() if cfg.reuse.output_dir else default_out
+    reason = writable_folder_error(out_dir)
+    if reason:
+        raise SetupError(f"reuse output folder {str(out_dir)!r} cannot be written ({reason})")
+    spec = {"config": cfg.model_dump(mode="json"), "modular": modular_source, "standard": standard_source,
+            "architecture": dict(arch)}
+    return ReusePlan(spec, tasks, cfg, out_dir, evaluated, list(data.classes))
+
+
+def _tracking_uri(cfg: Config | None, overrides: list[str]) -> str | None:
+    """The tracking URI to look MLflow run ids up in, before the checkpoint (and its config) is known."""
+    if cfg is not None:
+        base = cfg.model_dump(mode="json")
+        return validate_config(apply_overrides(base, [o for o in overrides if o.startswith("tracking.")])).tracking.tracking_uri
+    tracking = [o for o in overrides if o.strip().startswith("tracking.")]
+    return validate_config(apply_overrides({}, tracking)).tracking.tracking_uri
+
+
+def check_standard(state: dict, arch: dict, where: str) -> None:
+    """The standard model must be a non-modular model of the modular one's architecture and classes."""
+    theirs = state["architecture"]
+    if theirs.get("modular"):
+        raise SetupError(f"standard model {where} is a modular model; pass a standard (train.modular=false) run")
+    if theirs["name"] != arch["name"] or abs(theirs["width"] - arch["width"]) > 1e-9:
+        raise SetupError(f"standard model {where} is {theirs['name']} width {theirs['width']}, but the modules come "
+                         f"from {arch['name']} width {arch['width']}: use a standard model of the same architecture")
+    if theirs["num_classes"] != arch["num_classes"] or (
+            theirs.get("classes") and arch.get("classes") and list(theirs["classes"]) != list(arch["classes"])):
+        raise SetupError(f"standard model {where} has {theirs['num_classes']} classes {theirs.get('classes')}, but the "
+                         f"modules have {arch['num_classes']} {arch.get('classes')}: use a standard model of the same dataset")
+
+
+class SubtaskEvaluator:
+    """Holds the data, the modular model, its module masks and the standard model (loaded once from
+    ``spec``) and evaluates one sub-task per call."""
+
+    def __init__(self, spec: dict, device: torch.device | str | None = None):
+        self.cfg = validate_config(copy.deepcopy(spec["config"]))
+        self.device = resolve_device(self.cfg.train.device) if device is None else torch.device(device)
+        state = load_reference(spec["modular"])
+        self.arch = state["architecture"]
+        self.model = build_model(state).to(self.device)
+        if "kernel_usage" in state:  # masks for the asked tau, from the stored counts: no pass over the data
+            self.masks = module_masks(KernelUsage.from_state_dict(state["kernel_usage"]), self.cfg.modularize.tau)
+        else:
+            self.masks = state["module_masks"]
+        self.standard = None
+        if spec.get("standard"):
+            self.standard = build_model(load_reference(spec["standard"], "standard model")).to(self.device)
+        self.data = load_data(self.cfg).to(self.device)
+        self.whole = self.standard if self.standard is not None else create_model(
+            self.arch["name"], self.arch["num_classes"], self.arch["width"], modular=False).to(self.device)
+        self.model_flops = count_flops(self.whole, self.data.train_images.shape[-1])
+        self.settings = self.cfg.reuse.fine_tune_settings(self.cfg.train.seed)
+
+    def evaluate(self, index: int, classes: list[int], on_step=None) -> dict:
+        r = self.cfg.reuse
+        start = time.perf_counter()
+        row = evaluate_subtask(self.model, self.masks, self.data, list(classes), self.settings, self.device,
+                               self.standard, self.arch, zero_fine_tune=r.zero_fine_tune,
+                               latency_batch_sizes=tuple(r.latency_batch_sizes), latency_repeats=r.latency_repeats,
+                               model_flops=self.model_flops, whole_model=self.whole, on_step=on_step)
+        return {"index": index, **row, "seconds": time.perf_counter() - start, "pid": os.getpid(),
+                "device": str(self.device)}
+
+
+def format_row(row: dict, done: int | None = None, total: int | None = None) -> str:
+    """One progress line for a finished sub-task."""
+    head = f"[{done}/{total}] " if done is not None else ""
+    line = (f"{head}M={row['m']} classes {row['classes']}: KRR {row['krr']:.3f}  FLOPs {row['module_flops'] / 1e6:.2f}M"
+            + (f" ({row['flops_reduction']:.1%} fewer)" if "flops_reduction" in row else "")
+            + f"  m-ACC {row['module_accuracy']:.2%}")
+    if "standard_accuracy" in row:
+        line += f"  M-ACC {row['standard_accuracy']:.2%}  loss {row['accuracy_loss'] * 100:+.2f} pp"
+    if "zero_ft_accuracy" in row:
+        line += f"  zero-fine-tune {row['zero_ft_accuracy']:.2%}"
+    ratios = [f"b{k[len('latency_ratio_b'):]} x{v:.2f}" for k, v in row.items() if k.startswith("latency_ratio_b")]
+    if ratios:
+        line += "  latency " + " ".join(ratios)
+    return line + f"  ({row.get('seconds', 0):.1f} s, pid {row.get('pid', '?')})"
 
 
 def reuse_from_checkpoints(modular_path: str, standard_path: str | None, overrides: list[str],
                            log=print) -> list[dict]:
-    """Evaluate the sub-tasks of the modular checkpoint's config (``reuse.*``, overridable)."""
-    import pandas as pd
-
-    state = load_checkpoint(modular_path)
-    if "kernel_usage" not in state:
-        raise SetupError(f"{modular_path!r} has no kernel usage counts: pass the checkpoint of a modular run")
-    keys = [o.split("=", 1)[0].strip() for o in overrides]
-    fixed = [k for k in keys if k.split(".")[0] in ("model", "train") and k not in ("train.device", "train.seed")]
-    if fixed:
-        raise SetupError(f"{fixed[0]!r}: model and training settings come from the checkpoint and cannot be overridden")
-    cfg = validate_config(apply_overrides(copy.deepcopy(state["config"]), overrides))
-    device = resolve_device(cfg.train.device)
-    data = load_data(cfg).to(device)
-    arch = state["architecture"]
-    if arch["num_classes"] != data.num_classes:
-        raise SetupError(f"checkpoint has {arch['num_classes']} classes but dataset {cfg.data.name!r} has {data.num_classes}")
-    if arch.get("classes") and list(arch["classes"]) != list(data.classes):
-        raise SetupError(f"checkpoint classes {arch['classes']} differ from the dataset's {data.classes}")
-    modular = build_model(state).to(device)
-    # Module masks for the requested tau, from the stored counts: no pass over the data.
-    masks = module_masks(KernelUsage.from_state_dict(state["kernel_usage"]), cfg.modularize.tau)
-    standard = None
-    if standard_path:
-        standard_state = load_checkpoint(standard_path)
-        standard_arch = standard_state["architecture"]
-        if standard_arch["modular"] or list(standard_arch.get("classes", [])) != list(data.classes):
-            raise SetupError(f"{standard_path!r} is not a standard model of this dataset's classes {data.classes}")
-        standard = build_model(standard_state).to(device)
-    tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(
-        data.num_classes, cfg.reuse.sizes, cfg.reuse.per_size, cfg.train.seed)
-    for task in tasks:
-        validate_classes(task, data.num_classes)
-    if not tasks:
-        raise SetupError("no sub-tasks: set reuse.subtasks (e.g. [[0,1]]) or reuse.sizes (e.g. [2,5])")
-    settings = cfg.reuse.fine_tune_settings(cfg.train.seed)
+    """Evaluate every sub-task in this process, one after another; writes ``reuse.json`` beside the
+    modular checkpoint and returns the rows (``reuse.num_actors`` is ignored)."""
+    plan = plan_reuse(modular_path, standard_path, None, overrides)
+    evaluator = SubtaskEvaluator(plan.spec)
     rows = []
-    for task in tasks:
-        row = evaluate_subtask(modular, masks, data, task, settings, device, standard, arch)
-        rows.append(row)
+    for index, task in enumerate(plan.tasks):
+        rows.append(evaluator.evaluate(index, task))
         if log:
-            line = (f"classes {task}: KRR {row['krr']:.3f}  FLOPs {row['module_flops'] / 1e6:.2f}M "
-                    f"({row['flops_reduction']:.1%} fewer)  module acc {row['module_accuracy']:.2%}")
-            if standard is not None:
-                line += f"  standard acc {row['standard_accuracy']:.2%}  change {row['accuracy_change'] * 100:+.2f} pp"
-            log(line)
-    out = Path(modular_path).parent / "reuse.json"
-    atomic_write_text(out, json.dumps(rows, indent=2))
-    if log:
-        table = pd.DataFrame(rows).drop(columns=["classes"]).groupby("m").mean(numeric_only=True)
-        log(table.to_string(float_format=lambda v: f"{v:.4g}"))
-        log(f"wrote {out}")
+            log(format_row(rows[-1], index + 1, len(plan.tasks)))
+    if "path" in plan.spec["modular"]:
+        out = Path(plan.spec["modular"]["path"]).parent / "reuse.json"
+        atomic_write_text(out, json.dumps(rows, indent=2))
+        if log:
+            log(f"wrote {out}")
     return rows

@@ -1,0 +1,241 @@
+"""Reuse evaluation at cluster scale: every sampled M-class sub-task on a pool of Ray actors.
+
+    tables = evaluate_reuse("runs/mwt/checkpoint.pt", "runs/std/checkpoint.pt", cfg)   # -> ReuseTables
+    python -m mwt_ray.reuse --run <MLflow run id | checkpoint> --standard <run id | checkpoint>
+
+``evaluate_reuse`` plans the evaluation (``jobs.plan_reuse``: every check on the input, the
+sub-tasks sampled per M), sizes a pool of ``ReuseActor``s (``reuse.num_actors``, or as many as the
+cluster can place with ``reuse.cpus_per_actor`` / ``reuse.gpus_per_actor`` each), and hands out
+one sub-task per call with ``ray.util.ActorPool``. Each actor loads the data and the models once,
+from storage (a checkpoint path or the MLflow run's artifact), sets torch's thread count to its
+CPUs (a reused worker process keeps the count of its first import) and evaluates many sub-tasks.
+
+Failures: actors are created with ``max_restarts`` = ``max_task_retries`` = ``reuse.max_restarts``.
+An actor whose process dies mid-sub-task is restarted (its ``__init__`` loads everything again)
+and the sub-task is retried on it, so the table holds every sub-task exactly once (checked: the
+evaluation fails with ``JobFailed`` otherwise). ``reuse.fail_at_subtask=i`` kills the actor that
+evaluates sub-task i (SIGKILL, after its first fine-tuning step) once, to exercise exactly that;
+a marker file in the output folder keeps the retry from failing again.
+
+Results: a progress line per finished sub-task; ``ReuseTables`` (tracking.reuse_report) written
+as CSV, Markdown and a PNG into the output folder and logged to the MLflow run evaluated (the
+given run, the run of ``--run``, or a new ``<name>-reuse`` run when the checkpoint names none).
+``reuse.num_actors=0`` runs the same evaluation in this process without Ray.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..config import Config
+from ..jobs import JobFailed, SetupError
+from ..jobs.reuse_job import ReusePlan, SubtaskEvaluator, format_row, plan_reuse, resolve_reference
+from ..tracking.reuse_report import ReuseTables, build_tables, log_report, write_report
+
+__all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "actor_room", "pool_size"]
+
+
+class ReuseActor:
+    """One pool member (wrapped with ``ray.remote`` at run time): loads once, evaluates many."""
+
+    def __init__(self, spec: dict, threads: int, device: str, fault: dict | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.evaluator = SubtaskEvaluator(spec, device)
+        self.fault = fault
+
+    def evaluate(self, index: int, classes: list[int]) -> dict:
+        hook = self._fault_hook() if self.fault and self.fault["index"] == index else None
+        row = self.evaluator.evaluate(index, classes, on_step=hook)
+        import torch
+
+        return {**row, "threads": torch.get_num_threads()}
+
+    def _fault_hook(self):
+        marker = Path(self.fault["marker"])
+        if marker.exists():
+            return None
+
+        def kill(step: int) -> None:
+            marker.write_text(f"killed pid {os.getpid()} at fine-tuning step {step} of sub-task {self.fault['index']}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return kill
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def actor_room(cpus: float, gpus: float) -> tuple[int, str]:
+    """How many actors of ``cpus`` CPUs and ``gpus`` GPUs the running cluster can place, and what it has."""
+    import ray
+
+    need = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    room = sum(min(math.floor(res.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for res in nodes)
+    total = ray.cluster_resources()
+    have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if gpus > 0 else "")
+    return room, f"{have} on {len(nodes)} node(s)"
+
+
+def pool_size(cfg: Config, num_tasks: int) -> int:
+    """``reuse.num_actors`` (checked against the cluster: Ray would wait forever for an actor it
+    cannot place), or as many as fit, never more than there are sub-tasks."""
+    r = cfg.reuse
+    room, have = actor_room(r.cpus_per_actor, r.gpus_per_actor)
+    asked = f"{r.cpus_per_actor:g} CPU" + (f" and {r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "")
+    if r.num_actors is not None and r.num_actors > room:
+        raise SetupError(f"reuse.num_actors {r.num_actors} with {asked} each, but the Ray cluster has {have}: room "
+                         f"for {room}; lower reuse.num_actors or reuse.cpus_per_actor, or add nodes")
+    if room < 1:
+        raise SetupError(f"the Ray cluster has {have}: no room for one reuse actor with {asked}; "
+                         "lower reuse.cpus_per_actor / reuse.gpus_per_actor")
+    return min(r.num_actors or room, num_tasks)
+
+
+def _runtime_env() -> dict | None:
+    from .trainer import _worker_runtime_env
+
+    return _worker_runtime_env()
+
+
+def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> list[dict]:
+    """Evaluate every sub-task of ``plan`` on ``num_actors`` actors (Ray must be initialised);
+    returns one row per sub-task, in plan order."""
+    import ray
+    from ray.util import ActorPool
+
+    r = plan.cfg.reuse
+    fault = None
+    if r.fail_at_subtask is not None:
+        fault = {"index": r.fail_at_subtask, "marker": str(plan.out_dir / f".fault_injected_subtask_{r.fail_at_subtask}")}
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if r.gpus_per_actor > 0 else "cpu"
+    remote = ray.remote(ReuseActor).options(
+        num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
+        max_task_retries=r.max_restarts, runtime_env=_runtime_env())
+    actors = [remote.remote(plan.spec, int(r.cpus_per_actor), device, fault) for _ in range(num_actors)]
+    pool = ActorPool(actors)
+    rows: dict[int, dict] = {}
+    try:
+        for row in pool.map_unordered(lambda actor, job: actor.evaluate.remote(*job), list(enumerate(plan.tasks))):
+            if row["index"] in rows:
+                raise JobFailed(f"sub-task {row['index']} was evaluated twice")
+            rows[row["index"]] = row
+            log(format_row(row, len(rows), len(plan.tasks)))
+    except ray.exceptions.RayError as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks "
+                        f"(reuse.max_restarts={r.max_restarts}): {lines[-1].strip() if lines else error!r}") from error
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    missing = sorted(set(range(len(plan.tasks))) - set(rows))
+    if missing:
+        raise JobFailed(f"sub-tasks {missing} have no result")
+    return [rows[i] for i in range(len(plan.tasks))]
+
+
+def _run_in_process(plan: ReusePlan, log) -> list[dict]:
+    import torch
+
+    evaluator = SubtaskEvaluator(plan.spec)
+    rows = []
+    for index, task in enumerate(plan.tasks):
+        rows.append({**evaluator.evaluate(index, task), "threads": torch.get_num_threads()})
+        log(format_row(rows[-1], index + 1, len(plan.tasks)))
+    return rows
+
+
+def _target_run(plan: ReusePlan, mlflow_run):
+    """The MLflow run the results go to: ``mlflow_run`` (an MlflowRun, its info dict, or a run id in
+    the config's store), else the run evaluated, else None (a new run is opened later)."""
+    from ..tracking import MlflowRun, check_store
+
+    if mlflow_run is None:
+        if plan.mlflow_run is None or not plan.cfg.tracking.enabled:
+            return None
+        target = MlflowRun.from_info(plan.mlflow_run)
+    elif isinstance(mlflow_run, MlflowRun):
+        target = mlflow_run
+    elif isinstance(mlflow_run, dict):
+        target = MlflowRun.from_info(mlflow_run)
+    else:
+        spec = resolve_reference(str(mlflow_run), plan.cfg.tracking.tracking_uri, "MLflow run to log to")
+        if "mlflow" not in spec:
+            raise SetupError(f"MLflow run to log to {mlflow_run!r} is not a run id")
+        target = MlflowRun.from_info(spec["mlflow"])
+    check_store(target.tracking_uri)
+    return target
+
+
+def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = None, cfg: Config | None = None,
+                   mlflow_run=None, *, tau: float | None = None, overrides: list[str] | None = None,
+                   log: Callable[[str], None] | None = print) -> ReuseTables:
+    """Evaluate the modules of ``modular_checkpoint`` on every sampled sub-task; return the tables.
+
+    ``modular_checkpoint`` / ``standard_checkpoint``: a checkpoint file, a run folder, or an MLflow
+    run id (``standard_checkpoint=None``: no M-ACC columns). ``cfg``: its ``reuse.*`` settings (and
+    data / tracking / output_dir) apply; model and training settings always come from the
+    checkpoint (``None``: the checkpoint's own config). ``mlflow_run``: where the tables and plots
+    are logged (an ``MlflowRun``, its ``info()`` dict or a run id); by default the run evaluated,
+    or a new ``<name>-reuse`` run when tracking is on and the checkpoint names none. ``tau``: module
+    masks rebuilt at this tau from the stored kernel counts (default: the checkpoint's tau).
+    ``overrides``: ``--set`` items on top. Bad input raises ``SetupError`` / ``ConfigError``
+    (``ValueError``) before anything is written; a failure while evaluating raises ``JobFailed``.
+    """
+    log = log or (lambda line: None)
+    plan = plan_reuse(modular_checkpoint, standard_checkpoint, cfg, overrides, tau=tau)
+    target = _target_run(plan, mlflow_run)
+    if target is None and plan.cfg.tracking.enabled:
+        from ..tracking import check_store, resolve_tracking_uri
+
+        check_store(resolve_tracking_uri(plan.cfg.tracking.tracking_uri))
+    started = time.perf_counter()
+    if plan.cfg.reuse.num_actors == 0:
+        log(f"reuse: {len(plan.tasks)} sub-tasks in this process")
+        rows = _run_in_process(plan, log)
+    else:
+        import ray
+
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            n = pool_size(plan.cfg, len(plan.tasks))
+            log(f"reuse: {len(plan.tasks)} sub-tasks on {n} actor(s) with {plan.cfg.reuse.cpus_per_actor:g} CPU"
+                + (f" and {plan.cfg.reuse.gpus_per_actor:g} GPU" if plan.cfg.reuse.gpus_per_actor else "") + " each")
+            rows = run_plan(plan, n, log)
+        finally:
+            if started_ray:
+                ray.shutdown()
+    tables = build_tables(rows)
+    title = (f"{plan.spec['architecture']['name']} width {plan.spec['architecture']['width']:g} on "
+             f"{plan.cfg.data.name}, tau {plan.cfg.modularize.tau:g}")
+    files = write_report(tables, plan.out_dir, title)
+    log(f"{len(rows)} sub-tasks in {time.perf_counter() - started:.1f} s; wrote {', '.join(p.name for p in files)} "
+        f"to {plan.out_dir}")
+    log(tables.summary.to_string(float_format=lambda v: f"{v:.4g}"))
+    if plan.cfg.tracking.enabled:
+        _log_to_mlflow(plan, target, files, tables, log)
+    return tables
+
+
+def _log_to_mlflow(plan: ReusePlan, target, files, tables: ReuseTables, log) -> None:
+    settings = {"modular": plan.spec["modular"], "standard": plan.spec["standard"], "tau": plan.cfg.modularize.tau,
+                "reuse": plan.cfg.reuse.model_dump(mode="json"), "subtasks": plan.tasks}
+    if target is not None:
+        log_report(target, files, tables, settings)
+        log(f"MLflow: logged the reuse tables to run {target.run_id}")
+        return
+    from ..tracking import open_run
+
+    cfg = plan.cfg.model_copy(deep=True)
+    cfg.name = f"{cfg.name}-reuse"
+    with open_run(cfg, tags={"mwt.reuse_of": str(plan.spec["modular"])}, log=log) as tracked:
+        log_report(tracked, files, tables, settings)

@@ -1,0 +1,186 @@
+"""Reuse evaluation on a pool of Ray actors: tiny digits models, a real local Ray cluster."""
+import os
+from math import comb
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mwt_ray.config import load_config
+from mwt_ray.core.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mwt_ray.core.models import create_model
+from mwt_ray.jobs import JobFailed, load_data, train_in_process
+from mwt_ray.tracking.reuse_report import REPORT_FILES
+
+TINY = ["data.name=digits", "model.width=0.125", "data.train_limit=200", "train.batch_size=32",
+        "modularize.cohesion_samples_per_class=20"]
+FAST_REUSE = ["reuse.epochs=1", "reuse.latency_batch_sizes=[1,16]", "reuse.latency_repeats=2", "reuse.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A modular and a standard run, both tracked in an sqlite MLflow store, plus two standard
+    checkpoints of the wrong kind (another architecture, another class count)."""
+    root = tmp_path_factory.mktemp("reuse_pool")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    common = TINY + [f"output_dir={root / 'runs'}", f"tracking.tracking_uri={uri}"]
+    modular = train_in_process(load_config(None, common + ["name=mod", "train.epochs=2"]), log=None)
+    standard = train_in_process(load_config(None, common + ["name=std", "train.epochs=2", "train.modular=false"]),
+                                log=None)
+    wrong = {}
+    for name, arch, classes in (("resnet", "resnet18", 10), ("five", "vgg16", 5)):
+        model = create_model(arch, classes, 0.125, modular=False)
+        path = root / f"{name}.pt"
+        save_checkpoint(path, model, {"name": arch, "width": 0.125, "num_classes": classes, "modular": False,
+                                      "classes": [str(c) for c in range(classes)]})
+        wrong[name] = str(path)
+    return {"root": root, "uri": uri, "mod_ckpt": str(root / "runs" / "mod" / "checkpoint.pt"),
+            "std_ckpt": str(root / "runs" / "std" / "checkpoint.pt"), "mod_run": modular["mlflow_run_id"],
+            "std_run": standard["mlflow_run_id"], **wrong}
+
+
+def reuse_config(trained, *extra):
+    return load_config(None, TINY + FAST_REUSE + [f"tracking.tracking_uri={trained['uri']}", *extra])
+
+
+def test_pool_evaluates_every_sampled_subtask_once(trained, ray_cluster, tmp_path):
+    """Run id in, tables out: every sub-task once with the right M, values checked against the
+    checkpoints themselves, files written and logged to the run evaluated."""
+    from mlflow import MlflowClient
+
+    from mwt_ray.cluster import evaluate_reuse
+
+    cfg = reuse_config(trained, "reuse.sizes=[2,9,10]", "reuse.per_size=2", "reuse.num_actors=2",
+                       f"reuse.output_dir={tmp_path / 'out'}")
+    lines = []
+    tables = evaluate_reuse(trained["mod_run"], trained["std_run"], cfg, log=lines.append)
+    rows = tables.rows
+    # M=2 and M=9: 2 distinct sets each; M=10: the one set there is.
+    assert sorted(rows["m"]) == [2, 2, 9, 9, 10]
+    assert sorted(rows["index"]) == list(range(5))
+    assert len(set(rows["classes"])) == 5
+    assert sum(line.startswith("[") and "/5] M=" in line for line in lines) == 5
+    # Two actors, one torch thread each (their CPU share).
+    assert rows["pid"].nunique() == 2 and os.getpid() not in set(rows["pid"]) and set(rows["threads"]) == {1}
+    for col in ("module_accuracy", "standard_accuracy", "zero_ft_accuracy", "krr", "val_accuracy"):
+        assert rows[col].between(0, 1).all(), col
+    assert (rows["accuracy_loss"] == rows["standard_accuracy"] - rows["module_accuracy"]).all()
+    smaller = rows[rows["m"] < 10]
+    assert (smaller["module_flops"] < smaller["model_flops"]).all() and (rows["module_flops"] <= rows["model_flops"]).all()
+    assert (rows["latency_ratio_b16"] > 0).all() and (rows["module_ms_b1"] > 0).all()
+    # Independent truth: KRR from the stored module masks, M-ACC from the standard model itself.
+    state = load_checkpoint(trained["mod_ckpt"])
+    standard = build_model(load_checkpoint(trained["std_ckpt"])).eval()
+    data = load_data(cfg)
+    for row in rows.itertuples():
+        classes = [int(c) for c in row.classes.split()]
+        assert row.krr == pytest.approx(state["module_masks"][classes].any(0).float().mean().item())
+    row = rows.iloc[0]
+    classes = [int(c) for c in row["classes"].split()]
+    keep = sum((data.test_labels == c) for c in classes).bool()
+    x = (data.test_images[keep].float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
+    with torch.no_grad():
+        predicted = torch.tensor(classes)[standard(x)[:, classes].argmax(1)]
+    assert row["standard_accuracy"] == pytest.approx((predicted == data.test_labels[keep]).float().mean().item())
+    # Per-M table = mean of the rows; files written; logged under the run evaluated.
+    assert tables.summary.loc[9, "krr"] == pytest.approx(rows[rows["m"] == 9]["krr"].mean())
+    assert list(tables.accuracy_table().index) == ["2-class", "9-class", "10-class"]
+    for name in REPORT_FILES:
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "out" / "reuse_rows.csv")) == 5
+    client = MlflowClient(tracking_uri=trained["uri"])
+    logged = {f.path for f in client.list_artifacts(trained["mod_run"], "reuse")}
+    assert {f"reuse/{name}" for name in REPORT_FILES} <= logged
+    history = client.get_metric_history(trained["mod_run"], "reuse_krr")
+    assert sorted(m.step for m in history) == [2, 9, 10]
+
+
+@pytest.mark.parametrize("restarts", [2, 0])
+def test_an_actor_killed_mid_subtask_is_restarted_and_its_subtask_retried(trained, ray_cluster, tmp_path, restarts):
+    from mwt_ray.cluster import evaluate_reuse
+
+    out = tmp_path / "out"
+    cfg = reuse_config(trained, "reuse.subtasks=[[0,1],[2,3],[4,5]]", "reuse.num_actors=1", "reuse.fail_at_subtask=1",
+                       f"reuse.max_restarts={restarts}", "reuse.latency_batch_sizes=[]", f"reuse.output_dir={out}",
+                       "tracking.enabled=false")
+    if restarts == 0:
+        with pytest.raises(JobFailed, match="reuse evaluation failed"):
+            evaluate_reuse(trained["mod_ckpt"], None, cfg, log=None)
+        return
+    tables = evaluate_reuse(trained["mod_ckpt"], None, cfg, log=None)
+    marker = (out / ".fault_injected_subtask_1").read_text()
+    killed = int(marker.split()[2])
+    rows = tables.rows
+    assert list(rows["index"]) == [0, 1, 2] and list(rows["classes"]) == ["0 1", "2 3", "4 5"]
+    # Sub-task 0 ran on the first actor process, which died on sub-task 1; a restarted process did the rest.
+    assert rows.loc[0, "pid"] == killed and rows.loc[1, "pid"] != killed and rows.loc[2, "pid"] == rows.loc[1, "pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed, 0)
+
+
+def test_cli_reuse_in_process_from_a_checkpoint(trained, tmp_path, capsys):
+    from mwt_ray.reuse import main
+
+    out = tmp_path / "cli"
+    code = main(["--run", str(Path(trained["mod_ckpt"]).parent), "--standard", trained["std_ckpt"],
+                 *[f"--set={o}" for o in FAST_REUSE], "--set", "reuse.sizes=[3]", "--set", "reuse.per_size=2",
+                 "--set", "reuse.num_actors=0", "--set", f"reuse.output_dir={out}", "--set", "tracking.enabled=false"])
+    assert code == 0
+    rows = pd.read_csv(out / "reuse_rows.csv")
+    assert list(rows["m"]) == [3, 3] and rows["pid"].eq(os.getpid()).all()
+    assert "[2/2] M=3" in capsys.readouterr().out
+
+
+def _bad_cases():
+    return [
+        ("mod_ckpt", None, ["reuse.sizes=[2,11]"], "M=11 is outside 2..10"),
+        ("mod_ckpt", None, ["reuse.sizes=[1,3]"], "M=1 is below 2"),
+        ("mod_ckpt", None, ["reuse.per_size=0"], "reuse.per_size"),
+        ("/no/such/checkpoint.pt", None, [], "neither a checkpoint file"),
+        ("0123456789abcdef0123456789abcdef", None, [], "does not exist"),
+        ("std_ckpt", None, [], "has no module masks"),
+        ("std_run", None, [], "has no module masks"),
+        ("mod_ckpt", "resnet", [], "of the same architecture"),
+        ("mod_ckpt", "five", [], "of the same dataset"),
+        ("mod_ckpt", "mod_ckpt", [], "is a modular model"),
+        ("mod_ckpt", "fedcba9876543210fedcba9876543210", [], "does not exist"),
+        ("mod_ckpt", None, ["reuse.num_actors=3"], "room for 2"),
+        ("mod_ckpt", None, ["reuse.cpus_per_actor=4"], "no room for one reuse actor"),
+    ]
+
+
+@pytest.mark.parametrize("modular,standard,overrides,message", _bad_cases())
+def test_bad_input_one_line_and_nothing_written(trained, ray_cluster, tmp_path, capsys, modular, standard, overrides,
+                                                message):
+    from mlflow import MlflowClient
+
+    from mwt_ray.reuse import main
+
+    client = MlflowClient(tracking_uri=trained["uri"])
+    runs_before = len(client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id]))
+    artifacts_before = [f.path for f in client.list_artifacts(trained["mod_run"])]
+    args = ["--run", trained.get(modular, modular)]
+    if standard:
+        args += ["--standard", trained.get(standard, standard)]
+    out = tmp_path / "out"
+    for item in FAST_REUSE + [f"reuse.output_dir={out}", f"tracking.tracking_uri={trained['uri']}", *overrides]:
+        args += ["--set", item]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists()
+    assert len(client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])) == runs_before
+    assert [f.path for f in client.list_artifacts(trained["mod_run"])] == artifacts_before
