@@ -1,0 +1,334 @@
+"""Ray Tune + Optuna over the modular training settings, with tau scored inside each trial.
+
+    python -m mwt_ray.sweep --config tune_configs/quickstart.yaml          # local Ray, this machine
+    ray job submit -- python -m mwt_ray.sweep --config tune_configs/cifar10_vgg16.yaml   # a cluster
+
+A trial is the same training job as ``python -m mwt_ray.train``: in the trial's own process
+(``scaling.num_workers: 0``, ``sweep.cpus_per_trial`` CPUs) or on its own Ray Train workers
+(``scaling.*`` per trial), named ``trial-<trial id>`` so that no two trials share checkpoints. Each
+epoch reports ``val_accuracy`` (held-out training samples) to Tune, where ASHA may stop a poor trial.
+A trial that finishes scans ``sweep.tau_grid`` over its stored kernel counts (``jobs.objective``)
+and reports its best tau and the score; Optuna (TPE, seeded, under ``sweep.max_concurrent``)
+proposes the next settings from those scores. With ``sweep.tau_range`` tau is an Optuna dimension
+instead. Early-stopped trials reach Optuna with a pessimistic score (their last val_accuracy with
+KRR taken as 1), and the results table marks them as stopped.
+
+Everything lands in ``<output_dir>/<name>/<start time>/``: ``tune/`` (Tune's experiment, for
+``--resume``), ``trials/trial-*/`` (each trial's run folder and checkpoints), ``standard/`` (the
+standard baseline), ``results.csv`` / ``results.md`` / ``pareto.png``, and ``sweep.json`` (the
+MLflow parent run, the status). MLflow: one parent run per sweep, a nested run per trial (and the
+baseline); the parent holds the table and the plot as artifacts and the best trial as tags.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..config import Config, apply_overrides, validate_config
+from ..core.files import atomic_write_text
+from ..jobs import SetupError, absolute_paths, check_job, load_data, resolve_device
+from ..jobs.objective import best_tau, scan_checkpoint
+from .trainer import run_training
+
+__all__ = ["run_sweep", "sweep_folder", "trial_config", "SWEEP_FILE"]
+
+SWEEP_FILE = "sweep.json"
+TRIAL_RESULT = "trial_result.json"
+
+
+# --------------------------------------------------------------------------- one trial
+
+def trial_config(base: Config, params: dict, folder: Path, name: str, parent_run_id: str | None) -> Config:
+    """The trial's training config: the sweep's config with the sampled values, its own name and
+    folder, a held-out validation split, and its MLflow run nested under the sweep's."""
+    tree = base.model_dump(mode="json")
+    tree.update(name=name, output_dir=str(folder))
+    tree["data"]["val_fraction"] = base.sweep.val_fraction
+    tree["tracking"]["parent_run_id"] = parent_run_id
+    tree["scaling"]["storage_path"] = None  # each job's checkpoints in its own run folder
+    apply_overrides(tree, [f"{key}={json.dumps(value)}" for key, value in params.items() if key != "tau"])
+    return validate_config(tree)
+
+
+def _pessimistic(cfg: Config, metrics: dict) -> dict:
+    """What a trial stopped after this epoch is worth to Optuna: its val_accuracy, KRR taken as 1."""
+    accuracy = metrics.get("val_accuracy", 0.0)
+    if cfg.sweep.objective == "pareto":
+        return {"module_accuracy": accuracy, "krr": 1.0}
+    return {"objective": accuracy - cfg.sweep.krr_weight}
+
+
+def _epoch_report(cfg: Config, metrics: dict) -> dict:
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {**numbers, **_pessimistic(cfg, metrics)}
+
+
+def _tune_report_callback(cfg: Config):
+    """Ray Train -> Tune: rank 0's per-epoch reports, with the pessimistic objective added."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [_epoch_report(cfg, metrics[0]), *metrics[1:]], None)
+
+    return EpochReports()
+
+
+def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | None) -> None:
+    """Tune's trainable: train (resuming this trial's own job if Tune restarts it), then score tau."""
+    import torch
+    from ray import tune
+
+    base_cfg = Config.model_validate(base)
+    cfg = trial_config(base_cfg, params, Path(folder) / "trials", f"trial-{tune.get_context().get_trial_id()}",
+                       parent_run_id)
+    if cfg.scaling.num_workers == 0:  # a reused worker process keeps the thread count of its first import
+        torch.set_num_threads(max(1, math.floor(cfg.sweep.cpus_per_trial)))
+    summary = run_training(cfg, resume=True, report=lambda metrics: tune.report(_epoch_report(cfg, metrics)),
+                           train_callbacks=[_tune_report_callback(cfg)] if cfg.scaling.num_workers else None)
+
+    device = resolve_device(cfg.train.device) if cfg.scaling.num_workers == 0 else torch.device("cpu")
+    taus = [params["tau"]] if "tau" in params else cfg.sweep.tau_grid
+    scan = scan_checkpoint(cfg.run_dir / "checkpoint.pt", load_data(cfg), cfg, taus, device)
+    best = best_tau(scan)
+    final = summary["final"]
+    result = {"epoch": final["epoch"], "val_accuracy": final["val_accuracy"], "test_accuracy": final["test_accuracy"],
+              "tau": best["tau"], "krr": best["krr"], "coupling": best["coupling"],
+              "module_accuracy": best["module_accuracy"], "subtask_krr": best["subtask_krr"],
+              "objective": best["score"], "mlflow_run_id": summary.get("mlflow_run_id")}
+    atomic_write_text(cfg.run_dir / TRIAL_RESULT, json.dumps({"result": result, "tau_scan": scan}, indent=2))
+    if summary.get("mlflow_run_id"):
+        from ..tracking.sweep_report import log_trial_scan
+
+        log_trial_scan(cfg, summary["mlflow_run_id"], result, scan, cfg.run_dir / TRIAL_RESULT)
+    tune.report(result)
+
+
+def train_standard(base: dict, folder: str, parent_run_id: str | None) -> dict:
+    """The standard model the trials are compared with: same data split, same settings, no masks."""
+    cfg = trial_config(Config.model_validate(base), {"train.modular": False}, Path(folder), "standard", parent_run_id)
+    return run_training(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 0})}),
+                        resume=True)
+
+
+# --------------------------------------------------------------------------- the driver
+
+def sweep_folder(cfg: Config, resume: bool) -> Path:
+    """A new ``<output_dir>/<name>/<start time>/``, or with ``resume`` the latest unfinished one."""
+    root = cfg.run_dir
+    if not resume:
+        return root / time.strftime("%Y%m%d-%H%M%S")
+    unfinished = [p.parent for p in sorted(root.glob(f"*/{SWEEP_FILE}"))
+                  if json.loads(p.read_text()).get("status") != "FINISHED"]
+    if not unfinished:
+        raise SetupError(f"--resume: no unfinished sweep named {cfg.name!r} under {root}; run without --resume "
+                         "to start one")
+    return unfinished[-1]
+
+
+def _check_space(cfg: Config) -> None:
+    """Every end of every range, and every choice, must make a valid trial config."""
+    tree = cfg.model_dump(mode="json")
+    for key, dimension in cfg.sweep.space.items():
+        for value in dimension.candidates():
+            try:
+                validate_config(apply_overrides(json.loads(json.dumps(tree)), [f"{key}={json.dumps(value)}"]))
+            except ValueError as error:
+                raise SetupError(f"sweep.space.{key}: the value {value!r} makes an invalid trial ({error})") from None
+
+
+def _check_trial_fits(cfg: Config) -> None:
+    """One trial's resources must fit on the cluster, or Tune would wait forever."""
+    import ray
+
+    if cfg.scaling.num_workers > 0:
+        from .trainer import check_cluster_resources
+
+        check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+        return
+    need = {"CPU": cfg.sweep.cpus_per_trial, "GPU": cfg.sweep.gpus_per_trial}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if not any(all(res.get(k, 0.0) >= v for k, v in need.items() if v) for res in nodes):
+        biggest = max(nodes, key=lambda res: res.get("CPU", 0.0), default={})
+        raise SetupError(f"a trial asks for {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (sweep.cpus_per_trial / "
+                         f"sweep.gpus_per_trial), but the largest Ray node has {biggest.get('CPU', 0):g} CPUs and "
+                         f"{biggest.get('GPU', 0):g} GPUs; lower them or add nodes (Tune would wait forever)")
+
+
+def _search_space(cfg: Config) -> dict:
+    from ray import tune
+
+    space = {}
+    dimensions = dict(cfg.sweep.space)
+    if cfg.sweep.tau_range is not None:
+        dimensions["tau"] = cfg.sweep.tau_range
+    for key, dim in dimensions.items():
+        if dim.choices is not None:
+            space[key] = tune.choice(dim.choices)
+        elif dim.integer:
+            space[key] = (tune.lograndint if dim.log else tune.randint)(int(dim.low), int(dim.high) + 1)
+        else:
+            space[key] = (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
+    return space
+
+
+def _searcher(cfg: Config):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (optuna.samplers.RandomSampler(seed=cfg.sweep.seed) if cfg.sweep.sampler == "random"
+               else optuna.samplers.TPESampler(seed=cfg.sweep.seed))
+    if cfg.sweep.objective == "pareto":
+        metric, mode = ["module_accuracy", "krr"], ["max", "min"]
+        if cfg.sweep.sampler == "tpe":
+            sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed)
+    else:
+        metric, mode = "objective", "max"
+    points = [{k: v for k, v in _flat(p).items()} for p in cfg.sweep.points] or None
+    search = OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points)
+    return ConcurrencyLimiter(search, max_concurrent=cfg.sweep.max_concurrent)
+
+
+def _flat(point: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in point.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.sweep.scheduler == "none":
+        return FIFOScheduler()
+    # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a trial must live on
+    # after its last epoch to score tau.
+    return ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=cfg.train.epochs + 1,
+                         grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
+                         reduction_factor=cfg.sweep.reduction_factor)
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class _Progress:
+    """One line per finished or stopped trial (a Tune callback, built lazily to keep Ray imports local;
+    Tune pickles its callbacks, so it writes to stdout itself)."""
+
+    def __new__(cls, cfg: Config):
+        from ray.tune import Callback
+
+        log = _say
+
+        class Progress(Callback):
+            def __init__(self):
+                self.done = 0
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                m, params = trial.last_result or {}, trial.config
+                values = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                                  for k, v in params.items())
+                if "tau" in m and "krr" in m:
+                    log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): objective "
+                        f"{m['objective']:.4f}  tau {m['tau']:.2f}  KRR {m['krr']:.3f}  module acc "
+                        f"{m['module_accuracy']:.2%}  test {m['test_accuracy']:.2%}")
+                else:
+                    log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): stopped early at epoch "
+                        f"{m.get('epoch', 0)}, val {m.get('val_accuracy', float('nan')):.2%}")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.done += 1
+                log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id}: failed ({trial.error_file})")
+
+        return Progress()
+
+
+def _preflight(cfg: Config, resume: bool) -> tuple[Config, Path]:
+    cfg = absolute_paths(cfg)
+    if not cfg.train.modular:
+        raise SetupError("a sweep trains modular models: train.modular must be true")
+    _check_space(cfg)
+    sizes = cfg.sweep.subtask_sizes
+    data = check_job(cfg)
+    if any(m > data.num_classes for m in sizes):
+        raise SetupError(f"sweep.subtask_sizes {sizes} exceed the dataset's {data.num_classes} classes")
+    if cfg.tracking.enabled:
+        from ..tracking import check_store, resolve_tracking_uri
+
+        check_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    return cfg, sweep_folder(cfg, resume)
+
+
+def run_sweep(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard"}."""
+    cfg, folder = _preflight(cfg, resume)
+    import ray
+    from ray import tune
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(log_to_driver=True, logging_level="WARNING")
+    try:
+        _check_trial_fits(cfg)
+        state = json.loads((folder / SWEEP_FILE).read_text()) if resume else {}
+        from ..tracking.sweep_report import open_parent_run
+
+        parent = open_parent_run(cfg, state.get("parent_run_id"), log) if cfg.tracking.enabled else None
+        state = {"name": cfg.name, "status": "RUNNING", "parent_run_id": parent.run_id if parent else None,
+                 "config": cfg.model_dump(mode="json")}
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+        log(f"sweep {cfg.name!r}: {cfg.sweep.trials} trials, {cfg.sweep.max_concurrent} at a time, in {folder}")
+        with parent if parent is not None else contextlib.nullcontext():
+            outcome = _tune(cfg, folder, state, parent, resume, log)
+        state["status"] = "FINISHED"
+        atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+        return outcome
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, log) -> dict:
+    """The standard baseline (a Ray task) beside the Tune experiment; then the results."""
+    import ray
+    from ray import tune
+
+    base = cfg.model_dump(mode="json")
+    standard = None
+    if cfg.sweep.standard_baseline:
+        remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial)(train_standard)
+        standard = remote.remote(base, str(folder), state["parent_run_id"])
+    trainable = tune.with_parameters(sweep_trial, base=base, folder=str(folder), parent_run_id=state["parent_run_id"])
+    resources = ({"cpu": 0.01} if cfg.scaling.num_workers else
+                 {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
+    trainable = tune.with_resources(trainable, resources)
+    run_config = tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
+                                callbacks=[_Progress(cfg)], log_to_file=True)
+    tune_path = folder / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_path)):
+        log(f"resuming the Tune experiment in {tune_path}")
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=_search_space(cfg), run_config=run_config,
+                           tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg),
+                                                       num_samples=cfg.sweep.trials))
+    grid = tuner.fit()
+    standard_summary = ray.get(standard) if standard is not None else None
+
+    from ..tracking.sweep_report import finish_sweep
+
+    return finish_sweep(cfg, folder, grid, standard_summary, parent, log)

@@ -1,0 +1,185 @@
+"""What a sweep leaves for people: the results table, the accuracy-vs-KRR plot with its Pareto
+front, and the MLflow parent run that holds them (each trial's run nested under it)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..core.files import atomic_write_text
+from .runs import MlflowRun, open_run
+
+__all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front", "plot_pareto", "finish_sweep"]
+
+# Columns of the results table after the searched values, in this order.
+RESULT_COLUMNS = ["status", "epoch", "val_accuracy", "test_accuracy", "accuracy_change", "tau", "krr", "coupling",
+                  "module_accuracy", "subtask_krr", "objective", "pareto", "mlflow_run_id"]
+
+
+def open_parent_run(cfg, run_id: str | None, log) -> MlflowRun:
+    """The sweep's own MLflow run: the whole config (sweep.* included) as params."""
+    named = cfg.model_copy(update={"name": f"{cfg.name} (sweep)"})
+    return open_run(named, run_id, tags={"mwt.kind": "sweep"}, log=log)
+
+
+def log_trial_scan(cfg, run_id: str, result: dict, scan: list[dict], scan_file: Path) -> None:
+    """On the trial's run: the chosen tau, its score and module metrics, and the whole tau scan."""
+    from mlflow.entities import Metric
+
+    run = MlflowRun.from_info({"tracking_uri": _uri(cfg), "run_id": run_id})
+    now = int(time.time() * 1000)
+    keys = ("tau", "krr", "coupling", "module_accuracy", "subtask_krr", "objective")
+    metrics = [Metric(f"sweep.{k}", float(result[k]), now, 0) for k in keys]
+    metrics += [Metric(f"tau_scan.{k}", float(row[k]), now, i) for i, row in enumerate(scan)
+                for k in ("tau", "krr", "module_accuracy", "score")]
+    run.client.log_batch(run_id, metrics=metrics, synchronous=True)
+    run.client.set_tag(run_id, "mwt.best_tau", f"{result['tau']:g}")
+    run.client.log_artifact(run_id, str(scan_file))
+
+
+def _uri(cfg) -> str:
+    from .runs import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.tracking.tracking_uri)
+
+
+def results_table(cfg, grid, standard: dict | None):
+    """One row per trial: the searched values, what it reached, its tau and score; stopped and
+    failed trials are marked, with the epoch they reached."""
+    import pandas as pd
+
+    keys = list(cfg.sweep.space) + (["tau"] if cfg.sweep.tau_range is not None else [])
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        row = {"trial": metrics.get("trial_id") or Path(result.path).name}
+        row |= {key.split(".")[-1] if keys.count(key) == 1 else key: result.config.get(key) for key in keys if key != "tau"}
+        status = "failed" if result.error else "completed" if "krr" in metrics and "tau" in metrics else "stopped early"
+        row |= {key: metrics.get(key) for key in RESULT_COLUMNS if key not in ("status", "accuracy_change", "pareto")}
+        row["status"] = status
+        if status != "completed":
+            row.update(tau=None, krr=None, coupling=None, module_accuracy=None, subtask_krr=None, objective=None)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for column in RESULT_COLUMNS:
+        if column not in table:
+            table[column] = None
+    standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
+    table["accuracy_change"] = (table["test_accuracy"] - standard_accuracy) if standard_accuracy is not None else None
+    table["pareto"] = pareto_front(table)
+    order = ["trial"] + [c for c in table.columns if c not in RESULT_COLUMNS and c != "trial"] + RESULT_COLUMNS
+    table = table[order]
+    if cfg.sweep.objective == "score":
+        return table.sort_values("objective", ascending=False, na_position="last").reset_index(drop=True)
+    return table.sort_values("krr", na_position="last").reset_index(drop=True)
+
+
+def pareto_front(table) -> list[bool]:
+    """Completed trials no other completed trial beats on both test accuracy (higher) and KRR (lower)."""
+    points = [(row.test_accuracy, row.krr) if row.status == "completed" else None for row in table.itertuples()]
+    front = []
+    for p in points:
+        front.append(p is not None and not any(
+            q is not None and q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points))
+    return front
+
+
+def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    done = table[table["status"] == "completed"]
+    front = done[done["pareto"]].sort_values("krr")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.scatter(done["krr"], 100 * done["test_accuracy"], color="C0", alpha=0.6, label="trial (its best tau)")
+    ax.plot(front["krr"], 100 * front["test_accuracy"], "-o", color="C3", label="Pareto front")
+    for row in done.itertuples():
+        ax.annotate(str(row.trial)[-5:], (row.krr, 100 * row.test_accuracy), fontsize=7, alpha=0.7,
+                    xytext=(3, 3), textcoords="offset points")
+    if standard_accuracy is not None:
+        ax.axhline(100 * standard_accuracy, color="gray", linestyle="--", label="standard model")
+    ax.set_xlabel("kernel retention rate (KRR, lower is smaller modules)")
+    ax.set_ylabel("test accuracy of the modular model (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _markdown(table) -> str:
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    columns = [c for c in table.columns if c != "mlflow_run_id"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table[columns].itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _close_stopped_runs(cfg, parent: MlflowRun, table) -> None:
+    """A trial Tune stopped was killed mid-epoch: its run is KILLED and tagged, never left RUNNING."""
+    client = parent.client
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    by_name = {run.info.run_name: run for run in children}
+    for row in table.itertuples():
+        run = by_name.get(f"trial-{row.trial}")
+        if run is None or row.status == "completed":
+            continue
+        client.set_tag(run.info.run_id, "mwt.trial_status", row.status)
+        if run.info.status == "RUNNING" or row.status == "stopped early":
+            client.set_terminated(run.info.run_id, "KILLED" if row.status == "stopped early" else "FAILED")
+
+
+def finish_sweep(cfg, folder: Path, grid, standard: dict | None, parent: MlflowRun | None,
+                 log: Callable[[str], None]) -> dict:
+    """Write the table (CSV, Markdown) and the plot, log them to the parent run, tag the best trial."""
+    table = results_table(cfg, grid, standard)
+    atomic_write_text(folder / "results.csv", table.to_csv(index=False))
+    atomic_write_text(folder / "results.md", _markdown(table))
+    standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
+    plot_pareto(table, folder / "pareto.png", standard_accuracy, f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
+    done = table[table["status"] == "completed"]
+    best = None
+    if len(done):
+        best = (done.iloc[0] if cfg.sweep.objective == "score" else done[done["pareto"]].iloc[0]).to_dict()
+    if parent is not None:
+        client = parent.client
+        for name in ("results.csv", "results.md", "pareto.png"):
+            client.log_artifact(parent.run_id, str(folder / name))
+        if best is not None:
+            client.set_tag(parent.run_id, "mwt.best_trial", str(best["trial"]))
+            if best.get("mlflow_run_id"):
+                client.set_tag(parent.run_id, "mwt.best_run_id", str(best["mlflow_run_id"]))
+            client.log_batch(parent.run_id, metrics=_best_metrics(best), synchronous=True)
+        if standard and standard.get("mlflow_run_id"):
+            client.set_tag(parent.run_id, "mwt.standard_run_id", standard["mlflow_run_id"])
+        _close_stopped_runs(cfg, parent, table)
+    log(table.drop(columns=["mlflow_run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if standard_accuracy is not None:
+        log(f"standard model: test accuracy {standard_accuracy:.2%}")
+    if best is not None:
+        log(f"best trial {best['trial']}: objective {best['objective']:.4f} at tau {best['tau']:.2f} "
+            f"(KRR {best['krr']:.3f}, test accuracy {best['test_accuracy']:.2%})")
+    log(f"wrote results.csv, results.md, pareto.png to {folder}")
+    return {"folder": folder, "table": table, "best": best, "standard": standard}
+
+
+def _best_metrics(best: dict):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(f"best.{key}", float(best[key]), now, 0)
+            for key in ("objective", "tau", "krr", "coupling", "module_accuracy", "test_accuracy")
+            if best.get(key) is not None and not (isinstance(best[key], float) and math.isnan(best[key]))]

@@ -1,0 +1,275 @@
+"""The sweep: tau's objective on a real trained model, a real Tune + Optuna + ASHA sweep on a local
+Ray cluster (more trials than fit at once), its MLflow parent and child runs, resume after the
+driver is killed, submission through a real Ray head's job API, bad input, and cluster.yaml."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import free_port
+
+from mwt_ray.config import load_config
+from mwt_ray.jobs import load_data, train_in_process
+from mwt_ray.jobs.objective import best_tau, scan_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_yaml(tmp_path: Path, name: str = "tiny", **sweep) -> Path:
+    """A sweep small enough for this 2-core machine: VGG16 at 1/8 width on 300 digits, 3 epochs."""
+    tree = {"name": name, "output_dir": str(tmp_path / "runs"),
+            "model": {"name": "vgg16", "width": 0.125},
+            "data": {"name": "digits", "train_limit": 300},
+            "train": {"epochs": 3, "batch_size": 32, "lr": 0.05},
+            "modularize": {"cohesion_samples_per_class": 20},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "sweep": {"trials": 4, "max_concurrent": 2, "grace_period": 1, "subtasks_per_size": 2,
+                      "points": [{"train.alpha": 0.5, "train.beta": 1.5}], "reuse": False, **sweep}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def mlflow_runs(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mwt-ray")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+# ----------------------------------------------------------------------------- the objective
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real modular model trained with a held-out validation split."""
+    tmp_path = tmp_path_factory.mktemp("objective")
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=obj", "model.width=0.125", "data.train_limit=400",
+                             "data.val_fraction=0.2", "train.epochs=6", "train.batch_size=32",
+                             "modularize.cohesion_samples_per_class=10", "tracking.enabled=false"])
+    train_in_process(cfg)
+    return cfg
+
+
+def test_best_tau_is_not_simply_the_largest(trained):
+    cfg = trained
+    data = load_data(cfg)
+    taus = [0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
+    rows = scan_checkpoint(cfg.run_dir / "checkpoint.pt", data, cfg, taus, torch.device("cpu"))
+    for row in rows:  # the score is what the docs say it is
+        assert row["score"] == pytest.approx(row["module_accuracy"] - cfg.sweep.krr_weight * row["krr"])
+        assert 0 <= row["module_accuracy"] <= 1 and 0 < row["krr"] <= 1
+    krr = [row["krr"] for row in rows]
+    assert krr == sorted(krr, reverse=True) and krr[-1] < krr[0]  # a higher tau keeps a subset of kernels
+    by_tau = {row["tau"]: row for row in rows}
+    # tau = 1 keeps only kernels every sample of a class uses: the modules lose accuracy, which the
+    # objective counts; its KRR is the lowest, so an objective on KRR alone would pick it.
+    assert by_tau[1.0]["module_accuracy"] < max(row["module_accuracy"] for row in rows)
+    assert best_tau(rows)["tau"] < 1.0
+
+
+def test_scan_needs_held_out_samples(trained):
+    cfg = trained.model_copy(update={"data": trained.data.model_copy(update={"val_fraction": 0.0})})
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        scan_checkpoint(cfg.run_dir / "checkpoint.pt", load_data(cfg), cfg, [0.9], torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+def run_sweep_cli(config: Path, *args: str, timeout: int = 900, **popen):
+    return subprocess.run([sys.executable, "-m", "mwt_ray.sweep", "--config", str(config), *args],
+                          cwd=config.parent, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, **popen)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    config = sweep_yaml(tmp_path)
+    start = time.perf_counter()
+    result = run_sweep_cli(config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path, result, time.perf_counter() - start
+
+
+def test_sweep_finishes_with_more_trials_than_fit_at_once(finished_sweep):
+    tmp_path, result, seconds = finished_sweep
+    print(f"sweep took {seconds:.0f}s")
+    (folder,) = (tmp_path / "runs" / "tiny").iterdir()
+    import pandas as pd
+
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 4 and table["trial"].is_unique
+    assert set(table["status"]) <= {"completed", "stopped early"} and (table["status"] == "completed").any()
+    done = table[table["status"] == "completed"]
+    assert done["tau"].between(0, 1, inclusive="right").all() and done["krr"].between(0, 1).all()
+    assert done["objective"].tolist() == pytest.approx((done["module_accuracy"] - 0.1 * done["krr"]).tolist())
+    assert (table["status"] == "stopped early").sum() == (table["epoch"] < 3).sum()  # stopped ones say where
+    assert ((table["alpha"] == 0.5) & (table["beta"] == 1.5)).sum() == 1  # the reference point ran
+    assert table["pareto"].any() and not table.loc[table["status"] != "completed", "pareto"].any()
+    assert (folder / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    assert "| trial |" in (folder / "results.md").read_text()
+    lines = [line for line in result.stdout.splitlines() if "] trial " in line]
+    assert len(lines) == 4  # one progress line per finished or stopped trial
+    trial_folders = sorted(p.name for p in (folder / "trials").iterdir())
+    assert len(trial_folders) == len(set(trial_folders)) == 4
+
+
+def test_sweep_mlflow_parent_and_children(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    client, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 1 + len(children) and len(children) == 5  # 4 trials + the standard baseline
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "results.md", "pareto.png"}
+    best = parent.data.tags["mwt.best_trial"]
+    assert parent.data.tags["mwt.best_run_id"] in {c.info.run_id for c in children}
+    standard = [c for c in children if c.info.run_name == "standard"]
+    assert len(standard) == 1 and standard[0].data.params["train.modular"] == "False"
+    trials = [c for c in children if c.info.run_name.startswith("trial-")]
+    assert f"trial-{best}" in {c.info.run_name for c in trials}
+    for child in trials:
+        assert child.data.params["data.val_fraction"] == "0.1"
+        assert "val_accuracy" in child.data.metrics
+        if child.data.tags.get("mwt.trial_status") == "stopped early":
+            assert child.info.status == "KILLED"
+        else:
+            assert child.info.status == "FINISHED" and "sweep.objective" in child.data.metrics
+            assert "sweep.tau" in child.data.metrics and "mwt.best_tau" in child.data.tags
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
+    config = sweep_yaml(tmp_path, "resumable", trials=3, max_concurrent=1, scheduler="none")
+    driver = subprocess.Popen([sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    seen = []
+    for line in driver.stdout:  # kill the whole driver (and its local Ray) once a trial has finished
+        seen.append(line)
+        if "] trial " in line:
+            break
+    import psutil
+
+    everything = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+    for process in everything:  # the driver and the local Ray it started, trials included
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(everything, timeout=30)
+    driver.wait()
+    assert any("[1/3] trial" in line for line in seen), "".join(seen)[-2000:]
+    result = run_sweep_cli(config, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (folder,) = (tmp_path / "runs" / "resumable").iterdir()
+    import pandas as pd
+
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 3 and (table["status"] == "completed").all()
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    names = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(names) == sorted({*names}) and len(names) == 4, names  # each trial and the baseline once
+    assert json.loads((folder / "sweep.json").read_text())["status"] == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = [
+    (["--set", "sweep.space={train.alpha: {low: 2, high: 1}}"], "inverted range"),
+    (["--set", "sweep.space={train.alpha: {low: 1, high: 1}}"], "empty or inverted range"),
+    (["--set", "sweep.space={train.alpha: {choices: []}}"], "choices is empty"),
+    (["--set", "sweep.space={train.alpha: {low: 0, high: 1, log: true}}"], "log range needs low > 0"),
+    (["--set", "sweep.tau_grid=[0, 0.5]"], "(0, 1]"),
+    (["--set", "sweep.tau_grid=[0.5, 1.5]"], "(0, 1]"),
+    (["--set", "sweep.tau_range={low: 0.5, high: 2}"], "(0, 1]"),
+    (["--set", "sweep.sampler=grid"], "sweep.sampler"),
+    (["--set", "sweep.objective=accuracy"], "sweep.objective"),
+    (["--set", "sweep.scheduler=hyperband"], "sweep.scheduler"),
+    (["--set", "sweep.trials=0"], "sweep.trials"),
+    (["--set", "sweep.max_concurrent=0"], "sweep.max_concurrent"),
+    (["--set", "sweep.krr_weight=-1"], "sweep.krr_weight"),
+    (["--set", "sweep.colour=blue"], "sweep.colour: unknown key"),
+    (["--set", "sweep.space={train.alpah: {low: 0.1, high: 1}}"], "'train.alpah' is not a config key"),
+    (["--set", "sweep.space={scaling.num_workers: {choices: [1, 2]}}"], "cannot search 'scaling.num_workers'"),
+    (["--set", "sweep.space={train.lr: {low: 0, high: 0.1}}"], "sweep.space.train.lr"),
+    (["--set", "sweep.points=[{train.lr: 0.1}]"], "not in sweep.space"),
+    (["--set", "sweep.subtask_sizes=[2, 11]"], "exceed the dataset's 10 classes"),
+    (["--set", "sweep.subtask_sizes=[1]"], "sizes must be >= 2"),
+    (["--set", "train.modular=false"], "train.modular must be true"),
+    (["--set", "sweep.cpus_per_trial=64"], "a trial asks for 64 CPUs"),
+    (["--set", "sweep.gpus_per_trial=1"], "1 GPUs"),
+    (["--resume"], "no unfinished sweep named 'tiny'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_fails_before_any_trial(tmp_path, capsys, args, message):
+    from mwt_ray.sweep import main
+
+    config = sweep_yaml(tmp_path)
+    assert main(["--config", str(config), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], lines
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------------------------- a cluster
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    validate_config(prepare_config(cluster))
+    nodes = cluster["available_node_types"]
+    gpu = [n for n in nodes.values() if n["resources"].get("GPU")]
+    assert gpu and all(n["resources"].get("accelerator_type:A100") for n in gpu)
+    assert nodes[cluster["head_node_type"]]["resources"].get("GPU", 0) == 0
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
+    assert cluster["provider"]["use_internal_ips"] is True
+    broken = {k: v for k, v in cluster.items() if k != "provider"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_job_submission_to_a_local_head(tmp_path):
+    """ray start --head on 127.0.0.1, ray job submit of a tiny sweep, its MLflow runs, ray stop."""
+    config = sweep_yaml(tmp_path, "submitted", trials=2, scheduler="none", standard_baseline=False)
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", "--include-dashboard=true"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+             sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "succeeded" in submitted.stdout
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    client, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" and "sweep.objective" in c.data.metrics for c in children)
