@@ -12,16 +12,17 @@ import functools
 import math
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .core.data import DATASETS
 from .core.models import list_models
 from .core.reuse import FineTuneSettings
 from .core.training import OptimSettings
 
-__all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "load_config", "apply_overrides", "validate_config",
+__all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig", "SearchRange", "load_config", "apply_overrides", "validate_config",
            "build_parser"]
 
 
@@ -193,6 +194,131 @@ class TrackingConfig(_Section):
     parent_run_id: str | None = Field(None, description="nest this job's MLflow run under that run (a sweep sets it)")
 
 
+# Sections a sweep may search over; the others (names, paths, resources, tracking) stay fixed per sweep.
+SEARCHABLE_SECTIONS = ("model", "train", "modularize", "data")
+
+
+class SearchRange(_Section):
+    """One search dimension: a float range (``low``/``high``, ``log`` for a log scale; ``integer``
+    for whole numbers) or a list of ``choices``."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: list | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SearchRange":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs low and high (or a list of choices)")
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low:g} must be below high {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
+        return self
+
+    def candidates(self) -> list:
+        """The values whose validity proves the whole range valid (ends of a range, every choice)."""
+        if self.choices is not None:
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.integer else [self.low, self.high]
+
+
+def _flatten_space(tree, prefix: str = "") -> dict:
+    """``{"train": {"alpha": {...}}}`` and ``{"train.alpha": {...}}`` both become dotted keys."""
+    flat = {}
+    for key, value in (tree or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not (set(value) & set(SearchRange.model_fields)):
+            flat |= _flatten_space(value, name + ".")
+        else:
+            flat[name] = value
+    return flat
+
+
+class SweepConfig(_Section):
+    """``python -m mwt_ray.sweep``: Ray Tune + Optuna over ``space``, tau scanned in each trial."""
+    trials: int = Field(8, ge=1, description="Optuna trials (the reference points included)")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    seed: int = 0
+    space: dict[str, SearchRange] = Field(default_factory=lambda: {
+        "train.alpha": SearchRange(low=0.1, high=3.0, log=True), "train.beta": SearchRange(low=0.3, high=3.0, log=True)},
+        description="dotted config key -> range or choices")
+    points: list[dict] = Field(default_factory=list, description="settings tried first, e.g. the paper's "
+                               "[{train.alpha: 0.5, train.beta: 1.5}]; keys must be in space")
+    tau_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
+                                  description="taus scanned after training; the trial reports the best")
+    tau_range: SearchRange | None = Field(None, description="search tau with Optuna in this range instead of the grid")
+    objective: Literal["score", "pareto"] = Field(
+        "score", description="score: module accuracy - krr_weight * KRR (one value); pareto: accuracy vs KRR")
+    krr_weight: float = Field(0.1, ge=0, description="accuracy (0..1) one unit of KRR is worth in the score")
+    subtask_sizes: list[int] = Field(default_factory=list, description="M of the sub-tasks that score tau; "
+                                     "default: 2 and N // 2")
+    subtasks_per_size: int = Field(3, ge=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="training samples held out to score trials")
+    sampler: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on per-epoch val_accuracy")
+    grace_period: int = Field(2, ge=1, description="epochs every trial gets before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1)
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a one-process trial (scaling.num_workers=0)")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of a one-process trial (a fraction shares one GPU)")
+    standard_baseline: bool = Field(True, description="also train a standard model with the same settings")
+    reuse: bool = Field(True, description="evaluate the best trial's modules on sampled sub-tasks at the end")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flat(cls, value):
+        return _flatten_space(value) if isinstance(value, dict) else value
+
+    @field_validator("space")
+    @classmethod
+    def _keys(cls, value: dict) -> dict:
+        for key in value:
+            if key.split(".")[0] not in SEARCHABLE_SECTIONS or key.count(".") != 1:
+                raise ValueError(f"cannot search {key!r}: use a key of {', '.join(SEARCHABLE_SECTIONS)} "
+                                 "such as train.alpha (tau has tau_grid / tau_range)")
+            if key == "modularize.tau":
+                raise ValueError("tau is searched through sweep.tau_grid or sweep.tau_range, not sweep.space")
+        return value
+
+    @field_validator("tau_grid")
+    @classmethod
+    def _taus(cls, value: list[float]) -> list[float]:
+        bad = [t for t in value if not 0 < t <= 1]
+        if bad or not value:
+            raise ValueError(f"tau values must lie in (0, 1], got {bad or 'an empty grid'}")
+        return sorted(set(value))
+
+    @field_validator("tau_range")
+    @classmethod
+    def _tau_range(cls, value: SearchRange | None) -> SearchRange | None:
+        if value is not None and (value.choices is not None and not all(0 < t <= 1 for t in value.choices)
+                                  or value.choices is None and not (0 < value.low and value.high <= 1)):
+            raise ValueError("tau must lie in (0, 1]")
+        return value
+
+    @field_validator("subtask_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(m < 2 for m in value):
+            raise ValueError(f"sub-task sizes must be >= 2, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _points(self) -> "SweepConfig":
+        for point in self.points:
+            unknown = sorted(set(_flatten_space(point)) - set(self.space))
+            if unknown:
+                raise ValueError(f"points: {', '.join(unknown)} not in sweep.space (keys: {', '.join(self.space)})")
+        return self
+
+
 class Config(_Section):
     name: str = "mwt"
     output_dir: str = "runs"
@@ -203,6 +329,7 @@ class Config(_Section):
     reuse: ReuseConfig = Field(default_factory=ReuseConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     # Where this config came from; not a setting.
     source: str | None = Field(None, exclude=True)
 
@@ -219,6 +346,15 @@ class Config(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @model_validator(mode="after")
+    def _sweep_keys_exist(self) -> "Config":
+        for key in self.sweep.space:
+            section, field = key.split(".")
+            known = type(getattr(self, section)).model_fields
+            if field not in known:
+                raise ValueError(f"sweep.space: {key!r} is not a config key; {section} has {', '.join(known)}")
+        return self
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
