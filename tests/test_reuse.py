@@ -95,3 +95,63 @@ def test_accuracy_without_fine_tuning_is_the_hard_masked_model_on_restricted_log
             correct += int(classes[int(logits[classes].argmax())] == label)
             total += 1
     assert total == 24 and got == pytest.approx(correct / total)
+
+
+def test_sampling_takes_all_sets_when_fewer_exist_and_each_m_is_seeded_on_its_own():
+    from itertools import combinations
+
+    tasks = sample_subtasks(5, [2, 4, 5], per_size=6, seed=3)
+    # C(5,2) = 10 > 6: six distinct pairs; C(5,4) = 5 and C(5,5) = 1 <= 6: every set there is.
+    pairs = [t for t in tasks if len(t) == 2]
+    assert len(pairs) == 6 and len({tuple(p) for p in pairs}) == 6 and all(p == sorted(p) for p in pairs)
+    assert [tuple(t) for t in tasks if len(t) == 4] == list(combinations(range(5), 4))
+    assert [t for t in tasks if len(t) == 5] == [[0, 1, 2, 3, 4]]
+    # Adding an M leaves the sets of the others unchanged; another seed draws other sets.
+    assert sample_subtasks(10, [3], 4, seed=1) == [t for t in sample_subtasks(10, [2, 3, 7], 4, seed=1) if len(t) == 3]
+    assert sample_subtasks(10, [3], 4, seed=1) != sample_subtasks(10, [3], 4, seed=2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        sample_subtasks(10, [2], 0, seed=0)
+
+
+class _Sleeper(torch.nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return x
+
+
+def test_latency_is_measured_on_the_clock():
+    from mwt_ray.core.reuse import compare_latency, inference_latency
+
+    fast, slow = compare_latency([_Sleeper(0.01), _Sleeper(0.03)], 2, 8, torch.device("cpu"), repeats=5)
+    # Medians: a sleep never ends early; a busy machine can only lengthen it a little.
+    assert 0.01 <= fast < 0.02 and 0.03 <= slow < 0.045 and 0.2 < fast / slow < 0.55
+    assert inference_latency(_Sleeper(0.002), 1, 8, torch.device("cpu"), repeats=3) >= 0.002
+
+
+def test_evaluate_subtask_reports_zero_fine_tune_loss_and_latency():
+    from mwt_ray.core.reuse import accuracy_without_fine_tuning
+
+    torch.manual_seed(0)
+    data = separable_data(n=120)
+    model = create_model("vgg16", num_classes=4, width=0.125)
+    sizes = [u.num_kernels for u in masked_units(model)]
+    masks = torch.rand(4, sum(sizes)) < 0.5
+    masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
+    settings = FineTuneSettings(epochs=1, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0)
+    standard = create_model("vgg16", num_classes=4, width=0.125, modular=False)
+    row = evaluate_subtask(model, masks, data, [1, 3], settings, torch.device("cpu"), standard,
+                           {"name": "vgg16", "num_classes": 4, "width": 0.125}, zero_fine_tune=True,
+                           latency_batch_sizes=(1, 8), latency_repeats=2)
+    assert row["zero_ft_accuracy"] == pytest.approx(
+        accuracy_without_fine_tuning(model, masks, data, [1, 3], torch.device("cpu")))
+    assert row["accuracy_loss"] == pytest.approx(row["standard_accuracy"] - row["module_accuracy"])
+    assert row["module_flops"] < row["model_flops"]  # about half the kernels are gone
+    for b in (1, 8):
+        assert row[f"latency_ratio_b{b}"] == pytest.approx(row[f"module_ms_b{b}"] / row[f"model_ms_b{b}"])
+    assert row["fine_tune_s"] > 0 and row["latency_s"] > 0

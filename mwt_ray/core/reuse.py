@@ -190,7 +190,8 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
     with no training (``accuracy_without_fine_tuning``); each of ``latency_batch_sizes`` adds the
     median forward time of the reused module and of the whole model (the standard model, else
     ``whole_model``, else the plain network of ``arch``) at that batch size, timed in turn, and
-    their ratio. ``on_step`` is passed to ``fine_tune``."""
+    their ratio. ``on_step`` is passed to ``fine_tune``. ``fine_tune_s`` and ``latency_s`` say
+    where the time went."""
     validate_classes(classes, data.num_classes)
     sub = data.subset(classes)
     size = data.train_images.shape[-1]
@@ -200,7 +201,9 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
         result["zero_ft_accuracy"] = accuracy_without_fine_tuning(modular_model, module_masks, data, classes, device)
     torch.manual_seed(s.seed)
     reused = ReusedModel(extract_module(modular_model, keep), module_masks.shape[0], len(classes)).to(device)
+    start = time.perf_counter()
     tuned = fine_tune(reused, sub, s, device, on_step=on_step)
+    result["fine_tune_s"] = time.perf_counter() - start
     result |= {
         "module_flops": count_flops(reused.module, size),
         "module_accuracy": evaluate(reused, sub.test_images, sub.test_labels, sub, device),
@@ -220,8 +223,11 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
         result["accuracy_loss"] = -result["accuracy_change"]
     if latency_batch_sizes and plain is None:
         raise ValueError("latency needs the whole model: pass standard_model or arch")
+    start = time.perf_counter()
     for batch in latency_batch_sizes:
         module_s, model_s = compare_latency([reused, plain], batch, size, device, latency_repeats)
         result |= {f"module_ms_b{batch}": module_s * 1e3, f"model_ms_b{batch}": model_s * 1e3,
                    f"latency_ratio_b{batch}": module_s / model_s}
+    if latency_batch_sizes:
+        result["latency_s"] = time.perf_counter() - start
     return result
