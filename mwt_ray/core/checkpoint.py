@@ -16,7 +16,7 @@ from .files import atomic_torch_save
 from .models import create_model
 from .training import unwrap_ddp
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "build_model", "check_architecture"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "check_weights", "build_model", "check_architecture"]
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **extra) -> None:
@@ -54,6 +54,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def load_weights(model: nn.Module, weights: dict, source: str = "checkpoint") -> None:
     """``model.load_state_dict(weights)``, with a one-line summary of what does not fit."""
+    check_weights(model, weights, source)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{source}: weights cannot be loaded ({' '.join(str(error).split())[:300]})") from None
+
+
+def check_weights(model: nn.Module, weights: dict, source: str = "checkpoint") -> None:
+    """Raise ValueError, in one line, unless ``weights`` has exactly ``model``'s keys and shapes
+    (``model`` may live on the meta device: nothing is loaded)."""
     if not isinstance(weights, dict):
         raise ValueError(f"{source} holds no weights dictionary")
     own = model.state_dict()
@@ -71,10 +81,6 @@ def load_weights(model: nn.Module, weights: dict, source: str = "checkpoint") ->
             parts.append(f"{len(other_shape)} of another shape (e.g. {k!r}: {list(weights[k].shape)} "
                          f"instead of {list(own[k].shape)})")
         raise ValueError(f"{source}: weights do not fit the model it describes: {', '.join(parts)}")
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{source}: weights cannot be loaded ({' '.join(str(error).split())[:300]})") from None
 
 
 def check_architecture(state: dict, name: str, width: float, num_classes: int | None = None,

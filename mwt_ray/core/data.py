@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -257,8 +257,17 @@ def _folder(root: str | None, image_size: int) -> ImageData:
     path = Path(root).expanduser()
     if not path.exists():
         raise ValueError(f"data path {str(path)!r} does not exist")
-    if path.is_file():
-        path = _extract_archive(path)
+    if not path.is_file():
+        return _decode_folder(path, image_size)
+    path, undo = _extract_archive(path)
+    try:
+        return _decode_folder(path, image_size)
+    except ValueError:  # an archive of unusable contents: its extraction is not kept either
+        undo()
+        raise
+
+
+def _decode_folder(path: Path, image_size: int) -> ImageData:
     splits = {s: path / s for s in ("train", "test")}
     if not all(p.is_dir() for p in splits.values()):
         inner = [p for p in path.iterdir() if p.is_dir() and (p / "train").is_dir()]
@@ -334,11 +343,13 @@ def _decode_all(paths: list[Path], image_size: int, what: str = "decoding images
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _extract_archive(archive: Path) -> Path:
+def _extract_archive(archive: Path) -> tuple[Path, Callable[[], None]]:
+    """The archive's contents, extracted once into the cache; and a function that removes what this
+    call extracted (nothing when the extraction was there already)."""
     digest = hashlib.sha1(f"{archive.resolve()}|{archive.stat().st_size}|{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "archives" / digest
     if target.exists():
-        return target
+        return target, lambda: None
     try:
         tar = tarfile.open(archive)
     except Exception as error:  # not a tar at all: nothing is created
@@ -346,6 +357,16 @@ def _extract_archive(archive: Path) -> Path:
                   else _one_line(error))
         raise ValueError(f"data path {str(archive)!r} is a file but not a readable tar archive ({reason})") from None
     created = [p for p in (cache_dir(), target.parent) if not p.exists()]
+
+    def undo(also: Path | None = None) -> None:
+        if also is not None:
+            shutil.rmtree(also, ignore_errors=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()  # only if empty: another job may have put something there meanwhile
+            except OSError:
+                pass
+
     print(f"extracting {archive} to {target} (once)", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=target.parent))
@@ -356,14 +377,10 @@ def _extract_archive(archive: Path) -> Path:
     except BaseException as error:  # a truncated or corrupt archive, a full disk, Ctrl-C: leave nothing
         shutil.rmtree(staging, ignore_errors=True)
         if target.exists():
-            return target
-        for folder in reversed(created):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+            return target, lambda: None
+        undo()
         if not isinstance(error, Exception):
             raise
         raise ValueError(f"data path {str(archive)!r} is a damaged or truncated tar archive "
                          f"({type(error).__name__}: {_one_line(error)})") from None
-    return target
+    return target, lambda: undo(target)

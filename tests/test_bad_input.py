@@ -1,0 +1,397 @@
+"""Bad input, as a hostile but fair user gives it: every case ends with exactly one stderr line that
+starts with ``error:``, the promised exit status, and no file created anywhere the job writes: the
+output folder, the MLflow store, the dataset cache ($MWT_RAY_CACHE) or the Ray run storage (Ray's
+own temporary folders, under /tmp/ray, are exempt).
+
+Each case runs in a fresh folder that is also the working directory (where the default MLflow store
+``mlflow.db`` would go) and the dataset cache; the whole folder is compared before and after.
+Cases whose behaviour does not depend on the process boundary call the command's ``main(argv)`` in
+this process; the few that do (Ray's log lines on the driver's terminal, a worker killed after
+training started) run ``python -m mwt_ray.train``. Later features add their cases to ``CASES``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and quick, so that a case that wrongly trains still ends soon (and then fails its checks).
+COMMON = ["--set", "output_dir={tmp}/runs", "--set", "train.epochs=1", "--set", "data.train_limit=100",
+          "--set", "model.width=0.125", "--set", "train.batch_size=32"]
+NO_GPU = not torch.cuda.is_available()
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    args: list[str]
+    expected: str  # a part of the error line
+    status: int = 2
+    setup: Callable[[Path], None] | None = None
+    command: str = "train"
+    common: bool = True  # add COMMON to a train command
+    needs: str = ""  # "ray": a running Ray cluster; "job": a finished job of name 'base' in {tmp}/runs
+    skip: str = ""  # a real reason this case cannot run here
+
+
+# ----------------------------------------------------------------------------- inputs the cases need
+
+def image_folder(root: Path, train: list[str], test: list[str], per_class: int = 2, empty: tuple = ()) -> None:
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", train), ("test", test)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(0 if (split, name) in empty else per_class):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def write(relative: str, content: bytes | str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        path = tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return setup
+
+
+def folder(relative: str) -> Callable[[Path], None]:
+    return lambda tmp: (tmp / relative).mkdir(parents=True, exist_ok=True)
+
+
+def images(train: list[str], test: list[str], **kwargs) -> Callable[[Path], None]:
+    return lambda tmp: image_folder(tmp / "in" / "ds", train, test, **kwargs)
+
+
+def tar_of_images(truncate: bool) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        image_folder(tmp / "src", ["a", "b"], ["a", "b"], per_class=20)
+        archive = tmp / "in" / "ds.tar.gz"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(tmp / "src", arcname="ds")
+        shutil.rmtree(tmp / "src")
+        if truncate:
+            data = archive.read_bytes()
+            archive.write_bytes(data[: len(data) // 2])
+    return setup
+
+
+def three_class_folder_cached(tmp: Path) -> None:
+    """A 3-class image folder, decoded (and so cached) before the case runs."""
+    from mwt_ray.core.data import load_dataset
+
+    image_folder(tmp / "in" / "ds", ["a", "b", "c"], ["a", "b", "c"], per_class=12)
+    load_dataset("folder", str(tmp / "in" / "ds"))
+
+
+def forge_training_states(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        for path in (tmp / "runs" / "base" / "jobs").rglob("training_state.pt"):
+            state = torch.load(path, weights_only=True)
+            change(state)
+            torch.save(state, path)
+    return setup
+
+
+def rename_first_weight(state: dict) -> None:
+    key = next(iter(state["model_state"]))
+    state["model_state"]["forged." + key] = state["model_state"].pop(key)
+
+
+def text_training_states(tmp: Path) -> None:
+    for path in (tmp / "runs" / "base" / "jobs").rglob("training_state.pt"):
+        path.write_text("hello, I am not a checkpoint\n")
+
+
+# ----------------------------------------------------------------------------- the cases
+
+def config_cases() -> list[Case]:
+    values = [  # (override, part of the message)
+        ("model.name=alexnet", "unknown model 'alexnet'"), ("model.width=0", "model.width"),
+        ("model.width=-1", "model.width"), ("model.width=1e9", "more than the 2e+09 allowed"),
+        ("model.width=nan", "model.width"), ("model.width=abc", "model.width"),
+        ("model.width=40", "use a width up to"), ("data.name=imagenet", "unknown dataset 'imagenet'"),
+        ("data.train_limit=1", "data.train_limit"), ("data.val_fraction=1", "data.val_fraction"),
+        ("data.val_fraction=-0.1", "data.val_fraction"), ("data.download=maybe", "data.download"),
+        ("train.epochs=0", "train.epochs"), ("train.epochs=1.5", "train.epochs"), ("train.epochs=[1]", "train.epochs"),
+        ("train.batch_size=1", "train.batch_size"), ("train.lr=0", "train.lr"), ("train.lr=-1", "train.lr"),
+        ("train.lr=inf", "train.lr"), ("train.momentum=1", "train.momentum"), ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.alpha=-0.5", "train.alpha"), ("train.beta=-1", "train.beta"), ("train.warmup_epochs=-1", "train.warmup_epochs"),
+        ("train.device=tpu", "unknown device 'tpu'"), ("train.device=cuda:x", "unknown device"),
+        ("train.modular=perhaps", "train.modular"), ("modularize.tau=0", "modularize.tau"),
+        ("modularize.tau=1.5", "modularize.tau"), ("modularize.cohesion_samples_per_class=-1", "cohesion_samples_per_class"),
+        ("scaling.num_workers=-1", "scaling.num_workers"), ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker"),
+        ("scaling.max_failures=-2", "scaling.max_failures"), ("scaling.fail_at_epoch=0", "scaling.fail_at_epoch"),
+        ("tracking.enabled=perhaps", "tracking.enabled"), ("name=../../../x", "plain folder name"),
+        ("name=a/b", "plain folder name"), ("name=..", "plain folder name"), ("name=.hidden", "plain folder name"),
+        ("name=", "name"), ("name=a\\b", "plain folder name"), ("unknown.key=1", "unknown key"),
+        ("train.unknown=1", "train.unknown: unknown key"), ("train=5", "train"), ("train.epochs.x=1", "not a section"),
+        ("output_dir=[1, 2]", "output_dir"),
+    ]
+    cases = [Case(f"set {o}", ["--set", o], m) for o, m in values]
+    cases.append(Case("override without =", ["--set", "train.epochs"], "must look like section.key=value"))
+    return cases
+
+
+def cli_cases() -> list[Case]:
+    return [
+        Case("config file missing", ["--config", "{tmp}/in/none.yaml"], "does not exist"),
+        Case("config file is a folder", ["--config", "{tmp}/in/conf"], "is a folder, not a YAML file", setup=folder("in/conf")),
+        Case("config YAML malformed", ["--config", "{tmp}/in/c.yaml"], "is not valid YAML",
+             setup=write("in/c.yaml", "train:\n  epochs: 3\n   lr: [0.1\n")),
+        Case("config YAML tab", ["--config", "{tmp}/in/c.yaml"], "is not valid YAML", setup=write("in/c.yaml", "train:\n\tepochs: 3\n")),
+        Case("config YAML is a list", ["--config", "{tmp}/in/c.yaml"], "must hold a mapping", setup=write("in/c.yaml", "- 1\n- 2\n")),
+        Case("config unknown section", ["--config", "{tmp}/in/c.yaml"], "unknown key", setup=write("in/c.yaml", "trian:\n  epochs: 3\n")),
+        Case("config bad value", ["--config", "{tmp}/in/c.yaml"], "train.lr", setup=write("in/c.yaml", "train:\n  lr: -3\n")),
+        Case("config binary file", ["--config", "{tmp}/in/c.yaml"], "cannot be read", setup=write("in/c.yaml", b"\xff\xfe\x00\x81")),
+        Case("--num-workers not a number", ["--num-workers", "two"], "invalid int value"),
+        Case("unknown flag", ["--epochs", "3"], "unrecognized arguments"),
+        Case("--set without a value", ["--set"], "expected one argument", common=False),
+        Case("--num-workers negative", ["--num-workers", "-1"], "scaling.num_workers"),
+    ]
+
+
+def data_cases() -> list[Case]:
+    ds = ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds"]
+    tv = lambda name, *more: ["--set", f"data.name={name}", *more]  # noqa: E731
+    return [
+        Case("folder without root", ["--set", "data.name=folder"], "needs data.root"),
+        Case("folder root missing", ["--set", "data.name=folder", "--set", "data.root=/no/such/dir"], "does not exist"),
+        Case("folder root empty", ds, "no train/ and test/", setup=folder("in/ds")),
+        Case("folder without test split", ds, "no train/ and test/", setup=lambda t: image_folder(t / "in" / "ds", ["a", "b"], [])
+             or shutil.rmtree(t / "in" / "ds" / "test", ignore_errors=True)),
+        Case("folder train without classes", ds, "holds no class folders", setup=lambda t: [folder("in/ds/train")(t), folder("in/ds/test/a")(t)]),
+        Case("test split has an extra class", ds, "only in test/: ['c']", setup=images(["a", "b"], ["a", "b", "c"])),
+        Case("test split misses a class", ds, "missing from test/: ['b']", setup=images(["a", "b", "c"], ["a", "c"])),
+        Case("class without training images", ds, "have no training samples",
+             setup=images(["a", "b", "c"], ["a", "b", "c"], empty=(("train", "b"),))),
+        Case("test split without images", ds, "holds no images",
+             setup=images(["a", "b"], ["a", "b"], empty=(("test", "a"), ("test", "b")))),
+        Case("corrupt image", ds, "cannot decode image",
+             setup=lambda t: [images(["a", "b"], ["a", "b"])(t), write("in/ds/train/a/bad.png", b"\x89PNG garbage")(t)]),
+        Case("truncated tar.gz", ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds.tar.gz"],
+             "damaged or truncated tar archive", setup=tar_of_images(truncate=True)),
+        Case("file that is not a tar", ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds.tar.gz"],
+             "not a readable tar archive (not a .tar", setup=write("in/ds.tar.gz", "just some text\n" * 100)),
+        Case("tar without train/test", ["--set", "data.name=folder", "--set", "data.root={tmp}/in/x.tar"],
+             "no train/ and test/", setup=lambda t: tarfile.open(write("in/x.txt", "x")(t) or t / "in" / "x.tar", "w").close()),
+        Case("cifar10 without root", tv("cifar10"), "needs data.root"),
+        Case("svhn without root", tv("svhn"), "needs data.root"),
+        Case("cifar10 not there", tv("cifar10", "--set", "data.root={tmp}/in/c10"), "set data.download=true",
+             setup=folder("in/c10")),
+        Case("cifar10 offline download", tv("cifar10", "--set", "data.root={tmp}/dl", "--set", "data.download=true"),
+             "could not be downloaded"),
+        Case("svhn offline download", tv("svhn", "--set", "data.root={tmp}/dl", "--set", "data.download=true"),
+             "could not be downloaded"),
+        Case("batch larger than the data", ["--set", "train.batch_size=5000"], "larger than the training set"),
+    ]
+
+
+def place_cases() -> list[Case]:
+    block = write("in/blocker", "a file where a folder should be\n")
+    return [
+        Case("output_dir in /proc", ["--set", "output_dir=/proc/x"], "output_dir '/proc/x' cannot be written"),
+        Case("output_dir in /sys", ["--set", "output_dir=/sys/x"], "output_dir '/sys/x' cannot be written"),
+        Case("output_dir under a file", ["--set", "output_dir={tmp}/in/blocker/runs"], "is not a folder", setup=block),
+        Case("output_dir is a file", ["--set", "output_dir={tmp}/in/blocker"], "is not a folder", setup=block),
+        Case("storage under a file", ["--set", "scaling.storage_path={tmp}/in/blocker/s"], "run storage", setup=block),
+        Case("storage in /proc", ["--set", "scaling.storage_path=/proc/x"], "is not writable"),
+        Case("tracking scheme unknown", ["--set", "tracking.tracking_uri=foo://bar"], "scheme MLflow does not know ('foo')"),
+        Case("tracking sqlite not a db", ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"], "is not an sqlite database",
+             setup=write("in/m.db", "name,value\n1,2\n")),
+        Case("tracking sqlite is a folder", ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"],
+             "is a folder, not an sqlite database file", setup=folder("in/m.db")),
+        Case("tracking sqlite under a file", ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/blocker/m.db"],
+             "not writable", setup=block),
+        Case("tracking file store is a file", ["--set", "tracking.tracking_uri={tmp}/in/blocker"], "is a file, not a folder",
+             setup=block),
+        Case("tracking server down", ["--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], "does not answer"),
+        Case("device cuda without GPU", ["--set", "train.device=cuda"], "no CUDA GPU", skip="" if NO_GPU else "a GPU is here"),
+        Case("device cuda:7", ["--set", "train.device=cuda:7"], "cuda:7", skip="" if NO_GPU else "a GPU is here"),
+    ]
+
+
+def distributed_cases() -> list[Case]:
+    two = ["--num-workers", "2"]
+    return [
+        Case("batch not divisible by workers", ["--num-workers", "3"], "not divisible by scaling.num_workers 3"),
+        Case("workers but cuda device", two + ["--set", "train.device=cuda"], "no CUDA GPU" if NO_GPU else "use_gpu=false"),
+        Case("use_gpu with cpu device", two + ["--set", "scaling.use_gpu=true", "--set", "train.device=cpu"], "train.device=cpu"),
+        Case("workers, storage under a file", two + ["--set", "scaling.storage_path={tmp}/in/blocker/s"], "run storage",
+             setup=write("in/blocker", "x")),
+        Case("workers, tracking scheme", two + ["--set", "tracking.tracking_uri=foo://bar"], "does not know"),
+        Case("workers, tracking folder", two + ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"], "is a folder",
+             setup=folder("in/m.db")),
+        Case("workers, server down", two + ["--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], "does not answer"),
+        Case("64 workers", ["--num-workers", "64", "--set", "train.batch_size=64"], "64 workers with 1 CPU each", needs="ray"),
+        Case("100 CPUs per worker", ["--num-workers", "1", "--set", "scaling.cpus_per_worker=100"],
+             "1 worker with 100 CPU each", needs="ray"),
+        Case("a GPU on a CPU machine", ["--num-workers", "1", "--set", "scaling.use_gpu=true"], "0 GPUs", needs="ray",
+             skip="" if NO_GPU else "a GPU is here"),
+        Case("3 workers on 2 CPUs", ["--num-workers", "3", "--set", "train.batch_size=48"], "room for 2", needs="ray"),
+    ]
+
+
+def resume_cases() -> list[Case]:
+    base = ["--set", "name=base", "--resume"]
+    return [
+        Case("resume another width", base + ["--set", "model.width=0.25"], "width 0.125", needs="job"),
+        Case("resume another model", base + ["--set", "model.name=resnet18"], "holds vgg16", needs="job"),
+        Case("resume standard over modular", base + ["--standard"], "is from modular training", needs="job"),
+        Case("resume another class count", base + ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds"],
+             "with 10 classes, but the config asks for vgg16 width 0.125 with 3 classes", needs="job",
+             setup=three_class_folder_cached),
+        Case("resume another class count, 2 workers", base + ["--num-workers", "2", "--set", "data.name=folder",
+             "--set", "data.root={tmp}/in/ds"], "with 3 classes", needs="job", setup=three_class_folder_cached),
+        Case("resume another width, 2 workers", base + ["--num-workers", "2", "--set", "model.width=0.25"], "width 0.125",
+             needs="job"),
+        Case("resume forged weights", base, "weights do not fit the model it describes: 1 missing", needs="job",
+             setup=forge_training_states(rename_first_weight)),
+        Case("resume text checkpoint", base, "cannot be read", needs="job", setup=text_training_states),
+        Case("resume forged architecture", base, "classes, but the config asks", needs="job",
+             setup=forge_training_states(lambda s: s["architecture"].update(num_classes=7))),
+    ]
+
+
+def reuse_cases() -> list[Case]:
+    """The reuse command's checkpoint handling (its other checks belong to the reuse tests)."""
+    return [
+        Case("reuse text file as checkpoint", ["--modular", "{tmp}/in/notes.pt"], "is not a PyTorch checkpoint file",
+             command="reuse", setup=write("in/notes.pt", "hello\n")),
+        Case("reuse truncated checkpoint", ["--modular", "{tmp}/in/cut.pt"], "cannot be read", command="reuse",
+             needs="job", setup=lambda t: write("in/cut.pt", (t / "runs" / "base" / "checkpoint.pt").read_bytes()[:3000])(t)),
+    ]
+
+
+CASES = config_cases() + cli_cases() + data_cases() + place_cases() + distributed_cases() + resume_cases() + reuse_cases()
+
+
+# ----------------------------------------------------------------------------- running a case
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root``; a file with its size and mtime (a folder's mtime changes when the
+    write probe creates and deletes its file: what matters is that nothing stays)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """The output folder of one finished tiny job named 'base' (digits, modular VGG16 at 1/8 width)."""
+    from mwt_ray.config import load_config
+    from mwt_ray.jobs import train_in_process
+
+    out = tmp_path_factory.mktemp("finished") / "runs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_in_process(load_config(None, ["name=base", f"output_dir={out}", "train.epochs=1", "data.train_limit=100",
+                                            "model.width=0.125", "train.batch_size=32", "tracking.enabled=false",
+                                            "modularize.cohesion_samples_per_class=10"]), log=None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def expand(args: list[str], tmp: Path, port: int) -> list[str]:
+    return [a.replace("{tmp}", str(tmp)).replace("{port}", str(port)) for a in args]
+
+
+def one_error_line(stderr: str, expected: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n" + "\n".join(lines[-30:])
+    assert lines[0].startswith("error: "), lines[0]
+    assert expected in lines[0], f"{expected!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request):
+    if case.skip:
+        pytest.skip(case.skip)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):  # downloads fail at once, network or not
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    if case.needs == "ray":
+        request.getfixturevalue("ray_cluster")
+    if case.needs == "job":
+        shutil.copytree(request.getfixturevalue("finished_job"), tmp_path / "runs")
+    (tmp_path / "in").mkdir(exist_ok=True)
+    if case.setup:
+        case.setup(tmp_path)
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    args = expand((COMMON if case.command == "train" and case.common else []) + case.args, tmp_path, free_port())
+    if case.command == "train":
+        from mwt_ray.train import main
+    else:
+        from mwt_ray.reuse import main
+    try:
+        status = main(args)
+    except SystemExit as stop:  # argparse
+        status = stop.code
+    assert status == case.status, capsys.readouterr().err
+    one_error_line(capsys.readouterr().err, case.expected)
+    after = snapshot(tmp_path)
+    assert after == before, f"created or changed: {sorted(set(after.items()) ^ set(before.items()))[:10]}"
+
+
+def test_there_are_at_least_100_cases():
+    assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
+
+
+# ----------------------------------------------------------------------------- across the process boundary
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MWT_RAY_CACHE": str(cwd / "cache"), "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run([sys.executable, "-m", "mwt_ray.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_impossible_resources_one_line_despite_ray_logging(tmp_path):
+    """Ray starts in the command's process and logs on its stderr; the error is still the only line."""
+    result = run_cli(expand(COMMON + ["--num-workers", "64", "--set", "train.batch_size=64"], tmp_path, 0), tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    one_error_line(result.stderr, "64 workers with 1 CPU each")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] or not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_worker_killed_after_start_names_the_dead_worker(tmp_path):
+    """Issue item 1: a worker SIGKILLed with no failure budget: exit 1, one line that names the
+    killed worker (rank 0 and its pid), not the surviving worker's lost connection."""
+    result = run_cli(expand(COMMON + ["--num-workers", "2", "--set", "scaling.fail_at_epoch=1",
+                                      "--set", "data.train_limit=200"], tmp_path, 0), tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = one_error_line(result.stderr, "worker rank 0 (pid ")
+    killed = next(l for l in result.stdout.splitlines() if "fault injection: killing worker pid" in l)
+    pid = killed.split("killing worker pid ")[1].split()[0]
+    assert f"(pid {pid}) died" in line and "scaling.max_failures=0" in line
+    log = next((tmp_path / "runs" / "mwt" / "jobs").glob("job-*/worker_stderr.log"))
+    assert "Traceback" in log.read_text() and str(log) in line  # the tracebacks went to the log, not the terminal
