@@ -14,9 +14,11 @@ instead. Early-stopped trials reach Optuna with a pessimistic score (their last 
 KRR taken as 1), and the results table marks them as stopped.
 
 Everything lands in ``<output_dir>/<name>/<start time>/``: ``tune/`` (Tune's experiment, for
-``--resume``), ``trials/trial-*/`` (each trial's run folder and checkpoints), ``standard/`` (the
-standard baseline), ``results.csv`` / ``results.md`` / ``pareto.png``, and ``sweep.json`` (the
-MLflow parent run, the status). MLflow: one parent run per sweep, a nested run per trial (and the
+``--resume``), ``trials/trial-*/`` (each trial's run folder and checkpoints; the best one's
+``reuse/`` tables when ``sweep.reuse`` is on), ``standard/`` (the standard baseline),
+``results.csv`` / ``results.md`` / ``pareto.png``, and ``sweep.json`` (the MLflow parent run, the
+status). The last stage evaluates the best trial's modules on sampled M-class sub-tasks against
+the standard baseline on a pool of Ray actors (``cluster.reuse_pool``). MLflow: one parent run per sweep, a nested run per trial (and the
 baseline); the parent holds the table and the plot as artifacts and the best trial as tags.
 """
 from __future__ import annotations
@@ -81,6 +83,7 @@ def _tune_report_callback(cfg: Config):
 
 def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | None) -> None:
     """Tune's trainable: train (resuming this trial's own job if Tune restarts it), then score tau."""
+    import pandas as pd
     import torch
     from ray import tune
 
@@ -89,8 +92,10 @@ def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | N
                        parent_run_id)
     if cfg.scaling.num_workers == 0:  # a reused worker process keeps the thread count of its first import
         torch.set_num_threads(max(1, math.floor(cfg.sweep.cpus_per_trial)))
+    started = time.perf_counter()
     summary = run_training(cfg, resume=True, report=lambda metrics: tune.report(_epoch_report(cfg, metrics)),
                            train_callbacks=[_tune_report_callback(cfg)] if cfg.scaling.num_workers else None)
+    job_seconds = time.perf_counter() - started
 
     device = resolve_device(cfg.train.device) if cfg.scaling.num_workers == 0 else torch.device("cpu")
     taus = [params["tau"]] if "tau" in params else cfg.sweep.tau_grid
@@ -100,7 +105,10 @@ def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | N
     result = {"epoch": final["epoch"], "val_accuracy": final["val_accuracy"], "test_accuracy": final["test_accuracy"],
               "tau": best["tau"], "krr": best["krr"], "coupling": best["coupling"],
               "module_accuracy": best["module_accuracy"], "subtask_krr": best["subtask_krr"],
-              "objective": best["score"], "mlflow_run_id": summary.get("mlflow_run_id")}
+              "objective": best["score"], "mlflow_run_id": summary.get("mlflow_run_id"),
+              # where a trial's time goes (benchmarks/sweep.py): the training job, its epochs, the tau scan
+              "job_seconds": job_seconds, "scan_seconds": time.perf_counter() - started - job_seconds,
+              "epoch_seconds": float(pd.read_csv(cfg.run_dir / "history.csv")["epoch_time_s"].sum())}
     atomic_write_text(cfg.run_dir / TRIAL_RESULT, json.dumps({"result": result, "tau_scan": scan}, indent=2))
     if summary.get("mlflow_run_id"):
         from ..tracking.sweep_report import log_trial_scan
@@ -331,4 +339,19 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, log) -> 
 
     from ..tracking.sweep_report import finish_sweep
 
-    return finish_sweep(cfg, folder, grid, standard_summary, parent, log)
+    outcome = finish_sweep(cfg, folder, grid, standard_summary, parent, log)
+    outcome["reuse"] = _reuse_best(cfg, folder, outcome, log) if cfg.sweep.reuse and outcome["best"] else None
+    return outcome
+
+
+def _reuse_best(cfg: Config, folder: Path, outcome: dict, log):
+    """The last stage: the best trial's modules (at its tau) on sampled M-class sub-tasks, against
+    the standard baseline, on Ray actors; tables and plots go to the best trial's MLflow run."""
+    from .reuse_pool import evaluate_reuse
+
+    best = outcome["best"]
+    standard = folder / "standard" / "checkpoint.pt"
+    log(f"reuse: the modules of trial {best['trial']} at tau {best['tau']:.2f}")
+    return evaluate_reuse(str(folder / "trials" / f"trial-{best['trial']}" / "checkpoint.pt"),
+                          str(standard) if standard.exists() else None, cfg,
+                          best.get("mlflow_run_id") or None, tau=float(best["tau"]), log=log)
