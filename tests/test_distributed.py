@@ -24,7 +24,8 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from mwt_ray.core.checkpoint import build_model, load_checkpoint  # noqa: E402
 from mwt_ray.cluster import DistributedTrainingError, loop_config, run_distributed, train_loop_per_worker  # noqa: E402
-from mwt_ray.jobs import SetupError, latest_training_state, storage_root  # noqa: E402
+from mwt_ray.cluster.trainer import _prune_checkpoints, preflight  # noqa: E402
+from mwt_ray.jobs import RunStorage, SetupError, job_storage, latest_training_state, list_jobs  # noqa: E402
 from mwt_ray.tracking import TrackingError  # noqa: E402
 
 from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
@@ -53,6 +54,11 @@ def cluster():
     ray.shutdown()
 
 
+def job_folder(cfg) -> str:
+    """The folder of the latest (here: the only) job of ``cfg.name``."""
+    return job_storage(cfg, list_jobs(cfg)[-1]).uri
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(cluster, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("two_workers")
@@ -79,7 +85,8 @@ def test_two_workers_end_to_end(two_worker_run):
     assert json.loads((run_dir / "metrics.json").read_text())["modules"]["krr"] > 0
 
     # per-epoch training state in the Ray run storage, holding optimizer and scheduler too
-    training_state = latest_training_state(f"{storage_root(cfg)}/{cfg.name}")
+    assert len(list_jobs(cfg)) == 1
+    training_state = latest_training_state(job_folder(cfg))
     assert training_state["epoch"] == 2 and training_state["resumes"] == []
     assert training_state["optimizer_state"]["state"] and training_state["scheduler_state"]["last_epoch"] == 2
 
@@ -92,15 +99,30 @@ def test_two_workers_end_to_end(two_worker_run):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png"} <= artifacts
+    # The workers' stderr went to the job's log, and without Ray Train's per-report INFO lines.
+    log = Path(job_folder(cfg)) / "worker_stderr.log"
+    assert not log.exists() or "Reporting training result" not in log.read_text()
 
 
-def test_rerun_resumes_same_job_and_mlflow_run(two_worker_run):
-    """Running the same job again finds its final checkpoint: nothing is retrained or re-logged."""
+def test_a_new_job_unless_resumed(two_worker_run):
+    """Without resume a run of the same name is a new job; with it, the latest job (no Ray needed)."""
+    cfg, _, _, _ = two_worker_run
+    (existing,) = list_jobs(cfg)
+    _, fresh = preflight(cfg)
+    assert not fresh.resumed and fresh.job_id != existing and fresh.state is None
+    _, resumed = preflight(cfg, resume=True)
+    assert resumed.resumed and resumed.job_id == existing and resumed.finished and resumed.state["epoch"] == 2
+    assert list_jobs(cfg) == [existing]  # planning writes nothing
+
+
+def test_resume_continues_same_job_and_mlflow_run(two_worker_run):
+    """Resuming a finished job finds its final checkpoint: nothing is retrained or re-logged."""
     cfg, tmp_path, summary, first_seconds = two_worker_run
-    again = run_distributed(cfg)
+    again = run_distributed(cfg, resume=True)
     assert again["epochs"] == 2
     assert again["final"] == summary["final"]
-    state = latest_training_state(f"{storage_root(cfg)}/{cfg.name}")
+    assert len(list_jobs(cfg)) == 1
+    state = latest_training_state(job_folder(cfg))
     assert state["resumes"] == [2]
     client = mlflow_client(tmp_path)
     run = only_run(client)
@@ -190,7 +212,7 @@ def test_two_workers_match_one_process_loss_and_gradients(cluster, tmp_path):
 def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(cluster, tmp_path):
     cfg = tiny_config(tmp_path, "kill", "scaling.fail_at_epoch=2", "scaling.max_failures=1", epochs=3)
     summary = run_distributed(cfg)
-    storage = Path(storage_root(cfg)) / cfg.name
+    storage = Path(job_folder(cfg))
     marker = storage / ".fault_injected_epoch_2"
     assert marker.is_file() and "at epoch 2" in marker.read_text()  # the kill really happened
     state = latest_training_state(str(storage))
@@ -214,6 +236,7 @@ def test_worker_killed_without_failure_budget_fails_the_job(cluster, tmp_path):
     message = str(info.value)
     print(message)
     assert "scaling.max_failures=0" in message and "\n" not in message
+    assert "worker rank 0 (pid " in message and "died" in message  # the killed worker, not the one it took along
     assert only_run(mlflow_client(tmp_path)).info.status == "FAILED"
 
 
@@ -278,8 +301,8 @@ def test_resume_checkpoint_of_another_model(two_worker_run):
                                           ("train", "modular", False, "modular training")):
         other = cfg.model_copy(deep=True)
         setattr(getattr(other, section), key, value)
-        message = one_line_error(SetupError, lambda: run_distributed(other))
-        assert expected in message and "use a new name" in message
+        message = one_line_error(SetupError, lambda: run_distributed(other, resume=True))
+        assert expected in message and "run without --resume" in message
 
 
 # ----------------------------------------------------------------------------- no Ray
@@ -292,8 +315,22 @@ def test_train_loop_runs_in_a_plain_process_and_resumes(tmp_path):
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
     second = train_loop_per_worker(loop_config(longer))
     assert second["epochs"] == 2
-    storage = Path(storage_root(cfg)) / cfg.name
+    assert len(list_jobs(cfg)) == 1
+    storage = Path(job_folder(cfg))
     state = latest_training_state(str(storage))
     assert state["epoch"] == 2 and state["resumes"] == [1]
     assert [m["epoch"] for m in load_checkpoint(cfg.run_dir / "checkpoint.pt")["history"]] == [1, 2]
     assert len([p for p in storage.iterdir() if p.is_dir()]) <= 2  # older checkpoints pruned
+
+
+def test_prune_keeps_the_newest_checkpoints(tmp_path):
+    """A driver killed between a checkpoint's upload and its registration leaves one folder too many;
+    the job's end removes it, keeping the newest two."""
+    storage = RunStorage(str(tmp_path / "job"))
+    for epoch in (1, 2, 3):
+        folder = tmp_path / "job" / f"checkpoint_epoch_{epoch:04d}"
+        folder.mkdir(parents=True)
+        (folder / "training_state.pt").write_bytes(b"x")
+        os.utime(folder / "training_state.pt", (1000 + epoch, 1000 + epoch))
+    _prune_checkpoints(storage)
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
