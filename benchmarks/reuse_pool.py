@@ -5,9 +5,9 @@ measured latency of 2-class modules against the whole model.
     python benchmarks/reuse_pool.py --per-size 3 --fine-tune-epochs 5
     python benchmarks/reuse_pool.py --modular RUN/checkpoint.pt --standard STD/checkpoint.pt --set data.root=...
 
-Without ``--modular`` it first trains a modular and a standard VGG16 at width 1/4 (the CIFAR-10
-configuration's network, 32x32 inputs, 10 classes) on scikit-learn's digits, so the modules have
-the shape of real CIFAR-size modules. Then the same sub-tasks (M = 2..9, ``--per-size`` each,
+Without ``--modular`` it first trains (``--train-epochs``, 2) a modular and a standard VGG16 at
+width 1/4 (the CIFAR-10 configuration's network: 32x32 inputs, 10 classes) on scikit-learn's
+digits; sub-task throughput needs the real evaluation, not well-trained modules. Then the same sub-tasks (M = 2..9, ``--per-size`` each,
 seeded) are evaluated by ``cluster.evaluate_reuse`` with 1 and with 2 actors of one CPU each on
 a local Ray cluster of ``--cpus`` CPUs. For each pool size:
 
@@ -16,8 +16,12 @@ a local Ray cluster of ``--cpus`` CPUs. For each pool size:
 - where the time goes: the mean seconds per sub-task inside an actor, split into fine-tuning and
   latency measurement; busy share = actor seconds / (actors x pool wall time).
 
-Latency: for the 2-class sub-tasks of the 1-actor run (one thread, the other core idle as far as
-this benchmark goes), the median forward time of the reused module vs the whole standard model at
+Latency, two ways. (1) Module shapes: latency does not depend on the weights, only on how many
+kernels each layer keeps, so modules of a given per-layer shape (the README's CIFAR-10 modules'
+per-layer KRR, the union of two such modules, uniform keep rates) are extracted from an untrained
+VGG16 at width 1/4 and timed against the whole network at 1 and 2 threads, beside their FLOPs
+ratio: does the clock agree with fvcore? (2) For the 2-class sub-tasks of the 1-actor run (one
+thread, the other core idle as far as this benchmark goes), the median forward time of the reused module vs the whole standard model at
 batch 1 and 128 (``reuse.latency_repeats`` timed passes, interleaved), beside the FLOPs ratio.
 Writes benchmarks/results/reuse_pool.json (or --out); the load average is recorded, as other jobs
 on the machine move every number.
@@ -100,11 +104,55 @@ def latency_summary(rows: list[dict]) -> dict:
     }
 
 
+# Per-layer KRR of the average module of the README's CIFAR-10 VGG16 (width 1/4, paper setting, 15
+# epochs), first -> last masked layer; the union of two independent such modules keeps 1 - (1 - p)^2.
+CIFAR_MODULE_PROFILE = [0.99, 0.71, 0.66, 0.50, 0.50, 0.46, 0.44, 0.35, 0.27, 0.18, 0.17, 0.12]
+
+
+def shaped_latency(repeats: int, threads: list[int]) -> list[dict]:
+    """Latency vs FLOPs of modules of given per-layer shapes (random kernels kept; time depends on
+    the shape only): the CIFAR-10 profile above, its two-module union, and uniform keep rates."""
+    import torch
+
+    from mwt_ray.core.extract import extract_module
+    from mwt_ray.core.flops import count_flops
+    from mwt_ray.core.models import create_model, masked_units
+    from mwt_ray.core.reuse import compare_latency
+
+    torch.manual_seed(0)
+    modular = create_model("vgg16", 10, 0.25, modular=True).eval()
+    plain = create_model("vgg16", 10, 0.25, modular=False).eval()
+    sizes = [u.num_kernels for u in masked_units(modular)]
+    profiles = {"CIFAR-10 module profile": CIFAR_MODULE_PROFILE,
+                "two-module union of it": [1 - (1 - p) ** 2 for p in CIFAR_MODULE_PROFILE],
+                **{f"uniform {p:.2f}": [p] * len(sizes) for p in (0.25, 0.5, 0.75)}}
+    model_flops = count_flops(plain)
+    before = torch.get_num_threads()
+    out = []
+    for name, profile in profiles.items():
+        keep = torch.cat([torch.zeros(k, dtype=torch.bool).index_fill_(0, torch.randperm(k)[:max(1, round(p * k))], True)
+                          for k, p in zip(sizes, profile)])
+        module = extract_module(modular, keep).eval()
+        row = {"module": name, "krr": keep.float().mean().item(), "flops_ratio": count_flops(module) / model_flops}
+        for n in threads:
+            torch.set_num_threads(n)
+            for b in (1, 128):
+                module_s, model_s = compare_latency([module, plain], b, 32, torch.device("cpu"), repeats)
+                row[f"latency_ratio_b{b}_t{n}"] = module_s / model_s
+                row[f"model_ms_b{b}_t{n}"] = model_s * 1e3
+        out.append(row)
+        print(f"  {name}: KRR {row['krr']:.3f}  FLOPs x{row['flops_ratio']:.2f}  latency "
+              + "  ".join(f"{k[len('latency_ratio_'):]} x{v:.2f}" for k, v in row.items() if k.startswith("latency_ratio")),
+              flush=True)
+    torch.set_num_threads(before)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modular", help="modular checkpoint (default: train one on digits)")
     parser.add_argument("--standard", help="standard checkpoint (with --modular)")
-    parser.add_argument("--train-epochs", type=int, default=10)
+    parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--sizes", default="2..9")
     parser.add_argument("--per-size", type=int, default=2)
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
@@ -119,6 +167,8 @@ def main() -> None:
     import torch
 
     load_before = os.getloadavg()
+    print("latency of module shapes vs the whole VGG16 (width 1/4, 32x32), 1 and 2 threads:", flush=True)
+    shapes = shaped_latency(args.latency_repeats * 2, [1, 2])
     with tempfile.TemporaryDirectory(prefix="reuse_bench_") as scratch:
         scratch = Path(scratch)
         modular, standard = (args.modular, args.standard) if args.modular else train_models(scratch / "runs",
@@ -141,6 +191,7 @@ def main() -> None:
         "pools": [{k: v for k, v in r.items() if k != "rows"} for r in runs],
         "speedup": (by_actors[max(by_actors)]["subtasks_per_min"] / one["subtasks_per_min"]) if len(runs) > 1 else None,
         "latency_2class": latency,
+        "latency_by_shape": shapes,
         "rows": {r["actors"]: r["rows"] for r in runs},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +209,11 @@ def main() -> None:
           f"of the model's; measured latency module/model: batch 1 {latency['latency_ratio_b1']:.2f} "
           f"({latency['module_ms_b1']:.2f} vs {latency['model_ms_b1']:.2f} ms), batch 128 {latency['latency_ratio_b128']:.2f} "
           f"({latency['module_ms_b128']:.1f} vs {latency['model_ms_b128']:.1f} ms)")
+    print("\n| module shape | KRR | FLOPs ratio | latency ratio b1 (1 / 2 threads) | b128 (1 / 2 threads) |")
+    print("|---|---|---|---|---|")
+    for r in shapes:
+        print(f"| {r['module']} | {r['krr']:.3f} | {r['flops_ratio']:.2f} | {r['latency_ratio_b1_t1']:.2f} / "
+              f"{r['latency_ratio_b1_t2']:.2f} | {r['latency_ratio_b128_t1']:.2f} / {r['latency_ratio_b128_t2']:.2f} |")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; wrote {args.out}")
 
 

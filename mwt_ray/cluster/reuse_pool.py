@@ -221,7 +221,7 @@ def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = No
     log(f"{len(rows)} sub-tasks in {time.perf_counter() - started:.1f} s; wrote {', '.join(p.name for p in files)} "
         f"to {plan.out_dir}")
     log(tables.summary.to_string(float_format=lambda v: f"{v:.4g}"))
-    if plan.cfg.tracking.enabled:
+    if target is not None or plan.cfg.tracking.enabled:  # a run given explicitly is logged to in any case
         _log_to_mlflow(plan, target, files, tables, log)
     return tables
 
