@@ -120,7 +120,13 @@ def test_an_actor_killed_mid_subtask_is_restarted_and_its_subtask_retried(traine
         with pytest.raises(JobFailed, match="reuse evaluation failed"):
             evaluate_reuse(trained["mod_ckpt"], None, cfg, log=None)
         return
-    tables = evaluate_reuse(trained["mod_ckpt"], None, cfg, log=None)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained["uri"])
+    target = client.create_run(client.get_experiment_by_name("mwt-ray").experiment_id).info.run_id
+    tables = evaluate_reuse(trained["mod_ckpt"], None, cfg, {"tracking_uri": trained["uri"], "run_id": target}, log=None)
+    # The run given is logged to although tracking.enabled is false in the config.
+    assert "reuse/reuse_rows.csv" in {f.path for f in client.list_artifacts(target, "reuse")}
     marker = (out / ".fault_injected_subtask_1").read_text()
     killed = int(marker.split()[2])
     rows = tables.rows
