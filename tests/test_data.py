@@ -1,4 +1,10 @@
 """Batches, augmentation, sharding, class subsets and the image-folder loader."""
+import io
+import os
+import sys
+import tarfile
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +111,73 @@ def test_bad_dataset_arguments(name, root, message):
 def test_missing_cifar_without_download(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_dataset("cifar10", str(tmp_path))
+
+
+def make_folder(root, per_class=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_cache_notices_an_image_replaced_in_place(tmp_path, monkeypatch):
+    """Same file count, same folder mtime, new pixels: the cache must not serve the old tensors."""
+    monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "ds")
+    first = load_dataset("folder", str(tmp_path / "ds"), image_size=8)
+    target = tmp_path / "ds" / "train" / "cat" / "1.png"
+    folder_times = [(p, p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (target.parent, tmp_path / "ds" / "train")]
+    replacement = np.full((8, 8, 3), 7, dtype=np.uint8)
+    Image.fromarray(replacement).save(target)
+    for path, atime, mtime in folder_times:
+        os.utime(path, ns=(atime, mtime))
+    second = load_dataset("folder", str(tmp_path / "ds"), image_size=8)
+    index = 1  # train files sort as (cat, 0..2), (dog, 0..2)
+    assert not torch.equal(first.train_images[index], second.train_images[index])
+    assert torch.equal(second.train_images[index], torch.from_numpy(replacement).permute(2, 0, 1))
+    assert torch.equal(first.train_images[2:], second.train_images[2:])
+    assert len(list((tmp_path / "cache" / "folders").glob("*.pt"))) == 2
+
+
+def test_decoding_shows_progress_lines_in_a_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MWT_RAY_PROGRESS_EVERY_S", "0")
+    make_folder(tmp_path / "ds")
+    load_dataset("folder", str(tmp_path / "ds"), image_size=8)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decoding ds: ")]
+    assert [line.split(": ")[1].split()[0] for line in lines] == [f"{k}/12" for k in range(1, 12)]
+
+
+def test_progress_is_a_bar_on_a_terminal(monkeypatch, capsys):
+    from mwt_ray.core.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    def slow():
+        for i in range(5):
+            time.sleep(0.15)  # tqdm redraws at most every 0.1 s
+            yield i
+
+    assert list(progress(slow(), 5, "counting", unit="items")) == [0, 1, 2, 3, 4]
+    assert "counting:" in terminal.getvalue() and "3/5" in terminal.getvalue()
+    assert capsys.readouterr().out == ""
+
+
+def test_damaged_archive_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "ds", per_class=30)
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "ds", arcname="ds")
+    archive.write_bytes(archive.read_bytes()[:-2000])
+    with pytest.raises(ValueError, match="damaged or truncated tar archive") as info:
+        load_dataset("folder", str(archive), image_size=8)
+    assert "\n" not in str(info.value) and not (tmp_path / "cache").exists()

@@ -101,7 +101,7 @@ def test_two_workers_end_to_end(two_worker_run):
     assert {"checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png"} <= artifacts
     # The workers' stderr went to the job's log, and without Ray Train's per-report INFO lines.
     log = Path(job_folder(cfg)) / "worker_stderr.log"
-    assert not log.exists() or "Reporting training result" not in log.read_text()
+    assert log.is_file() and "Reporting training result" not in log.read_text()
 
 
 def test_a_new_job_unless_resumed(two_worker_run):
