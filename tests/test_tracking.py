@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,24 @@ def test_unwritable_sqlite_store(tmp_path):
     cfg = tiny_config(tmp_path, "nodb", f"tracking.tracking_uri=sqlite:///{blocker}/sub/mlflow.db")
     with pytest.raises(TrackingError, match="not writable"):
         run(cfg)
+
+
+@pytest.mark.parametrize("make, uri, message", [
+    (lambda p: p.write_text("a,b\n1,2\n"), "sqlite:///{p}", "is not an sqlite database"),
+    (lambda p: p.mkdir(), "sqlite:///{p}", "is a folder, not an sqlite database file"),
+    (lambda p: None, "foo://bar", "scheme MLflow does not know ('foo')"),
+    (lambda p: p.write_text("x"), "file://{p}", "is a file, not a folder"),
+])
+def test_broken_store_is_refused_at_once(tmp_path, make, uri, message):
+    """MLflow itself retries an sqlite path that is a folder for about 110 s; the check answers at once."""
+    from mwt_ray.tracking import check_store
+
+    path = tmp_path / "store"
+    make(path)
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match=re.escape(message)) as info:
+        check_store(uri.format(p=path))
+    assert time.perf_counter() - start < 2 and "\n" not in str(info.value)
 
 
 def test_plot_convergence(tmp_path):

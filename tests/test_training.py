@@ -106,3 +106,33 @@ def test_reuse_rebuilds_module_masks_for_another_tau(modular_run):
     state = load_checkpoint(ckpt)
     stored = state["module_masks"][[0, 1]].any(0).float().mean().item()
     assert krr[0.3] >= stored >= krr[1.0] and krr[0.3] > krr[1.0]
+
+
+def test_modularizing_pass_shows_progress(monkeypatch, capsys):
+    from mwt_ray.core.data import load_dataset
+    from mwt_ray.core.models import create_model
+    from mwt_ray.jobs import modularize_model
+
+    monkeypatch.setenv("MWT_RAY_PROGRESS_EVERY_S", "0")
+    data = load_dataset("digits")  # 1437 training images: batches of 512
+    cfg = load_config(None, ["modularize.cohesion_samples_per_class=5"])
+    modularize_model(create_model("vgg16", 10, 0.125), data, cfg, torch.device("cpu"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("modularizing")]
+    assert [line.split(": ")[2].split()[0] for line in lines] == ["512/1437", "1024/1437"]
+
+
+def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path):
+    """What a sweep trial relies on: resume=True with no earlier job starts one; without resume a
+    name used before gets a fresh job; with it, the latest job continues (here: already finished)."""
+    from mwt_ray.jobs import list_jobs
+
+    cfg = load_config(None, TINY + ["train.epochs=1", f"output_dir={tmp_path}", "name=again"])
+    lines = []
+    first = train_in_process(cfg, resume=True, log=lines.append)
+    assert any("no earlier job named 'again'" in line for line in lines) and len(list_jobs(cfg)) == 1
+    train_in_process(cfg, log=None)
+    assert len(list_jobs(cfg)) == 2
+    lines.clear()
+    again = train_in_process(cfg, resume=True, log=lines.append)
+    assert len(list_jobs(cfg)) == 2 and any(f"resuming job {list_jobs(cfg)[-1]}" in line for line in lines)
+    assert again["final"]["test_accuracy"] == pytest.approx(first["final"]["test_accuracy"])  # same seed, same data
