@@ -334,3 +334,23 @@ def test_prune_keeps_the_newest_checkpoints(tmp_path):
         os.utime(folder / "training_state.pt", (1000 + epoch, 1000 + epoch))
     _prune_checkpoints(storage)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+
+
+def test_describe_failure_names_the_dead_worker_first():
+    """Ray Train reports every rank's failure; the one line names the worker whose process died
+    (with its pid), not the survivor that lost its connection to it; a worker's own error as itself."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from mwt_ray.cluster.trainer import describe_failure
+
+    dead = WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(pid=4242, ip=10.0.0.1)",
+                                        failure=RuntimeError("The actor died unexpectedly"))
+    lost = UserExceptionWithTraceback(RuntimeError("gloo: Connection reset by peer"), "Traceback (most recent call last): ...")
+    message = describe_failure(WorkerGroupError("two failures", {1: lost, 0: dead}))
+    assert message.startswith("worker rank 0 (pid 4242) died") and "rank(s) 1 then failed" in message
+    assert "Connection reset" not in message and "\n" not in message
+    own = UserExceptionWithTraceback(SetupError("checkpoint holds 10 classes"), "Traceback ...")
+    assert describe_failure(WorkerGroupError("one", {1: own})) == "worker rank 1 failed: checkpoint holds 10 classes"
+    bug = UserExceptionWithTraceback(KeyError("x"), "Traceback ...")
+    assert describe_failure(WorkerGroupError("one", {0: bug})) == "worker rank 0 failed: KeyError: 'x'"

@@ -313,8 +313,8 @@ def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None
 
 
 def _collect_results(result, cfg: Config) -> dict:
-    """Read the summary from the final checkpoint; copy the result files into ``cfg.run_dir``
-    when rank 0 ran on another node."""
+    """Read the summary from the final checkpoint; copy its result files into ``cfg.run_dir`` (they
+    are there already when rank 0 ran on this node; an earlier job's when it ran on another)."""
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise DistributedTrainingError("training finished without a final checkpoint")
@@ -323,7 +323,8 @@ def _collect_results(result, cfg: Config) -> dict:
         if not (folder / "metrics.json").exists():
             raise DistributedTrainingError(f"the latest checkpoint {checkpoint.path} holds no metrics.json")
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in RESULT_FILES:
-            if not (cfg.run_dir / name).exists():
-                shutil.copy2(folder / name, cfg.run_dir / name)
+        for name in RESULT_FILES:  # rank 0 on this node wrote them already; elsewhere, an earlier job's may be here
+            partial = cfg.run_dir / f".{name}.{os.getpid()}.tmp"
+            shutil.copy2(folder / name, partial)
+            os.replace(partial, cfg.run_dir / name)
         return json.loads((folder / "metrics.json").read_text())
