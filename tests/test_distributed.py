@@ -31,7 +31,7 @@ from mwt_ray.tracking import TrackingError  # noqa: E402
 from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate",
+METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
                "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
 
 

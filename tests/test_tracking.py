@@ -20,7 +20,7 @@ from mwt_ray.cluster import run_training as run
 from conftest import free_port
 from conftest import tiny_config as _tiny_config
 
-METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate",
+METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
                "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
 ARTIFACTS = {"checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

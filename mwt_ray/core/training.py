@@ -104,7 +104,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
     if steps == 0:
         raise ValueError(f"batch_size {s.batch_size} is larger than the training set ({len(data.train_labels)} samples)")
     names = ["loss", "ce_loss", "correct", "samples"] + (
-        ["cohesion_loss", "coupling_loss", "cohesion", "coupling", "kernel_rate"] if s.modular else [])
+        ["cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate"] if s.modular else [])
     totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     # Steps that defined each value: a batch without a same-class pair has no cohesion (NaN).
     defined = torch.zeros(len(names), dtype=torch.float64, device=device)
@@ -130,7 +130,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
             row = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum(), labels.new_tensor(len(labels))]
             if s.modular:
                 fig5 = batch_modularity(all_masks, all_labels, num_classes)
-                row += [parts["cohesion_loss"], parts["coupling_loss"], fig5["cohesion"], fig5["coupling"], fig5["kernel_rate"]]
+                row += [parts["cohesion_loss"], parts["coupling_loss"], fig5["batch_cohesion"], fig5["batch_coupling"],
+                        fig5["kernel_rate"]]
             row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
             totals += torch.nan_to_num(row, nan=0.0)
             defined += ~row.isnan()
@@ -215,6 +216,7 @@ def format_epoch(m: dict[str, float], epochs: int, modular: bool) -> str:
     if "val_accuracy" in m:
         line += f"  val {m['val_accuracy']:.2%}"
     if modular:
-        line += (f"  L_ch {m['cohesion_loss']:.3f}  L_cp {m['coupling_loss']:.3f}  coh {m['cohesion']:.3f}  "
-                 f"coup {m['coupling']:.3f}  kernel rate {m['kernel_rate']:.3f}")
+        line += (f"  L_ch {m['cohesion_loss']:.3f}  L_cp {m['coupling_loss']:.3f}  "
+                 f"batch coh {m['batch_cohesion']:.3f}  batch coup {m['batch_coupling']:.3f}  "
+                 f"kernel rate {m['kernel_rate']:.3f}")
     return line + f"  lr {m['lr']:.4f}  {m['epoch_time_s']:.1f}s"

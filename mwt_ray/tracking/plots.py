@@ -4,6 +4,10 @@ Fig. 5 follows modular training epoch by epoch: coupling falls, cohesion rises, 
 (share of kernels a sample activates) falls, and accuracy climbs. ``plot_convergence`` draws those
 four panels from the per-epoch metrics ``training.fit`` returns (a standard run has no masks, so
 only its accuracy and loss panels are drawn). Uses matplotlib's Agg backend: no display needed.
+
+These are the per-batch metrics (``batch_coupling``, ``batch_cohesion``, ``kernel_rate``: raw
+kernel sets, no tau), not the module cohesion measured after modularizing. Histories written
+before the rename, with ``coupling`` / ``cohesion`` per epoch, are still drawn.
 """
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from pathlib import Path
 
 __all__ = ["plot_convergence"]
 
+# (metric keys, newest first, then the names older histories used), title, color
 _MODULAR_PANELS = (
-    ("coupling", "coupling", "C3"),
-    ("cohesion", "cohesion", "C2"),
-    ("kernel_rate", "kernel rate", "C0"),
+    (("batch_coupling", "coupling"), "coupling (per batch)", "C3"),
+    (("batch_cohesion", "cohesion"), "cohesion (per batch)", "C2"),
+    (("kernel_rate",), "kernel rate", "C0"),
 )
 
 
@@ -29,8 +34,12 @@ def plot_convergence(history: list[dict], path: str | Path, title: str | None = 
     from matplotlib.ticker import MaxNLocator
 
     epochs = [int(m.get("epoch", i + 1)) for i, m in enumerate(history)]
-    panels = [p for p in _MODULAR_PANELS if all(p[0] in m for m in history)]
-    if not panels:  # standard training: no masks, show the loss instead
+    panels = []
+    for keys, label, color in _MODULAR_PANELS:
+        key = next((k for k in keys if all(k in m for m in history)), None)
+        if key is not None:
+            panels.append((key, label, color))
+    if not panels and all("ce_loss" in m for m in history):  # standard training: show the loss instead
         panels = [("ce_loss", "cross-entropy loss", "C1")]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.0), squeeze=False)
     for ax, (key, label, color) in zip(axes[0], panels):
