@@ -14,7 +14,9 @@ a local Ray cluster of ``--cpus`` CPUs. For each pool size:
 - sub-tasks per minute over the pool's wall time (from the pool starting, actor start-up and
   loading included, to the last result), and the same from the first result on;
 - where the time goes: the mean seconds per sub-task inside an actor, split into fine-tuning and
-  latency measurement; busy share = actor seconds / (actors x pool wall time).
+  latency measurement; the CPU seconds the actor's process used for it, and their ratio (the share
+  of a core an actor got: other jobs on the machine take the rest); busy share = actor seconds /
+  (actors x pool wall time), the pool's own idle time being the remainder.
 
 Latency, two ways. (1) Module shapes: latency does not depend on the weights, only on how many
 kernels each layer keeps, so modules of a given per-layer shape (the README's CIFAR-10 modules'
@@ -84,7 +86,8 @@ def run_pool(modular: str, standard: str, actors: int, args, out: Path) -> dict:
         "subtasks_per_min_after_first": (len(rows) - 1) / after_first * 60 if after_first > 0 else None,
         "first_result_s": results[0] - pool_start,
         "mean_subtask_s": float(rows["seconds"].mean()), "mean_fine_tune_s": float(rows["fine_tune_s"].mean()),
-        "mean_latency_s": float(rows["latency_s"].mean()),
+        "mean_latency_s": float(rows["latency_s"].mean()), "mean_cpu_s": float(rows["cpu_s"].mean()),
+        "core_share": float(rows["cpu_s"].sum() / rows["seconds"].sum()),
         "busy_share": float(rows["seconds"].sum()) / (actors * wall),
         "pids": sorted(int(p) for p in rows["pid"].unique()),
         "rows": json.loads(rows.to_json(orient="records")),
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--per-size", type=int, default=2)
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
     parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--work", help="folder that keeps the trained models for later runs (default: a temporary one)")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--set", action="append", default=[], help="extra --set items for the evaluation")
@@ -171,8 +175,15 @@ def main() -> None:
     shapes = shaped_latency(args.latency_repeats * 2, [1, 2])
     with tempfile.TemporaryDirectory(prefix="reuse_bench_") as scratch:
         scratch = Path(scratch)
-        modular, standard = (args.modular, args.standard) if args.modular else train_models(scratch / "runs",
-                                                                                            args.train_epochs)
+        work = Path(args.work) if args.work else scratch
+        trained = [str(work / "runs" / n / "checkpoint.pt") for n in ("modular", "standard")]
+        if args.modular:
+            modular, standard = args.modular, args.standard
+        elif all(Path(p).is_file() for p in trained):
+            modular, standard = trained
+            print(f"using the models trained before in {work}", flush=True)
+        else:
+            modular, standard = train_models(work / "runs", args.train_epochs)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             runs = [run_pool(modular, standard, n, args, scratch) for n in args.actors]
@@ -197,12 +208,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
-    print("\n| actors | sub-tasks | pool wall s | sub-tasks/min | after 1st result | s per sub-task (fine-tune + latency) | busy share |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| actors | sub-tasks | pool wall s | sub-tasks/min | after 1st result | s per sub-task (fine-tune + latency) "
+          "| CPU s per sub-task | share of a core an actor got | busy share |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         after = f"{r['subtasks_per_min_after_first']:.1f}" if r["subtasks_per_min_after_first"] else "-"
         print(f"| {r['actors']} | {r['subtasks']} | {r['pool_wall_s']:.1f} | {r['subtasks_per_min']:.1f} | {after} | "
-              f"{r['mean_subtask_s']:.2f} ({r['mean_fine_tune_s']:.2f} + {r['mean_latency_s']:.2f}) | {r['busy_share']:.0%} |")
+              f"{r['mean_subtask_s']:.2f} ({r['mean_fine_tune_s']:.2f} + {r['mean_latency_s']:.2f}) | {r['mean_cpu_s']:.2f} | "
+              f"{r['core_share']:.0%} | {r['busy_share']:.0%} |")
     if result["speedup"]:
         print(f"\nspeed-up with {max(by_actors)} actors: {result['speedup']:.2f}x")
     print(f"\n2-class modules ({latency['subtasks']}): KRR {latency['mean_krr']:.3f}, FLOPs {latency['flops_ratio']:.2f} "

@@ -250,12 +250,14 @@ class SubtaskEvaluator:
 
     def evaluate(self, index: int, classes: list[int], on_step=None) -> dict:
         r = self.cfg.reuse
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         row = evaluate_subtask(self.model, self.masks, self.data, list(classes), self.settings, self.device,
                                self.standard, self.arch, zero_fine_tune=r.zero_fine_tune,
                                latency_batch_sizes=tuple(r.latency_batch_sizes), latency_repeats=r.latency_repeats,
                                model_flops=self.model_flops, whole_model=self.whole, on_step=on_step)
-        return {"index": index, **row, "seconds": time.perf_counter() - start, "pid": os.getpid(),
+        # cpu_s / seconds: the share of a core this process got (below its thread count when the machine is busy).
+        return {"index": index, **row, "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+                "pid": os.getpid(),
                 "device": str(self.device)}
 
 

@@ -27,7 +27,7 @@ _MEASURES = (
     ("krr", "krr"), ("module_flops", "module_flops"), ("model_flops", "model_flops"),
     ("flops_reduction", "flops_reduction"), ("standard_accuracy", "M_acc"), ("module_accuracy", "m_acc"),
     ("accuracy_loss", "loss"), ("zero_ft_accuracy", "zero_ft_m_acc"), ("seconds", "seconds"),
-    ("fine_tune_s", "fine_tune_s"), ("latency_s", "latency_s"),
+    ("cpu_s", "cpu_s"), ("fine_tune_s", "fine_tune_s"), ("latency_s", "latency_s"),
 )
 
 
