@@ -197,6 +197,12 @@ def data_cases() -> list[Case]:
         Case("svhn offline download", tv("svhn", "--set", "data.root={tmp}/dl", "--set", "data.download=true"),
              "could not be downloaded"),
         Case("batch larger than the data", ["--set", "train.batch_size=5000"], "larger than the training set"),
+        Case("good folder, bad tracking store", ds + ["--set", "tracking.tracking_uri=foo://bar"], "does not know",
+             setup=images(["a", "b"], ["a", "b"], per_class=20)),
+        Case("good folder, storage under a file", ds + ["--set", "scaling.storage_path={tmp}/in/blocker/s"], "run storage",
+             setup=lambda t: [images(["a", "b"], ["a", "b"], per_class=20)(t), write("in/blocker", "x")(t)]),
+        Case("good folder, 2 workers, server down", ds + ["--num-workers", "2", "--set",
+             "tracking.tracking_uri=http://127.0.0.1:{port}"], "does not answer", setup=images(["a", "b"], ["a", "b"], per_class=20)),
     ]
 
 

@@ -57,8 +57,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Config
-from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, absolute_paths, check_job, plan_job, start_job,
-                    storage_root, train_in_process)
+from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, absolute_paths, check_destinations, check_job, plan_job,
+                    start_job, storage_root, train_in_process)
 from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage
 from .worker import loop_config, train_loop_per_worker
 
@@ -307,6 +307,7 @@ def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None
     (its checkpoint and MLflow run). ``train_callbacks``: Ray Train run callbacks (a sweep trial
     forwards reports to Tune)."""
     if cfg.scaling.num_workers > 0:
+        check_destinations(absolute_paths(cfg))
         data = check_job(cfg)
         return run_distributed(cfg, log, callbacks=train_callbacks, resume=resume, num_classes=data.num_classes)
     return train_in_process(cfg, resume=resume, log=log, report=report)

@@ -11,13 +11,13 @@ from ..config import Config
 from .reuse_job import reuse_from_checkpoints
 from .setup import (RESULT_FILES, JobFailed, SetupError, absolute_paths, architecture, check_job, load_data,
                     resolve_device, seed_everything)
-from .storage import (RUN_FILE, JobPlan, RunStorage, job_storage, latest_training_state, list_jobs, plan_job, start_job,
-                      storage_root)
+from .storage import (RUN_FILE, JobPlan, RunStorage, check_destinations, job_storage, latest_training_state, list_jobs,
+                      plan_job, start_job, storage_root)
 from .training_job import LocalSession, TrainingJob, finish_run, modularize_model
 
 __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data", "architecture",
            "check_job", "absolute_paths", "RunStorage", "job_storage", "latest_training_state", "storage_root",
-           "JobPlan", "plan_job", "start_job", "list_jobs", "LocalSession", "TrainingJob", "finish_run",
+           "JobPlan", "plan_job", "start_job", "list_jobs", "check_destinations", "LocalSession", "TrainingJob", "finish_run",
            "modularize_model", "reuse_from_checkpoints", "train_in_process"]
 
 
@@ -29,6 +29,7 @@ def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=Non
 
     Every check on the input runs before anything is written (data, device, output folder, run
     storage, the checkpoint to resume, the MLflow store)."""
+    check_destinations(cfg)
     data = check_job(cfg)
     plan = plan_job(cfg, resume, data.num_classes, log=log)
     uri = None

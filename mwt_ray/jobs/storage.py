@@ -31,7 +31,7 @@ from ..core.checkpoint import check_architecture, check_weights
 from ..core.files import writable_folder_error
 from .setup import SetupError
 
-__all__ = ["RunStorage", "storage_root", "job_storage", "latest_training_state", "check_resume", "JobPlan",
+__all__ = ["RunStorage", "storage_root", "job_storage", "latest_training_state", "check_resume", "check_destinations", "JobPlan",
            "plan_job", "start_job", "list_jobs", "new_job_id", "TRAINING_STATE", "RUN_FILE", "JOB_FILE",
            "KEEP_CHECKPOINTS"]
 
@@ -205,6 +205,19 @@ def check_resume(state: dict, cfg: Config, num_classes: int | None = None) -> No
         check_weights(model, state.get("model_state"), source)
     except ValueError as error:
         raise SetupError(f"{error}; run without --resume to start a new job") from None
+
+
+def check_destinations(cfg: Config) -> None:
+    """Where the job will write, checked before any data is decoded (so that a failing check leaves no
+    dataset cache behind either): the output folder, the run storage and the MLflow store."""
+    reason = writable_folder_error(cfg.run_dir)
+    if reason:
+        raise SetupError(f"output_dir {cfg.output_dir!r} cannot be written ({reason}); set output_dir to a writable folder")
+    RunStorage(storage_root(cfg)).check_writable()
+    if cfg.tracking.enabled:
+        from ..tracking import check_store, resolve_tracking_uri
+
+        check_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
 
 
 @dataclass
