@@ -29,13 +29,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+_sigterm_received = False
+
+
 def _on_sigterm(signum, frame):
+    global _sigterm_received
+    _sigterm_received = True  # libraries may turn the exception into a plain KeyboardInterrupt on its way up
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
     raise Terminated()
 
 
 def run_command(action: Callable[[], object], interrupted_hint: str = "") -> int:
     """Run ``action`` and turn its failure into one line and an exit status (0 when it succeeds)."""
+    global _sigterm_received
+    _sigterm_received = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
@@ -47,9 +54,9 @@ def run_command(action: Callable[[], object], interrupted_hint: str = "") -> int
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:
-        name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT (Ctrl-C)"
-        print(f"error: stopped by {name}{interrupted_hint}", file=sys.stderr)
-        return 143 if isinstance(error, Terminated) else 130
+        terminated = isinstance(error, Terminated) or _sigterm_received
+        print(f"error: stopped by {'SIGTERM' if terminated else 'SIGINT (Ctrl-C)'}{interrupted_hint}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as error:  # a bug or an unforeseen failure: still one line
         if os.environ.get("MWT_RAY_TRACEBACK"):
             traceback.print_exc()

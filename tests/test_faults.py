@@ -125,3 +125,17 @@ def test_sigterm_and_sigint_end_in_one_line_and_a_killed_run(tmp_path, sig, stat
     assert run.info.status == "KILLED"
     (job,) = jobs(tmp_path, "t")
     assert (job / "checkpoint_epoch_0001" / "training_state.pt").is_file()  # what was done is kept
+
+
+def test_sigterm_of_a_data_parallel_job(tmp_path):
+    """ray.init installs its own SIGTERM handler (a stack dump, then abort: exit 134); the command's
+    handler is put back, so a data-parallel job ends like a single-process one."""
+    process = subprocess.Popen(command(tmp_path, "d", 6, "--num-workers", "2"), cwd=tmp_path, env=environment(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(process, tmp_path, "d", 1, timeout=300)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), stderr[-3000:]
+    assert only_run(mlflow_client(tmp_path)).info.status == "KILLED"

@@ -51,6 +51,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -233,7 +234,10 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
 
     started = not ray.is_initialized()
     if started:
+        ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         ray.init(logging_level=logging.ERROR)  # Ray's own INFO / WARNING lines would bury the one error line
+        if callable(ours):  # ray.init puts its own SIGTERM handler (a stack dump and an abort) in place of the command's
+            signal.signal(signal.SIGTERM, ours)
     try:
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
