@@ -23,8 +23,8 @@ kernels each layer keeps, so modules of a given per-layer shape (the README's CI
 per-layer KRR, the union of two such modules, uniform keep rates) are extracted from an untrained
 VGG16 at width 1/4 and timed against the whole network at 1 and 2 threads, beside their FLOPs
 ratio: does the clock agree with fvcore? (2) For the 2-class sub-tasks of the 1-actor run (one
-thread, the other core idle as far as this benchmark goes), the median forward time of the reused module vs the whole standard model at
-batch 1 and 128 (``reuse.latency_repeats`` timed passes, interleaved), beside the FLOPs ratio.
+thread), the forward time of the reused module vs the whole standard model at batch 1 and 128
+(fastest of ``--latency-repeats`` passes, interleaved), beside the FLOPs ratio.
 Writes benchmarks/results/reuse_pool.json (or --out); the load average is recorded, as other jobs
 on the machine move every number.
 """

@@ -138,7 +138,7 @@ class ReuseConfig(_Section):
     zero_fine_tune: bool = Field(True, description="also score the mixed module with no training (restricted logits)")
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 128], description="batch sizes of the "
                                            "measured inference latency of module vs model; [] = none")
-    latency_repeats: int = Field(10, ge=1, description="timed forward passes per model and batch size (median)")
+    latency_repeats: int = Field(10, ge=1, description="timed forward passes per model and batch size (the fastest counts)")
     num_actors: int | None = Field(None, ge=0, description="Ray actors evaluating sub-tasks; null = as many as the "
                                    "cluster can place; 0 = in this process without Ray")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")

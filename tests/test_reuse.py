@@ -129,7 +129,7 @@ def test_latency_is_measured_on_the_clock():
     from mwt_ray.core.reuse import compare_latency, inference_latency
 
     fast, slow = compare_latency([_Sleeper(0.01), _Sleeper(0.03)], 2, 8, torch.device("cpu"), repeats=5)
-    # Medians: a sleep never ends early; a busy machine can only lengthen it a little.
+    # The fastest pass: a sleep never ends early, and the best of 5 is barely lengthened by load.
     assert 0.01 <= fast < 0.02 and 0.03 <= slow < 0.045 and 0.2 < fast / slow < 0.55
     assert inference_latency(_Sleeper(0.002), 1, 8, torch.device("cpu"), repeats=3) >= 0.002
 

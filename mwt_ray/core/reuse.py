@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from itertools import combinations
@@ -145,9 +144,10 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def compare_latency(models: list[nn.Module], batch_size: int, image_size: int, device: torch.device,
                     repeats: int = 5, channels: int = 3) -> list[float]:
-    """Median seconds of one forward pass of each model on a batch of ``batch_size`` random images,
-    the models timed in turn (a b a b ...) so that load on the machine hits them alike. Two
-    warm-up passes each first; eval mode, no autograd."""
+    """Seconds of one forward pass of each model on a batch of ``batch_size`` random images: the
+    fastest of ``repeats`` passes (as ``timeit`` advises: slower passes measure other processes
+    taking the CPU, not the model), the models timed in turn (a b a b ...) so that load on the
+    machine hits them alike. Two warm-up passes each first; eval mode, no autograd."""
     x = torch.randn(batch_size, channels, image_size, image_size, device=device)
     modes = [m.training for m in models]
     for m in models:
@@ -166,12 +166,12 @@ def compare_latency(models: list[nn.Module], batch_size: int, image_size: int, d
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    return [statistics.median(t) for t in times]
+    return [min(t) for t in times]
 
 
 def inference_latency(model: nn.Module, batch_size: int, image_size: int, device: torch.device,
                       repeats: int = 5) -> float:
-    """Median seconds of one forward pass at ``batch_size`` (see ``compare_latency``)."""
+    """Seconds of one forward pass at ``batch_size``, the fastest of ``repeats`` (see ``compare_latency``)."""
     return compare_latency([model], batch_size, image_size, device, repeats)[0]
 
 
@@ -188,7 +188,7 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
     ``arch`` ({"name", "num_classes", "width"}) adds the full network's FLOPs (``model_flops``
     skips recounting them) and the reduction; ``zero_fine_tune`` adds the mixed module's accuracy
     with no training (``accuracy_without_fine_tuning``); each of ``latency_batch_sizes`` adds the
-    median forward time of the reused module and of the whole model (the standard model, else
+    fastest forward time of the reused module and of the whole model (the standard model, else
     ``whole_model``, else the plain network of ``arch``) at that batch size, timed in turn, and
     their ratio. ``on_step`` is passed to ``fine_tune``. ``fine_tune_s`` and ``latency_s`` say
     where the time went."""
