@@ -121,6 +121,16 @@ class ModularizeConfig(_Section):
     tau: float = Field(0.9, gt=0, le=1, description="keep a kernel used by >= tau of a class's samples")
     cohesion_samples_per_class: int | None = Field(
         None, ge=0, description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip")
+    report_taus: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="taus whose "
+                                     "module cohesion, KRR and coupling metrics.json lists (by_tau), besides tau")
+
+    @field_validator("report_taus")
+    @classmethod
+    def _taus(cls, value: list[float]) -> list[float]:
+        bad = [t for t in value if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"tau values must lie in (0, 1], got {bad}")
+        return value
 
 
 class ReuseConfig(_Section):
@@ -263,7 +273,8 @@ class SweepConfig(_Section):
     subtasks_per_size: int = Field(3, ge=1)
     val_fraction: float = Field(0.1, gt=0, lt=1, description="training samples held out to score trials")
     sampler: Literal["tpe", "random"] = "tpe"
-    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on per-epoch val_accuracy")
+    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on the per-epoch "
+                                               "val_accuracy - krr_weight x kernel_rate")
     grace_period: int = Field(2, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: float = Field(2.0, gt=1)
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a one-process trial (scaling.num_workers=0)")

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this name")
     args = parser.parse_args(argv)
-    return run_command(lambda: run_sweep(load_config(args.config, args.overrides), resume=args.resume))
+    return run_command(lambda: run_sweep(load_config(args.config, args.overrides), resume=args.resume),
+                       interrupted_hint="; finished trials are kept: run the same command with --resume to continue")
 
 
 if __name__ == "__main__":

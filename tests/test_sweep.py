@@ -94,7 +94,11 @@ def run_sweep_cli(config: Path, *args: str, timeout: int = 900, **popen):
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
-    config = sweep_yaml(tmp_path)
+    config = sweep_yaml(tmp_path, reuse=True)
+    tree = yaml.safe_load(config.read_text())  # a tiny last stage: two 2-class sub-tasks on one actor
+    tree["reuse"] = {"sizes": [2], "per_size": 2, "epochs": 1, "num_actors": 1, "latency_batch_sizes": [1],
+                     "latency_repeats": 1}
+    config.write_text(yaml.safe_dump(tree))
     start = time.perf_counter()
     result = run_sweep_cli(config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -112,6 +116,7 @@ def test_sweep_finishes_with_more_trials_than_fit_at_once(finished_sweep):
     assert set(table["status"]) <= {"completed", "stopped early"} and (table["status"] == "completed").any()
     done = table[table["status"] == "completed"]
     assert done["tau"].between(0, 1, inclusive="right").all() and done["krr"].between(0, 1).all()
+    assert done["cohesion"].between(0, 1).all() and done["coupling"].between(0, 1).all()  # at each trial's tau
     assert done["objective"].tolist() == pytest.approx((done["module_accuracy"] - 0.1 * done["krr"]).tolist())
     assert (table["status"] == "stopped early").sum() == (table["epoch"] < 3).sum()  # stopped ones say where
     assert ((table["alpha"] == 0.5) & (table["beta"] == 1.5)).sum() == 1  # the reference point ran
@@ -122,6 +127,22 @@ def test_sweep_finishes_with_more_trials_than_fit_at_once(finished_sweep):
     assert len(lines) == 4  # one progress line per finished or stopped trial
     trial_folders = sorted(p.name for p in (folder / "trials").iterdir())
     assert len(trial_folders) == len(set(trial_folders)) == 4
+
+
+def test_sweep_ends_by_reusing_the_best_trials_modules(finished_sweep):
+    tmp_path, result, _ = finished_sweep
+    import pandas as pd
+
+    (folder,) = (tmp_path / "runs" / "tiny").iterdir()
+    best = pd.read_csv(folder / "results.csv").iloc[0]
+    reuse = folder / "trials" / f"trial-{best['trial']}" / "reuse"
+    rows = pd.read_csv(reuse / "reuse_rows.csv")
+    assert len(rows) == 2 and (rows["m"] == 2).all()
+    assert (rows["module_flops"] < rows["model_flops"]).all()
+    assert rows["standard_accuracy"].between(0, 1).all()  # compared with the sweep's standard baseline
+    client, runs = mlflow_runs(tmp_path)
+    (best_run,) = [r for r in runs if r.info.run_name == f"trial-{best['trial']}"]
+    assert "reuse_summary.csv" in {a.path for a in client.list_artifacts(best_run.info.run_id)}
 
 
 def test_sweep_mlflow_parent_and_children(finished_sweep):
@@ -146,6 +167,28 @@ def test_sweep_mlflow_parent_and_children(finished_sweep):
         else:
             assert child.info.status == "FINISHED" and "sweep.objective" in child.data.metrics
             assert "sweep.tau" in child.data.metrics and "mwt.best_tau" in child.data.tags
+
+
+def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
+    """Each trial on its own Ray Train worker group (Train V2 inside Tune), three trials of which two
+    fit at once, ASHA on: every trial ends, completed or stopped, and no trial waits forever for
+    resources an earlier one kept (ray-project/ray#54305 hung exactly this on a Ray without its
+    dashboard)."""
+    tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=3, standard_baseline=False).read_text())
+    tree["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.99}
+    config = tmp_path / "workers.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    result = run_sweep_cli(config, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import pandas as pd
+
+    (folder,) = (tmp_path / "runs" / "workers").iterdir()
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
+    assert (table["status"] == "completed").any()
+    _, runs = mlflow_runs(tmp_path)
+    trial_runs = [r for r in runs if r.info.run_name.startswith("trial-")]
+    assert len(trial_runs) == 3 and all(r.data.params["scaling.num_workers"] == "1" for r in trial_runs)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -272,18 +315,19 @@ def test_job_submission_to_a_local_head(tmp_path):
     config = sweep_yaml(tmp_path, "submitted", trials=2, scheduler="none", standard_baseline=False)
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
-    subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
+    ray_cli = str(Path(sys.executable).parent / "ray")  # the ray of this environment
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard}", "--include-dashboard=true"],
                    cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
     try:
         submitted = subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
              sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert "succeeded" in submitted.stdout
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
     client, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -6,12 +6,13 @@
 A trial is the same training job as ``python -m mwt_ray.train``: in the trial's own process
 (``scaling.num_workers: 0``, ``sweep.cpus_per_trial`` CPUs) or on its own Ray Train workers
 (``scaling.*`` per trial), named ``trial-<trial id>`` so that no two trials share checkpoints. Each
-epoch reports ``val_accuracy`` (held-out training samples) to Tune, where ASHA may stop a poor trial.
+epoch reports ``epoch_score`` (val_accuracy on held-out training samples minus krr_weight x the
+kernel rate) to Tune, where ASHA may stop a poor trial.
 A trial that finishes scans ``sweep.tau_grid`` over its stored kernel counts (``jobs.objective``)
 and reports its best tau and the score; Optuna (TPE, seeded, under ``sweep.max_concurrent``)
 proposes the next settings from those scores. With ``sweep.tau_range`` tau is an Optuna dimension
-instead. Early-stopped trials reach Optuna with a pessimistic score (their last val_accuracy with
-KRR taken as 1), and the results table marks them as stopped.
+instead. Early-stopped trials reach Optuna with the worst score (module accuracy 0, KRR 1), and
+the results table marks them as stopped, with the epoch and val_accuracy they reached.
 
 Everything lands in ``<output_dir>/<name>/<start time>/``: ``tune/`` (Tune's experiment, for
 ``--resume``), ``trials/trial-*/`` (each trial's run folder and checkpoints; the best one's
@@ -26,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -51,23 +54,25 @@ def trial_config(base: Config, params: dict, folder: Path, name: str, parent_run
     tree = base.model_dump(mode="json")
     tree.update(name=name, output_dir=str(folder))
     tree["data"]["val_fraction"] = base.sweep.val_fraction
+    tree["modularize"]["report_taus"] = base.sweep.tau_grid  # module cohesion at every tau the trial may pick
     tree["tracking"]["parent_run_id"] = parent_run_id
     tree["scaling"]["storage_path"] = None  # each job's checkpoints in its own run folder
     apply_overrides(tree, [f"{key}={json.dumps(value)}" for key, value in params.items() if key != "tau"])
     return validate_config(tree)
 
 
-def _pessimistic(cfg: Config, metrics: dict) -> dict:
-    """What a trial stopped after this epoch is worth to Optuna: its val_accuracy, KRR taken as 1."""
-    accuracy = metrics.get("val_accuracy", 0.0)
-    if cfg.sweep.objective == "pareto":
-        return {"module_accuracy": accuracy, "krr": 1.0}
-    return {"objective": accuracy - cfg.sweep.krr_weight}
-
-
 def _epoch_report(cfg: Config, metrics: dict) -> dict:
+    """What Tune sees after each epoch.
+
+    ``epoch_score`` (val_accuracy - krr_weight x kernel_rate, the share of kernels a sample uses
+    being the training-time counterpart of KRR) is what ASHA compares. The objective itself only
+    exists once tau is scored, so until then the report carries its worst value (module accuracy 0,
+    KRR 1): a trial ASHA stops reaches Optuna as no better than any finished one."""
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {**numbers, **_pessimistic(cfg, metrics)}
+    numbers["epoch_score"] = metrics.get("val_accuracy", 0.0) - cfg.sweep.krr_weight * metrics.get("kernel_rate", 1.0)
+    if cfg.sweep.objective == "pareto":
+        return {**numbers, "module_accuracy": 0.0, "krr": 1.0}
+    return {**numbers, "objective": -cfg.sweep.krr_weight}
 
 
 def _tune_report_callback(cfg: Config):
@@ -104,8 +109,11 @@ def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | N
     final = summary["final"]
     result = {"epoch": final["epoch"], "val_accuracy": final["val_accuracy"], "test_accuracy": final["test_accuracy"],
               "tau": best["tau"], "krr": best["krr"], "coupling": best["coupling"],
+              "cohesion": next((row.get("cohesion") for row in summary.get("modules", {}).get("by_tau", [])
+                                if abs(row["tau"] - best["tau"]) < 1e-9), None),
               "module_accuracy": best["module_accuracy"], "subtask_krr": best["subtask_krr"],
               "objective": best["score"], "mlflow_run_id": summary.get("mlflow_run_id"),
+              "epoch_score": _epoch_report(cfg, final)["epoch_score"],  # ASHA reads it in every report
               # where a trial's time goes (benchmarks/sweep.py): the training job, its epochs, the tau scan
               "job_seconds": job_seconds, "scan_seconds": time.perf_counter() - started - job_seconds,
               "epoch_seconds": float(pd.read_csv(cfg.run_dir / "history.csv")["epoch_time_s"].sum())}
@@ -221,7 +229,7 @@ def _scheduler(cfg: Config):
         return FIFOScheduler()
     # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a trial must live on
     # after its last epoch to score tau.
-    return ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=cfg.train.epochs + 1,
+    return ASHAScheduler(metric="epoch_score", mode="max", time_attr="epoch", max_t=cfg.train.epochs + 1,
                          grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
                          reduction_factor=cfg.sweep.reduction_factor)
 
@@ -288,7 +296,10 @@ def run_sweep(cfg: Config, *, resume: bool = False, log: Callable[[str], None] =
 
     started = not ray.is_initialized()
     if started:
+        ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         ray.init(log_to_driver=True, logging_level="WARNING")
+        if callable(ours):  # ray.init installs its own SIGTERM handler (a stack dump) in place of the command's
+            signal.signal(signal.SIGTERM, ours)
     try:
         _check_trial_fits(cfg)
         state = json.loads((folder / SWEEP_FILE).read_text()) if resume else {}

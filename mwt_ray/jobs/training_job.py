@@ -51,7 +51,8 @@ def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
                                max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
     masks = module_masks(usage, cfg.modularize.tau)
     first_convs = sum(u.num_kernels for u in conv_units(model) if u.mask_generator is None)
-    return usage, masks, modularity_report(usage, masks, unmasked_kernels=first_convs)
+    return usage, masks, modularity_report(usage, masks, unmasked_kernels=first_convs, tau=cfg.modularize.tau,
+                                           taus=cfg.modularize.report_taus)
 
 
 def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:

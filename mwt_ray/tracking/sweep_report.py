@@ -13,8 +13,8 @@ from .runs import MlflowRun, open_run
 __all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front", "plot_pareto", "finish_sweep"]
 
 # Columns of the results table after the searched values, in this order.
-RESULT_COLUMNS = ["status", "epoch", "val_accuracy", "test_accuracy", "accuracy_change", "tau", "krr", "coupling",
-                  "module_accuracy", "subtask_krr", "objective", "pareto", "mlflow_run_id"]
+RESULT_COLUMNS = ["status", "epoch", "val_accuracy", "test_accuracy", "accuracy_change", "tau", "krr", "cohesion",
+                  "coupling", "module_accuracy", "subtask_krr", "objective", "pareto", "mlflow_run_id"]
 
 
 def open_parent_run(cfg, run_id: str | None, log) -> MlflowRun:
@@ -29,8 +29,8 @@ def log_trial_scan(cfg, run_id: str, result: dict, scan: list[dict], scan_file: 
 
     run = MlflowRun.from_info({"tracking_uri": _uri(cfg), "run_id": run_id})
     now = int(time.time() * 1000)
-    keys = ("tau", "krr", "coupling", "module_accuracy", "subtask_krr", "objective")
-    metrics = [Metric(f"sweep.{k}", float(result[k]), now, 0) for k in keys]
+    keys = ("tau", "krr", "cohesion", "coupling", "module_accuracy", "subtask_krr", "objective")
+    metrics = [Metric(f"sweep.{k}", float(result[k]), now, 0) for k in keys if result.get(k) is not None]
     metrics += [Metric(f"tau_scan.{k}", float(row[k]), now, i) for i, row in enumerate(scan)
                 for k in ("tau", "krr", "module_accuracy", "score")]
     run.client.log_batch(run_id, metrics=metrics, synchronous=True)
@@ -59,7 +59,8 @@ def results_table(cfg, grid, standard: dict | None):
         row |= {key: metrics.get(key) for key in RESULT_COLUMNS if key not in ("status", "accuracy_change", "pareto")}
         row["status"] = status
         if status != "completed":
-            row.update(tau=None, krr=None, coupling=None, module_accuracy=None, subtask_krr=None, objective=None)
+            row.update(tau=None, krr=None, cohesion=None, coupling=None, module_accuracy=None, subtask_krr=None,
+                       objective=None)
         rows.append(row)
     table = pd.DataFrame(rows)
     for column in RESULT_COLUMNS:
@@ -181,5 +182,5 @@ def _best_metrics(best: dict):
 
     now = int(time.time() * 1000)
     return [Metric(f"best.{key}", float(best[key]), now, 0)
-            for key in ("objective", "tau", "krr", "coupling", "module_accuracy", "test_accuracy")
+            for key in ("objective", "tau", "krr", "cohesion", "coupling", "module_accuracy", "test_accuracy")
             if best.get(key) is not None and not (isinstance(best[key], float) and math.isnan(best[key]))]
