@@ -14,11 +14,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .core.data import DATASETS
-from .core.models import list_models
+from .core.models import create_model, list_models
 from .core.reuse import FineTuneSettings
 from .core.training import OptimSettings
 
@@ -41,10 +42,6 @@ MAX_PARAMETERS = 2e9
 @functools.lru_cache(maxsize=None)
 def _parameters_at_width_one(name: str) -> int:
     """Parameters of ``name`` at width 1 with 10 classes, counted on the meta device (nothing allocated)."""
-    import torch
-
-    from .core.models import create_model
-
     with torch.device("meta"):
         return sum(p.numel() for p in create_model(name, 10, 1.0, modular=True).parameters())
 
@@ -346,8 +343,7 @@ class Config(_Section):
 
     @field_validator("name")
     @classmethod
-    def _plain_folder_name(cls, value: str) -> str:
-        """The job's folder under output_dir (and in the run storage): one plain folder name."""
+    def _plain_folder_name(cls, value: str) -> str:  # the job's folder under output_dir and in the run storage
         if (value in ("", ".", "..") or value != value.strip() or value.startswith(".")
                 or any(c in value for c in "/\\:*?\"<>|") or any(ord(c) < 32 for c in value) or len(value) > 100):
             raise ValueError("name must be a plain folder name such as 'mwt' or 'vgg16-run2': no path separators "
