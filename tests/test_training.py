@@ -59,25 +59,7 @@ def run_cli(module, args, cwd):
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=300)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--set", "model.name=alexnet"], "unknown model 'alexnet'"),
-    (["--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
-    (["--set", "modularize.tau=0"], "modularize.tau"),
-    (["--set", "modularize.tau=1.5"], "modularize.tau"),
-    (["--set", "train.alpha=-0.5"], "train.alpha"),
-    (["--set", "train.beta=-1"], "train.beta"),
-    (["--set", "model.width=0"], "model.width"),
-    (["--set", "data.name=folder", "--set", "data.root=/no/such/dir"], "does not exist"),
-    (["--set", "train.batch_size=5000"], "larger than the training set"),
-    (["--config", "/no/such.yaml"], "does not exist"),
-])
-def test_train_cli_rejects_bad_input_with_one_line(tmp_path, args, message):
-    result = run_cli("mwt_ray.train", args + ["--set", f"output_dir={tmp_path / 'runs'}", "--set", "train.epochs=1",
-                                              "--set", "tracking.enabled=false"], tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+# The command's bad-input cases (one line, exit 2, nothing written) are in test_bad_input.py.
 
 
 def test_reuse_cli_rejects_bad_classes_and_wrong_checkpoint(modular_run, tmp_path):
