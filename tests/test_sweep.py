@@ -313,6 +313,9 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
 def test_job_submission_to_a_local_head(tmp_path):
     """ray start --head on 127.0.0.1, ray job submit of a tiny sweep, its MLflow runs, ray stop."""
     config = sweep_yaml(tmp_path, "submitted", trials=2, scheduler="none", standard_baseline=False)
+    tree = yaml.safe_load(config.read_text())
+    del tree["tracking"]  # the default store, ./mlflow.db of the job: trials in Ray workers must find it too
+    config.write_text(yaml.safe_dump(tree))
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
     ray_cli = str(Path(sys.executable).parent / "ray")  # the ray of this environment

@@ -284,7 +284,9 @@ def _preflight(cfg: Config, resume: bool) -> tuple[Config, Path]:
     if cfg.tracking.enabled:
         from ..tracking import check_store, resolve_tracking_uri
 
-        check_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
+        # Absolute: trials run in Ray workers whose working directory is not this one.
+        cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        check_store(cfg.tracking.tracking_uri)
     return cfg, sweep_folder(cfg, resume)
 
 

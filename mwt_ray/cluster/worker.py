@@ -37,6 +37,7 @@ class RayTrainSession:
     """A rank of a Ray Train worker group: rank 0 attaches checkpoints, every rank reports."""
 
     in_ray = True
+    report = None  # a sweep trial's Tune sees rank 0's ray.train.report through its TuneReportCallback
 
     def __init__(self, context, storage: RunStorage, sync_batchnorm: bool = False):
         import ray.train.torch

@@ -106,7 +106,7 @@ class LocalSession:
     """A job in this process: world size 1, checkpoints written straight to the run storage.
 
     ``resume=False`` starts from scratch even when the storage holds checkpoints of an earlier job.
-    ``report(metrics)`` runs after each epoch's checkpoint is stored (a sweep trial reports to Tune)."""
+    ``report(metrics)`` runs after each epoch is checkpointed and logged (a sweep trial reports to Tune)."""
 
     rank, world_size, in_ray = 0, 1, False
 
@@ -127,8 +127,6 @@ class LocalSession:
         self.storage.upload_dir(folder, folder_name)
         for _, old in self.storage.checkpoint_dirs()[:-KEEP_CHECKPOINTS]:
             self.storage.delete_dir(old)
-        if self.report is not None and folder_name.startswith("checkpoint_epoch_"):
-            self.report(metrics)
 
     def wait_until_registered(self, folder_name: str) -> None:
         """Checkpoints are stored once ``persist`` returns."""
@@ -218,6 +216,8 @@ class TrainingJob:
         self.persist(f"checkpoint_epoch_{epoch + 1:04d}", lambda folder: self.save_state(folder, epoch + 1), metrics)
         if self.tracked is not None:  # after the checkpoint: a crash in between is backfilled on resume
             self.tracked.log_epoch(metrics)
+        if self.session.report is not None:  # last: a sweep may stop the trial right here
+            self.session.report(metrics)
 
     def save_state(self, folder: Path, epoch: int) -> None:
         save_checkpoint(folder / TRAINING_STATE, self.model, architecture(self.cfg, self.data),
