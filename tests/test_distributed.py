@@ -225,7 +225,7 @@ def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(cluster, tmp_p
     client = mlflow_client(tmp_path)
     run = only_run(client)
     assert run.info.status == "FINISHED"
-    for key in ("test_accuracy", "loss", "coupling"):
+    for key in ("test_accuracy", "loss", "batch_coupling"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
 
 

@@ -218,7 +218,7 @@ def test_training_against_a_real_mlflow_server(tmp_path, mlflow_server):
     client = client_for(uri)
     (tracked,) = runs_of(client, "served")
     assert tracked.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "coupling")] == [1]
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "batch_coupling")] == [1]
     assert {a.path for a in client.list_artifacts(tracked.info.run_id)} == ARTIFACTS
     assert any(p.name == "checkpoint.pt" for p in artifacts.rglob("*"))  # uploaded through the server's proxy
     assert not (tmp_path / "mlflow.db").exists()
