@@ -98,7 +98,7 @@ def test_standard_training_is_tracked_without_mask_metrics(tmp_path):
     run(cfg)
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tracked,) = runs_of(client)
-    assert "coupling" not in tracked.data.metrics and "test_accuracy" in tracked.data.metrics
+    assert "batch_coupling" not in tracked.data.metrics and "test_accuracy" in tracked.data.metrics
     assert {a.path for a in client.list_artifacts(tracked.info.run_id)} == ARTIFACTS - {"module_masks.pt"}
 
 
