@@ -46,6 +46,13 @@ def _parameters_at_width_one(name: str) -> int:
         return sum(p.numel() for p in create_model(name, 10, 1.0, modular=True).parameters())
 
 
+def _taus_in_range(values: list[float]) -> list[float]:
+    bad = [t for t in values if not 0 < t <= 1]
+    if bad or not values:
+        raise ValueError(f"tau values must lie in (0, 1], got {bad or 'an empty list'}")
+    return values
+
+
 class ModelConfig(_Section):
     name: str = "vgg16"
     width: float = Field(0.25, gt=0, description="channel multiplier (1.0 = the paper's models)")
@@ -121,13 +128,7 @@ class ModularizeConfig(_Section):
     report_taus: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="taus whose "
                                      "module cohesion, KRR and coupling metrics.json lists (by_tau), besides tau")
 
-    @field_validator("report_taus")
-    @classmethod
-    def _taus(cls, value: list[float]) -> list[float]:
-        bad = [t for t in value if not 0 < t <= 1]
-        if bad:
-            raise ValueError(f"tau values must lie in (0, 1], got {bad}")
-        return value
+    _taus = field_validator("report_taus")(lambda cls, value: _taus_in_range(value) if value else value)
 
 
 class ReuseConfig(_Section):
@@ -295,13 +296,7 @@ class SweepConfig(_Section):
                 raise ValueError("tau is searched through sweep.tau_grid or sweep.tau_range, not sweep.space")
         return value
 
-    @field_validator("tau_grid")
-    @classmethod
-    def _taus(cls, value: list[float]) -> list[float]:
-        bad = [t for t in value if not 0 < t <= 1]
-        if bad or not value:
-            raise ValueError(f"tau values must lie in (0, 1], got {bad or 'an empty grid'}")
-        return sorted(set(value))
+    _taus = field_validator("tau_grid")(lambda cls, value: sorted(set(_taus_in_range(value))))
 
     @field_validator("tau_range")
     @classmethod

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -293,6 +294,9 @@ def _preflight(cfg: Config, resume: bool) -> tuple[Config, Path]:
 def run_sweep(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard"}."""
     cfg, folder = _preflight(cfg, resume)
+    # Tune's newer console output prints its banner and paths even at verbose=0; the progress lines
+    # and the table below say what matters.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
