@@ -184,7 +184,7 @@ def main() -> None:
             print(f"using the models trained before in {work}", flush=True)
         else:
             modular, standard = train_models(work / "runs", args.train_epochs)
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)  # not a running cluster
         try:
             runs = [run_pool(modular, standard, n, args, scratch) for n in args.actors]
         finally:
