@@ -142,7 +142,7 @@ def test_sweep_ends_by_reusing_the_best_trials_modules(finished_sweep):
     assert rows["standard_accuracy"].between(0, 1).all()  # compared with the sweep's standard baseline
     client, runs = mlflow_runs(tmp_path)
     (best_run,) = [r for r in runs if r.info.run_name == f"trial-{best['trial']}"]
-    assert "reuse_summary.csv" in {a.path for a in client.list_artifacts(best_run.info.run_id)}
+    assert "reuse/reuse_summary.csv" in {a.path for a in client.list_artifacts(best_run.info.run_id, "reuse")}
 
 
 def test_sweep_mlflow_parent_and_children(finished_sweep):
@@ -310,19 +310,37 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
         jsonschema.validate(broken, schema)
 
 
+def stop_ray_under(temp_dir: str) -> None:
+    """Stop only the Ray processes of the head started with ``--temp-dir temp_dir`` (``ray stop``
+    would stop every Ray on the machine, a developer's own cluster included)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if temp_dir in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
 def test_job_submission_to_a_local_head(tmp_path):
-    """ray start --head on 127.0.0.1, ray job submit of a tiny sweep, its MLflow runs, ray stop."""
+    """ray start --head on 127.0.0.1, ray job submit of a tiny sweep, its MLflow runs, the head stopped."""
+    import tempfile
+
     config = sweep_yaml(tmp_path, "submitted", trials=2, scheduler="none", standard_baseline=False)
     tree = yaml.safe_load(config.read_text())
     del tree["tracking"]  # the default store, ./mlflow.db of the job: trials in Ray workers must find it too
     config.write_text(yaml.safe_dump(tree))
     port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="mwt-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
     ray_cli = str(Path(sys.executable).parent / "ray")  # the ray of this environment
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--include-dashboard=true"],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
     try:
+        # Every fixed default port moved, so that another Ray on this machine does not collide with it.
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "runtime-env-agent-port", "metrics-export-port",
+                                                         "ray-client-server-port")]
+        subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dashboard}", "--include-dashboard=true", f"--temp-dir={temp_dir}", *ports],
+                       cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
         submitted = subprocess.run(
             [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
              sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)],
@@ -330,7 +348,7 @@ def test_job_submission_to_a_local_head(tmp_path):
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert "succeeded" in submitted.stdout
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_under(temp_dir)
     client, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -86,7 +86,7 @@ def pareto_front(table) -> list[bool]:
     return front
 
 
-def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str) -> Path:
+def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, best: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -100,6 +100,10 @@ def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str) 
     for row in done.itertuples():
         ax.annotate(str(row.trial)[-5:], (row.krr, 100 * row.test_accuracy), fontsize=7, alpha=0.7,
                     xytext=(3, 3), textcoords="offset points")
+    chosen = done[done["trial"].astype(str) == str(best)]
+    if len(chosen):
+        ax.scatter(chosen["krr"], 100 * chosen["test_accuracy"], marker="*", s=220, color="C2", zorder=3,
+                   label="best score (module accuracy - w KRR)")
     if standard_accuracy is not None:
         ax.axhline(100 * standard_accuracy, color="gray", linestyle="--", label="standard model")
     ax.set_xlabel("kernel retention rate (KRR, lower is smaller modules)")
@@ -150,11 +154,12 @@ def finish_sweep(cfg, folder: Path, grid, standard: dict | None, parent: MlflowR
     atomic_write_text(folder / "results.csv", table.to_csv(index=False))
     atomic_write_text(folder / "results.md", _markdown(table))
     standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
-    plot_pareto(table, folder / "pareto.png", standard_accuracy, f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
     done = table[table["status"] == "completed"]
     best = None
     if len(done):
         best = (done.iloc[0] if cfg.sweep.objective == "score" else done[done["pareto"]].iloc[0]).to_dict()
+    plot_pareto(table, folder / "pareto.png", standard_accuracy, f"{cfg.name}: {cfg.model.name} on {cfg.data.name}",
+                best["trial"] if best else None)
     if parent is not None:
         client = parent.client
         for name in ("results.csv", "results.md", "pareto.png"):
