@@ -49,7 +49,7 @@ def one_torch_thread():
 def cluster():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never another's cluster
     yield ray.cluster_resources()
     ray.shutdown()
 

@@ -35,6 +35,7 @@ from ..config import Config
 from ..jobs import JobFailed, SetupError
 from ..jobs.reuse_job import ReusePlan, SubtaskEvaluator, format_row, plan_reuse, resolve_reference
 from ..tracking.reuse_report import ReuseTables, build_tables, log_report, write_report
+from .trainer import worker_runtime_env
 
 __all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "actor_room", "pool_size"]
 
@@ -98,12 +99,6 @@ def pool_size(cfg: Config, num_tasks: int) -> int:
     return min(r.num_actors or room, num_tasks)
 
 
-def _runtime_env() -> dict | None:
-    from .trainer import _worker_runtime_env
-
-    return _worker_runtime_env()
-
-
 def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> list[dict]:
     """Evaluate every sub-task of ``plan`` on ``num_actors`` actors (Ray must be initialised);
     returns one row per sub-task, in plan order."""
@@ -118,7 +113,7 @@ def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> li
     device = "cuda" if r.gpus_per_actor > 0 else "cpu"
     remote = ray.remote(ReuseActor).options(
         num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
-        max_task_retries=r.max_restarts, runtime_env=_runtime_env())
+        max_task_retries=r.max_restarts, runtime_env=worker_runtime_env())
     actors = [remote.remote(plan.spec, int(r.cpus_per_actor), device, fault) for _ in range(num_actors)]
     pool = ActorPool(actors)
     rows: dict[int, dict] = {}

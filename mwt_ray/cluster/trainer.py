@@ -91,7 +91,7 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
                      "scaling.cpus_per_worker, or add nodes (Ray would wait forever)")
 
 
-def _worker_runtime_env() -> dict | None:
+def worker_runtime_env() -> dict | None:
     """Environment for the workers: this source tree on PYTHONPATH when mwt_ray is not an
     installed package, and the driver's MLFLOW_* variables (server credentials, TLS settings)."""
     env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
@@ -260,7 +260,7 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
                     failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                     logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
-                    worker_runtime_env=_worker_runtime_env(), callbacks=callbacks),
+                    worker_runtime_env=worker_runtime_env(), callbacks=callbacks),
             )
             with _worker_stderr_to(stderr_log):
                 try:

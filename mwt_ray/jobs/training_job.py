@@ -65,10 +65,11 @@ def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
 
 
 def finish_run(model, data: ImageData, cfg: Config, device: torch.device, history: list[dict],
-               log=print) -> dict:
-    """Modularize (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary."""
+               log=print, mlflow_run_id: str | None = None) -> dict:
+    """Modularize (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary.
+    ``mlflow_run_id`` goes into the checkpoint, so a reuse evaluation of it logs to the same run."""
     summary = {"config": cfg.model_dump(), "final": history[-1], "epochs": len(history)}
-    extra = {"config": cfg.model_dump(), "history": history}
+    extra = {"config": cfg.model_dump(), "history": history, "mlflow_run_id": mlflow_run_id}
     if cfg.train.modular:
         usage, masks, report = modularize_model(model, data, cfg, device)
         summary["modules"] = report
@@ -235,7 +236,8 @@ class TrainingJob:
     def finish(self, folder: Path) -> None:
         """Modularize and write the results; the final checkpoint holds them too."""
         cfg = self.cfg
-        self.summary = finish_run(unwrap_ddp(self.model), self.data, cfg, self.session.device, self.history, log=self.log)
+        self.summary = finish_run(unwrap_ddp(self.model), self.data, cfg, self.session.device, self.history, log=self.log,
+                                  mlflow_run_id=self.tracked.run_id if self.tracked is not None else None)
         if self.tracked is not None:
             self.summary["mlflow_run_id"] = self.tracked.run_id
             names = self.tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
