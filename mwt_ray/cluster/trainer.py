@@ -228,6 +228,15 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     """
     log = log or (lambda line: None)
     cfg, plan = preflight(cfg, sync_batchnorm, resume, num_classes, log)
+    local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
+    stderr_log = Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
+    # The redirect lasts until Ray is shut down: Ray forwards the workers' lines asynchronously, and
+    # tracebacks of the surviving workers still arrive after fit() has failed.
+    with _worker_stderr_to(stderr_log):
+        return _fit(cfg, plan, stderr_log, sync_batchnorm, callbacks, log)
+
+
+def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, callbacks, log) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -240,8 +249,6 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
             signal.signal(signal.SIGTERM, ours)
     try:
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
-        local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
-        stderr_log = Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
         with _job_run(cfg, plan, log) as tracked:
             from ..tracking import resolve_tracking_uri
 
@@ -262,13 +269,12 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
                     logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
                     worker_runtime_env=worker_runtime_env(), callbacks=callbacks),
             )
-            with _worker_stderr_to(stderr_log):
-                try:
-                    result = trainer.fit()
-                except ray.train.TrainingFailedError as error:
-                    raise DistributedTrainingError(
-                        f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): "
-                        f"{describe_failure(error)}; the workers' stderr is in {stderr_log}") from None
+            try:
+                result = trainer.fit()
+            except ray.train.TrainingFailedError as error:
+                raise DistributedTrainingError(
+                    f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): "
+                    f"{describe_failure(error)}; the workers' stderr is in {stderr_log}") from None
             _prune_checkpoints(plan.storage)
             summary = _collect_results(result, cfg)
             if tracked:
