@@ -77,7 +77,7 @@ def _epoch_report(cfg: Config, metrics: dict) -> dict:
 
 
 def _tune_report_callback(cfg: Config):
-    """Ray Train -> Tune: rank 0's per-epoch reports, with the pessimistic objective added."""
+    """Ray Train -> Tune: rank 0's per-epoch reports, with epoch_score and the worst objective added."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReports(TuneReportCallback):
