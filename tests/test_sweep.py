@@ -111,7 +111,7 @@ def test_sweep_finishes_with_more_trials_than_fit_at_once(finished_sweep):
     (folder,) = (tmp_path / "runs" / "tiny").iterdir()
     import pandas as pd
 
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
     assert len(table) == 4 and table["trial"].is_unique
     assert set(table["status"]) <= {"completed", "stopped early"} and (table["status"] == "completed").any()
     done = table[table["status"] == "completed"]
@@ -134,7 +134,7 @@ def test_sweep_ends_by_reusing_the_best_trials_modules(finished_sweep):
     import pandas as pd
 
     (folder,) = (tmp_path / "runs" / "tiny").iterdir()
-    best = pd.read_csv(folder / "results.csv").iloc[0]
+    best = pd.read_csv(folder / "results.csv", dtype={"trial": str}).iloc[0]
     reuse = folder / "trials" / f"trial-{best['trial']}" / "reuse"
     rows = pd.read_csv(reuse / "reuse_rows.csv")
     assert len(rows) == 2 and (rows["m"] == 2).all()
@@ -174,7 +174,8 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
     fit at once, ASHA on: every trial ends, completed or stopped, and no trial waits forever for
     resources an earlier one kept (ray-project/ray#54305 hung exactly this on a Ray without its
     dashboard)."""
-    tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=3, standard_baseline=False).read_text())
+    tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=3, standard_baseline=False,
+                                     tau_range={"low": 0.5, "high": 1.0}).read_text())  # tau searched by Optuna
     tree["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.99}
     config = tmp_path / "workers.yaml"
     config.write_text(yaml.safe_dump(tree))
@@ -183,12 +184,14 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
     import pandas as pd
 
     (folder,) = (tmp_path / "runs" / "workers").iterdir()
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
     assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
     assert (table["status"] == "completed").any()
     _, runs = mlflow_runs(tmp_path)
     trial_runs = [r for r in runs if r.info.run_name.startswith("trial-")]
     assert len(trial_runs) == 3 and all(r.data.params["scaling.num_workers"] == "1" for r in trial_runs)
+    done = table[table["status"] == "completed"]
+    assert done["tau"].between(0.5, 1.0).all()  # each completed trial was scored at its sampled tau
 
 
 # ----------------------------------------------------------------------------- resume
@@ -232,7 +235,7 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
     (folder,) = (tmp_path / "runs" / "resumable").iterdir()
     import pandas as pd
 
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
     assert len(table) == 3 and (table["status"] == "completed").all()
     client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
@@ -325,7 +328,7 @@ def test_job_submission_to_a_local_head(tmp_path):
     """ray start --head on 127.0.0.1, ray job submit of a tiny sweep, its MLflow runs, the head stopped."""
     import tempfile
 
-    config = sweep_yaml(tmp_path, "submitted", trials=2, scheduler="none", standard_baseline=False)
+    config = sweep_yaml(tmp_path, "submitted", trials=2, scheduler="none", standard_baseline=False, objective="pareto")
     tree = yaml.safe_load(config.read_text())
     del tree["tracking"]  # the default store, ./mlflow.db of the job: trials in Ray workers must find it too
     config.write_text(yaml.safe_dump(tree))
@@ -354,3 +357,7 @@ def test_job_submission_to_a_local_head(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" and "sweep.objective" in c.data.metrics for c in children)
+    import pandas as pd  # the multi-objective mode: the table marks the front of test accuracy vs KRR
+
+    table = pd.read_csv(next((tmp_path / "runs" / "submitted").glob("*/results.csv")), dtype={"trial": str})
+    assert table["pareto"].any() and parent.data.tags["mwt.best_trial"] in set(table.loc[table["pareto"], "trial"])
