@@ -316,9 +316,11 @@ class SweepConfig(_Section):
     @model_validator(mode="after")
     def _points(self) -> "SweepConfig":
         for point in self.points:
-            unknown = sorted(set(_flatten_space(point)) - set(self.space))
-            if unknown:
-                raise ValueError(f"points: {', '.join(unknown)} not in sweep.space (keys: {', '.join(self.space)})")
+            given = set(_flatten_space(point)) - {"tau"}
+            unknown, missing = sorted(given - set(self.space)), sorted(set(self.space) - given)
+            if unknown or missing:
+                raise ValueError(f"points: {', '.join(unknown)} not in sweep.space" if unknown else
+                                 f"points: a point misses {', '.join(missing)}; give every key of sweep.space")
         return self
 
 

@@ -268,6 +268,7 @@ BAD = [
      "cannot search 'scaling.num_workers'"),
     (["--set", "sweep.points=[]", "--set", "sweep.space={train.lr: {low: 0, high: 0.1}}"], "sweep.space.train.lr"),
     (["--set", "sweep.points=[{train.lr: 0.1}]"], "not in sweep.space"),
+    (["--set", "sweep.points=[{train.alpha: 0.5}]"], "a point misses train.beta"),
     (["--set", "sweep.subtask_sizes=[2, 11]"], "exceed the dataset's 10 classes"),
     (["--set", "sweep.subtask_sizes=[1]"], "sizes must be >= 2"),
     (["--set", "train.modular=false"], "train.modular must be true"),

@@ -192,7 +192,8 @@ def mlflow_server(tmp_path):
         deadline = time.monotonic() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                # build_opener: urlopen's global opener keeps the (dead) proxy of a bad-input test that ran first
+                with urllib.request.build_opener().open(f"{uri}/health", timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:

@@ -208,8 +208,12 @@ def _searcher(cfg: Config):
             sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed)
     else:
         metric, mode = "objective", "max"
-    points = [{k: v for k, v in _flat(p).items()} for p in cfg.sweep.points] or None
-    search = OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points)
+    points = [_flat(p) for p in cfg.sweep.points]
+    if cfg.sweep.tau_range is not None:  # Optuna needs every dimension of a point: tau defaults to modularize.tau
+        low, high = (min(cfg.sweep.tau_range.choices), max(cfg.sweep.tau_range.choices)) \
+            if cfg.sweep.tau_range.choices else (cfg.sweep.tau_range.low, cfg.sweep.tau_range.high)
+        points = [{"tau": min(max(cfg.modularize.tau, low), high), **p} for p in points]
+    search = OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
     return ConcurrencyLimiter(search, max_concurrent=cfg.sweep.max_concurrent)
 
 

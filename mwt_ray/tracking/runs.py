@@ -90,7 +90,8 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     """
     url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        # A fresh opener reads the proxy settings now; urlopen's global one keeps those of its first use.
+        with urllib.request.build_opener().open(url, timeout=timeout) as response:
             response.read(64)
     except urllib.error.HTTPError:
         return
