@@ -238,13 +238,13 @@ class SearchRange(_Section):
         return [int(self.low), int(self.high)] if self.integer else [self.low, self.high]
 
 
-def _flatten_space(tree, prefix: str = "") -> dict:
+def flatten_space(tree, prefix: str = "") -> dict:
     """``{"train": {"alpha": {...}}}`` and ``{"train.alpha": {...}}`` both become dotted keys."""
     flat = {}
     for key, value in (tree or {}).items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and not (set(value) & set(SearchRange.model_fields)):
-            flat |= _flatten_space(value, name + ".")
+            flat |= flatten_space(value, name + ".")
         else:
             flat[name] = value
     return flat
@@ -283,7 +283,7 @@ class SweepConfig(_Section):
     @field_validator("space", mode="before")
     @classmethod
     def _flat(cls, value):
-        return _flatten_space(value) if isinstance(value, dict) else value
+        return flatten_space(value) if isinstance(value, dict) else value
 
     @field_validator("space")
     @classmethod
@@ -316,7 +316,7 @@ class SweepConfig(_Section):
     @model_validator(mode="after")
     def _points(self) -> "SweepConfig":
         for point in self.points:
-            given = set(_flatten_space(point)) - {"tau"}
+            given = set(flatten_space(point)) - {"tau"}
             unknown, missing = sorted(given - set(self.space)), sorted(set(self.space) - given)
             if unknown or missing:
                 raise ValueError(f"points: {', '.join(unknown)} not in sweep.space" if unknown else

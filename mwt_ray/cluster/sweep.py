@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..config import Config, apply_overrides, validate_config
+from ..config import Config, apply_overrides, flatten_space, validate_config
 from ..core.files import atomic_write_text
 from ..jobs import SetupError, absolute_paths, check_job, load_data, resolve_device
 from ..jobs.objective import best_tau, scan_checkpoint
@@ -208,23 +208,13 @@ def _searcher(cfg: Config):
             sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed)
     else:
         metric, mode = "objective", "max"
-    points = [_flat(p) for p in cfg.sweep.points]
+    points = [flatten_space(p) for p in cfg.sweep.points]
     if cfg.sweep.tau_range is not None:  # Optuna needs every dimension of a point: tau defaults to modularize.tau
         low, high = (min(cfg.sweep.tau_range.choices), max(cfg.sweep.tau_range.choices)) \
             if cfg.sweep.tau_range.choices else (cfg.sweep.tau_range.low, cfg.sweep.tau_range.high)
         points = [{"tau": min(max(cfg.modularize.tau, low), high), **p} for p in points]
     search = OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
     return ConcurrencyLimiter(search, max_concurrent=cfg.sweep.max_concurrent)
-
-
-def _flat(point: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in point.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _scheduler(cfg: Config):
