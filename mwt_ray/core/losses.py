@@ -54,9 +54,13 @@ def cohesion_coupling_losses(masks: list[torch.Tensor], labels: torch.Tensor,
 
 
 def modular_objective(logits: torch.Tensor, labels: torch.Tensor, masks: list[torch.Tensor],
-                      mask_labels: torch.Tensor, alpha: float, beta: float,
+                      mask_labels: torch.Tensor, alpha: float, beta: float, sparsity: float = 0.0,
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """O = CE + alpha * L_ch + beta * L_cp (Eq. 6); also returns the three parts, detached.
+
+    ``sparsity > 0`` adds ``sparsity * mean mask value`` (each layer's mean, averaged over layers):
+    an option beyond the paper that pushes kernels off for every sample, where the coupling loss
+    only pushes classes apart.
 
     ``masks``/``mask_labels`` may cover more samples than ``logits``/``labels``: under data
     parallelism they are the masks gathered from every worker, so the pair losses see the whole
@@ -65,6 +69,8 @@ def modular_objective(logits: torch.Tensor, labels: torch.Tensor, masks: list[to
     ce = F.cross_entropy(logits, labels)
     cohesion_loss, coupling_loss = cohesion_coupling_losses(masks, mask_labels, logits.shape[1])
     total = ce + alpha * cohesion_loss + beta * coupling_loss
+    if sparsity:
+        total = total + sparsity * torch.stack([m.mean() for m in masks]).mean()
     parts = {"ce_loss": ce.detach(), "cohesion_loss": cohesion_loss.detach(),
              "coupling_loss": coupling_loss.detach()}
     return total, parts

@@ -28,7 +28,7 @@ __all__ = [
     "BasicBlock",
     "create_model",
     "list_models",
-    "masked_units",
+    "masked_units", "init_mask_bias",
     "set_kernel_masks",
 ]
 
@@ -340,6 +340,14 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, modular: 
 def masked_units(model: nn.Module) -> list[ConvUnit]:
     """The units that own a mask generator, in the order their masks are returned."""
     return [m for m in model.modules() if isinstance(m, ConvUnit) and m.mask_generator is not None]
+
+
+def init_mask_bias(model: nn.Module, value: float) -> None:
+    """Set every mask generator's last bias (1.0 at construction): lower values start training with
+    fewer kernels on (tanh(0) = 0 puts each kernel on the edge), higher ones with all firmly on."""
+    with torch.no_grad():
+        for unit in masked_units(model):
+            unit.mask_generator.fc2.bias.fill_(value)
 
 
 def conv_units(model: nn.Module) -> list[ConvUnit]:

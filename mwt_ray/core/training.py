@@ -23,7 +23,8 @@ from .losses import modular_objective
 from .metrics import batch_modularity
 
 __all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "train_epoch", "evaluate", "fit",
-           "gather_global_batch", "world", "unwrap_ddp"]
+           "gather_global_batch", "world", "unwrap_ddp",
+           "loss_weight_ramp"]
 
 
 @dataclass
@@ -38,9 +39,12 @@ class OptimSettings:
     modular: bool
     alpha: float
     beta: float
-    warmup_epochs: float  # ramp alpha and beta linearly from 0 over this many epochs
+    warmup_epochs: float  # ramp the modularity losses' weights from 0 over this many epochs
     augment: bool
     seed: int
+    warmup_shape: str = "linear"  # linear, cosine or step: see loss_weight_ramp
+    sparsity: float = 0.0  # weight of the mean mask value in the objective (0: the paper's Eq. 6)
+    generator_lr_scale: float = 1.0  # mask generators' learning rate relative to lr
 
 
 def world() -> tuple[int, int]:
@@ -81,17 +85,37 @@ def gather_global_batch(masks: list[torch.Tensor], labels: torch.Tensor):
 
 
 def make_optimizer(model: nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
-    # Mask generators train with the same SGD settings as the network (authors' code).
-    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, nesterov=s.nesterov,
-                           weight_decay=s.weight_decay)
+    """SGD over the whole model. With ``generator_lr_scale != 1`` the mask generators get a parameter
+    group of their own at ``lr * generator_lr_scale`` (the cosine schedule scales both groups);
+    at 1 there is one group, so default runs match earlier ones step for step."""
+    settings = dict(lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
+    if s.generator_lr_scale == 1.0:
+        return torch.optim.SGD(model.parameters(), **settings)
+    named = list(model.named_parameters())
+    generators = [p for name, p in named if "mask_generator." in name]
+    network = [p for name, p in named if "mask_generator." not in name]
+    return torch.optim.SGD([{"params": network},
+                            {"params": generators, "lr": s.lr * s.generator_lr_scale}], **settings)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: OptimSettings):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs)
 
 
-def _ramp(s: OptimSettings, epoch_progress: float) -> float:
-    return 1.0 if s.warmup_epochs <= 0 else min(1.0, epoch_progress / s.warmup_epochs)
+def loss_weight_ramp(s: OptimSettings, epoch_progress: float) -> float:
+    """Factor on alpha, beta and the sparsity weight after ``epoch_progress`` epochs: 1 without a
+    warm-up; otherwise rising from 0 to 1 over ``warmup_epochs``, linearly, along half a cosine
+    wave (slow start, slow finish), or as a step (the losses switch on at ``warmup_epochs``)."""
+    if s.warmup_epochs <= 0:
+        return 1.0
+    done = min(1.0, epoch_progress / s.warmup_epochs)
+    if s.warmup_shape == "cosine":
+        return 0.5 - 0.5 * math.cos(math.pi * done)
+    if s.warmup_shape == "step":
+        return float(done >= 1.0)
+    if s.warmup_shape != "linear":
+        raise ValueError(f"unknown warmup_shape {s.warmup_shape!r}; use linear, cosine or step")
+    return done
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, s: OptimSettings,
@@ -117,8 +141,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
         if s.modular:
             logits, masks = model(images, return_masks=True)
             all_masks, all_labels = gather_global_batch(masks, labels)
-            ramp = _ramp(s, epoch + step / steps)
-            loss, parts = modular_objective(logits, labels, all_masks, all_labels, s.alpha * ramp, s.beta * ramp)
+            ramp = loss_weight_ramp(s, epoch + step / steps)
+            loss, parts = modular_objective(logits, labels, all_masks, all_labels, s.alpha * ramp, s.beta * ramp,
+                                            sparsity=s.sparsity * ramp)
         else:
             logits = model(images)
             loss = F.cross_entropy(logits, labels)

@@ -16,23 +16,21 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .core.data import DATASETS
-from .core.models import create_model, list_models
-from .core.reuse import FineTuneSettings
-from .core.training import OptimSettings
+from ..core.data import DATASETS
+from ..core.models import create_model, list_models
+from ..core.reuse import FineTuneSettings
+from ..core.training import OptimSettings
+from .base import Section, taus_in_range
+from .sweep import SEARCHABLE_SECTIONS, SearchRange, SweepConfig, flatten_space
 
-__all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig", "SearchRange", "load_config", "apply_overrides", "validate_config",
+__all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig", "SearchRange", "flatten_space", "SEARCHABLE_SECTIONS", "load_config", "apply_overrides", "validate_config",
            "build_parser"]
 
 
 class ConfigError(ValueError):
     pass
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # Models larger than this are refused before they are built (float32 weights alone: 8 GB).
@@ -46,14 +44,7 @@ def _parameters_at_width_one(name: str) -> int:
         return sum(p.numel() for p in create_model(name, 10, 1.0, modular=True).parameters())
 
 
-def _taus_in_range(values: list[float]) -> list[float]:
-    bad = [t for t in values if not 0 < t <= 1]
-    if bad or not values:
-        raise ValueError(f"tau values must lie in (0, 1], got {bad or 'an empty list'}")
-    return values
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "vgg16"
     width: float = Field(0.25, gt=0, description="channel multiplier (1.0 = the paper's models)")
 
@@ -79,7 +70,7 @@ class ModelConfig(_Section):
         return value
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     name: str = "digits"
     root: str | None = Field(None, description="dataset folder (cifar10/svhn root, or an image folder / .tar.gz)")
     download: bool = False
@@ -95,7 +86,7 @@ class DataConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     modular: bool = True
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -105,7 +96,13 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     alpha: float = Field(0.5, ge=0, description="weight of the cohesion loss (Eq. 6)")
     beta: float = Field(1.5, ge=0, description="weight of the coupling loss (Eq. 6)")
-    warmup_epochs: float = Field(0.0, ge=0, description="ramp alpha and beta from 0 over this many epochs")
+    warmup_epochs: float = Field(0.0, ge=0, description="ramp alpha, beta and sparsity from 0 over this many epochs")
+    # Options beyond the paper (issue 9's frontier study); the defaults are the paper's method.
+    warmup_shape: Literal["linear", "cosine", "step"] = Field(
+        "linear", description="the warm-up ramp: linear, cosine (slow start and end) or step (off, then on)")
+    sparsity: float = Field(0.0, ge=0, description="weight of the mean mask value in the objective (0 = off)")
+    generator_lr_scale: float = Field(1.0, gt=0, description="mask generators' learning rate / train.lr")
+    mask_bias_init: float = Field(1.0, description="initial last bias of every mask generator (1.0: all kernels on)")
     augment: bool = True
     seed: int = 0
     device: str = Field("auto", description="auto (a GPU if there is one), cpu, cuda or cuda:N")
@@ -118,20 +115,20 @@ class TrainConfig(_Section):
         return value
 
     def optim_settings(self) -> OptimSettings:
-        return OptimSettings(**self.model_dump(exclude={"device"}))
+        return OptimSettings(**self.model_dump(exclude={"device", "mask_bias_init"}))
 
 
-class ModularizeConfig(_Section):
+class ModularizeConfig(Section):
     tau: float = Field(0.9, gt=0, le=1, description="keep a kernel used by >= tau of a class's samples")
     cohesion_samples_per_class: int | None = Field(
         None, ge=0, description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip")
     report_taus: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="taus whose "
                                      "module cohesion, KRR and coupling metrics.json lists (by_tau), besides tau")
 
-    _taus = field_validator("report_taus")(lambda cls, value: _taus_in_range(value) if value else value)
+    _taus = field_validator("report_taus")(lambda cls, value: taus_in_range(value) if value else value)
 
 
-class ReuseConfig(_Section):
+class ReuseConfig(Section):
     subtasks: list[list[int]] = Field(default_factory=list, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]")
     sizes: list[int] = Field(default_factory=list, description="M values to sample sub-tasks for, e.g. [2, 5] or "
                              "'2..9'; empty = 2..N-1 unless subtasks are given")
@@ -163,7 +160,7 @@ class ReuseConfig(_Section):
         if isinstance(value, str):
             match = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", value)
             if not match or int(match[1]) > int(match[2]):
-                raise ValueError(f"sizes must be a list of M values or a range 'a..b' with a <= b")
+                raise ValueError("sizes must be a list of M values or a range 'a..b' with a <= b")
             return list(range(int(match[1]), int(match[2]) + 1))
         return value
 
@@ -186,7 +183,7 @@ class ReuseConfig(_Section):
         return FineTuneSettings(**self.model_dump(include=set(FineTuneSettings.__dataclass_fields__)), seed=seed)
 
 
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process without Ray")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -195,136 +192,14 @@ class ScalingConfig(_Section):
     storage_path: str | None = Field(None, description="Ray Train storage (shared path or URI on a cluster)")
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<cwd>/mlflow.db")
     experiment: str = "mwt-ray"
     parent_run_id: str | None = Field(None, description="nest this job's MLflow run under that run (a sweep sets it)")
 
 
-# Sections a sweep may search over; the others (names, paths, resources, tracking) stay fixed per sweep.
-SEARCHABLE_SECTIONS = ("model", "train", "modularize", "data")
-
-
-class SearchRange(_Section):
-    """One search dimension: a float range (``low``/``high``, ``log`` for a log scale; ``integer``
-    for whole numbers) or a list of ``choices``."""
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    integer: bool = False
-    choices: list | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> "SearchRange":
-        if self.choices is not None:
-            if self.low is not None or self.high is not None:
-                raise ValueError("give either choices or low/high, not both")
-            if not self.choices:
-                raise ValueError("choices is empty")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("a range needs low and high (or a list of choices)")
-        if not self.low < self.high:
-            raise ValueError(f"empty or inverted range: low {self.low:g} must be below high {self.high:g}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
-        return self
-
-    def candidates(self) -> list:
-        """The values whose validity proves the whole range valid (ends of a range, every choice)."""
-        if self.choices is not None:
-            return list(self.choices)
-        return [int(self.low), int(self.high)] if self.integer else [self.low, self.high]
-
-
-def flatten_space(tree, prefix: str = "") -> dict:
-    """``{"train": {"alpha": {...}}}`` and ``{"train.alpha": {...}}`` both become dotted keys."""
-    flat = {}
-    for key, value in (tree or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and not (set(value) & set(SearchRange.model_fields)):
-            flat |= flatten_space(value, name + ".")
-        else:
-            flat[name] = value
-    return flat
-
-
-class SweepConfig(_Section):
-    """``python -m mwt_ray.sweep``: Ray Tune + Optuna over ``space``, tau scanned in each trial."""
-    trials: int = Field(8, ge=1, description="Optuna trials (the reference points included)")
-    max_concurrent: int = Field(2, ge=1, description="trials running at once")
-    seed: int = 0
-    space: dict[str, SearchRange] = Field(default_factory=lambda: {
-        "train.alpha": SearchRange(low=0.1, high=3.0, log=True), "train.beta": SearchRange(low=0.3, high=3.0, log=True)},
-        description="dotted config key -> range or choices")
-    points: list[dict] = Field(default_factory=list, description="settings tried first, e.g. the paper's "
-                               "[{train.alpha: 0.5, train.beta: 1.5}]; keys must be in space")
-    tau_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
-                                  description="taus scanned after training; the trial reports the best")
-    tau_range: SearchRange | None = Field(None, description="search tau with Optuna in this range instead of the grid")
-    objective: Literal["score", "pareto"] = Field(
-        "score", description="score: module accuracy - krr_weight * KRR (one value); pareto: accuracy vs KRR")
-    krr_weight: float = Field(0.1, ge=0, description="accuracy (0..1) one unit of KRR is worth in the score")
-    subtask_sizes: list[int] = Field(default_factory=list, description="M of the sub-tasks that score tau; "
-                                     "default: 2 and N // 2")
-    subtasks_per_size: int = Field(3, ge=1)
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="training samples held out to score trials")
-    sampler: Literal["tpe", "random"] = "tpe"
-    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on the per-epoch "
-                                               "val_accuracy - krr_weight x kernel_rate")
-    grace_period: int = Field(2, ge=1, description="epochs every trial gets before ASHA may stop it")
-    reduction_factor: float = Field(2.0, gt=1)
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a one-process trial (scaling.num_workers=0)")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of a one-process trial (a fraction shares one GPU)")
-    standard_baseline: bool = Field(True, description="also train a standard model with the same settings")
-    reuse: bool = Field(True, description="evaluate the best trial's modules on sampled sub-tasks at the end")
-
-    @field_validator("space", mode="before")
-    @classmethod
-    def _flat(cls, value):
-        return flatten_space(value) if isinstance(value, dict) else value
-
-    @field_validator("space")
-    @classmethod
-    def _keys(cls, value: dict) -> dict:
-        for key in value:
-            if key.split(".")[0] not in SEARCHABLE_SECTIONS or key.count(".") != 1:
-                raise ValueError(f"cannot search {key!r}: use a key of {', '.join(SEARCHABLE_SECTIONS)} "
-                                 "such as train.alpha (tau has tau_grid / tau_range)")
-            if key == "modularize.tau":
-                raise ValueError("tau is searched through sweep.tau_grid or sweep.tau_range, not sweep.space")
-        return value
-
-    _taus = field_validator("tau_grid")(lambda cls, value: sorted(set(_taus_in_range(value))))
-
-    @field_validator("tau_range")
-    @classmethod
-    def _tau_range(cls, value: SearchRange | None) -> SearchRange | None:
-        if value is not None and (value.choices is not None and not all(0 < t <= 1 for t in value.choices)
-                                  or value.choices is None and not (0 < value.low and value.high <= 1)):
-            raise ValueError("tau must lie in (0, 1]")
-        return value
-
-    @field_validator("subtask_sizes")
-    @classmethod
-    def _sizes(cls, value: list[int]) -> list[int]:
-        if any(m < 2 for m in value):
-            raise ValueError(f"sub-task sizes must be >= 2, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _points(self) -> "SweepConfig":
-        for point in self.points:
-            given = set(flatten_space(point)) - {"tau"}
-            unknown, missing = sorted(given - set(self.space)), sorted(set(self.space) - given)
-            if unknown or missing:
-                raise ValueError(f"points: {', '.join(unknown)} not in sweep.space" if unknown else
-                                 f"points: a point misses {', '.join(missing)}; give every key of sweep.space")
-        return self
-
-
-class Config(_Section):
+class Config(Section):
     name: str = "mwt"
     output_dir: str = "runs"
     model: ModelConfig = Field(default_factory=ModelConfig)
