@@ -17,7 +17,7 @@ from mwt_ray.tracking.plots import plot_convergence
 from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
 from mwt_ray.cluster import run_training as run
 
-from conftest import free_port
+from conftest import free_port, mlflow_client
 from conftest import tiny_config as _tiny_config
 
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
@@ -223,3 +223,20 @@ def test_training_against_a_real_mlflow_server(tmp_path, mlflow_server):
     assert {a.path for a in client.list_artifacts(tracked.info.run_id)} == ARTIFACTS
     assert any(p.name == "checkpoint.pt" for p in artifacts.rglob("*"))  # uploaded through the server's proxy
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_jobs_starting_together_on_a_new_sqlite_store(tmp_path):
+    """Several processes opening runs at once on a store that does not exist yet: each gets its run
+    (without the setup lock, MLflow's concurrent schema migrations broke the new database)."""
+    code = ("import sys\nfrom mwt_ray.config import load_config\nfrom mwt_ray.tracking.runs import open_run\n"
+            "cfg = load_config(None, [f'name=job{sys.argv[1]}', 'tracking.tracking_uri=sqlite:///' + sys.argv[2]])\n"
+            "open_run(cfg, log=None).end()\n")
+    db = tmp_path / "new" / "mlflow.db"
+    jobs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(db)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * 4, outputs
+    client = mlflow_client(tmp_path / "new")
+    runs = client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -34,6 +34,8 @@ marks it FAILED (``fail_if_running``).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import tempfile
@@ -287,6 +289,23 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
+@contextlib.contextmanager
+def _store_setup_lock(uri: str):
+    """Hold an exclusive lock on ``<db>.lock`` while an sqlite store is opened and the experiment
+    found or made: MLflow builds a new database with schema migrations, and two jobs doing that at
+    once break it (seen with two ``mwt_ray.train`` jobs started together on a new store)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = None,
              log: Callable[[str], None] | None = print) -> MlflowRun:
     """Create the job's MLflow run (every config value as a param), or continue ``run_id``.
@@ -302,9 +321,10 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    client = MlflowClient(tracking_uri=uri)
     try:
-        experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+        with _store_setup_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
     except TrackingError:
         raise
     except Exception as error:
