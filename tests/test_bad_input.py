@@ -130,6 +130,8 @@ def config_cases() -> list[Case]:
         ("train.batch_size=1", "train.batch_size"), ("train.lr=0", "train.lr"), ("train.lr=-1", "train.lr"),
         ("train.lr=inf", "train.lr"), ("train.momentum=1", "train.momentum"), ("train.weight_decay=-1", "train.weight_decay"),
         ("train.alpha=-0.5", "train.alpha"), ("train.beta=-1", "train.beta"), ("train.warmup_epochs=-1", "train.warmup_epochs"),
+        ("train.warmup_shape=exponential", "train.warmup_shape"), ("train.sparsity=-0.1", "train.sparsity"),
+        ("train.generator_lr_scale=0", "train.generator_lr_scale"), ("train.mask_bias_init=nan", "train.mask_bias_init"),
         ("train.device=tpu", "unknown device 'tpu'"), ("train.device=cuda:x", "unknown device"),
         ("train.modular=perhaps", "train.modular"), ("modularize.tau=0", "modularize.tau"),
         ("modularize.tau=1.5", "modularize.tau"), ("modularize.cohesion_samples_per_class=-1", "cohesion_samples_per_class"),

@@ -1,0 +1,130 @@
+"""The accuracy / KRR frontier of issue 9: modular runs against a standard run of the same budget,
+one panel per budget, in a table (Markdown + CSV) and a plot.
+
+    python experiments/frontier.py --out experiments/results/frontier \
+        --panel "VGG16/4, CIFAR-10, 15 epochs" runs/cifar10-vgg16-standard runs/cifar10-vgg16-modular* \
+        --panel "screen: 10k images, 8 epochs" runs/cifar10-vgg16-options/<time>/standard \
+                runs/cifar10-vgg16-options/<time>/trials/trial-*
+
+Each argument after a panel's title is a run folder holding ``metrics.json`` (what every training
+job writes); the first is the standard run. A point is the modular model's test accuracy and its
+modules' KRR at the run's ``modularize.tau``; its label names the options that differ from the
+paper's method. The shaded boxes are the issue's targets (at most 1.6 points lost at KRR <= 0.34;
+at most 3 points lost at KRR <= 0.25).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mwt_ray.config import TrainConfig
+
+OPTIONS = {"warmup_epochs": "warm-up {:g}", "warmup_shape": "{} ramp", "sparsity": "sparsity {:g}",
+           "generator_lr_scale": "generator lr x{:g}", "mask_bias_init": "bias init {:g}"}
+TARGETS = [(0.34, -1.6), (0.25, -3.0)]
+
+
+def label(train: dict) -> str:
+    """'paper' or the options that differ from it, e.g. 'alpha 0.36, warm-up 3, sparsity 0.5'."""
+    defaults = TrainConfig().model_dump()
+    parts = [f"{key} {train[key]:.2g}" for key in ("alpha", "beta") if train[key] != defaults[key]]
+    for key, text in OPTIONS.items():
+        shape_only = key == "warmup_shape" and not train.get("warmup_epochs")
+        if key in train and train[key] != defaults[key] and not shape_only:
+            parts.append(text.format(train[key]))
+    return ", ".join(parts) or "paper (alpha 0.5, beta 1.5)"
+
+
+def family(train: dict) -> str:
+    """Which option a point measures (the colour in the plot)."""
+    defaults = TrainConfig().model_dump()
+    changed = [k for k in ("sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape")
+               if train.get(k, defaults[k]) != defaults[k] and (k != "warmup_shape" or train.get("warmup_epochs"))]
+    if len(changed) > 1:
+        return "combination"
+    if changed:
+        return changed[0]
+    return "warm-up" if train.get("warmup_epochs") else "paper"
+
+
+def read_panel(title: str, folders: list[str]) -> pd.DataFrame:
+    standard = json.loads((Path(folders[0]) / "metrics.json").read_text())
+    if standard["config"]["train"]["modular"]:
+        raise SystemExit(f"error: the first run of panel {title!r} must be a standard run, {folders[0]} is modular")
+    base = standard["final"]["test_accuracy"]
+    rows = [{"panel": title, "run": Path(folders[0]).name, "label": "standard", "family": "standard",
+             "test_accuracy": base, "change_pp": 0.0}]
+    for folder in folders[1:]:
+        path = Path(folder) / "metrics.json"
+        if not path.is_file():
+            print(f"skipping {folder}: no metrics.json (unfinished?)")
+            continue
+        m = json.loads(path.read_text())
+        modules, train = m["modules"], m["config"]["train"]
+        rows.append({"panel": title, "run": Path(folder).name, "label": label(train), "family": family(train),
+                     "test_accuracy": m["final"]["test_accuracy"],
+                     "change_pp": 100 * (m["final"]["test_accuracy"] - base), "tau": m["config"]["modularize"]["tau"],
+                     "krr": modules["krr"], "cohesion": modules.get("cohesion"),
+                     "raw_cohesion": modules.get("raw_cohesion"), "coupling": modules["coupling"],
+                     "layer_krr": " ".join(f"{v:.2f}" for v in modules["layer_krr"]),
+                     "meets_target": any(modules["krr"] <= k and 100 * (m["final"]["test_accuracy"] - base) >= d
+                                         for k, d in TARGETS)})
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(table["panel"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    colours = dict(zip(["paper", "warm-up", "sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape",
+                        "combination"], plt.get_cmap("tab10").colors))
+    for ax, title in zip(axes[0], panels):
+        rows = table[(table["panel"] == title) & (table["family"] != "standard")]
+        for (k, d), shade in zip(TARGETS, (0.25, 0.12)):
+            ax.fill_between([0, k], d, 1.0, color="tab:green", alpha=shade, lw=0)
+            ax.text(k, d, f" target: >= {d:g} pp at KRR <= {k:g}", fontsize=7, va="bottom", ha="right")
+        for name, group in rows.groupby("family"):
+            group = group.sort_values("krr")
+            ax.plot(group["krr"], group["change_pp"], "o-" if len(group) > 1 else "o", color=colours[name],
+                    label=name.replace("_", " "), alpha=0.85)
+        for _, row in rows.iterrows():
+            ax.annotate(row["label"], (row["krr"], row["change_pp"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set(title=title, xlabel="KRR of the modules (lower: smaller modules)",
+               ylabel="test accuracy change vs the standard run (pp)",
+               xlim=(0, max(0.7, rows["krr"].max() + 0.05)), ylim=(min(-12, rows["change_pp"].min() - 1), 1))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--panel", nargs="+", action="append", required=True, metavar="TITLE RUN",
+                        help="a title, the standard run folder, then the modular run folders")
+    parser.add_argument("--out", required=True, help="folder for frontier.csv, frontier.md, frontier.png")
+    args = parser.parse_args()
+    if any(len(p) < 3 for p in args.panel):
+        parser.error("each --panel needs a title, a standard run and at least one modular run")
+    table = pd.concat([read_panel(p[0], p[1:]) for p in args.panel], ignore_index=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "frontier.csv", index=False)
+    shown = table.drop(columns=["family"]).round(4)
+    (out / "frontier.md").write_text(shown.to_markdown(index=False) + "\n")
+    plot(table, out / "frontier.png")
+    print(shown.drop(columns=["layer_krr", "panel"]).to_string(index=False))
+    print(f"wrote frontier.csv, frontier.md, frontier.png to {out}")
+
+
+if __name__ == "__main__":
+    main()
