@@ -132,6 +132,7 @@ def config_cases() -> list[Case]:
         ("train.alpha=-0.5", "train.alpha"), ("train.beta=-1", "train.beta"), ("train.warmup_epochs=-1", "train.warmup_epochs"),
         ("train.warmup_shape=exponential", "train.warmup_shape"), ("train.sparsity=-0.1", "train.sparsity"),
         ("train.generator_lr_scale=0", "train.generator_lr_scale"), ("train.mask_bias_init=nan", "train.mask_bias_init"),
+        ("train.detach_generator_input=sometimes", "train.detach_generator_input"),
         ("train.device=tpu", "unknown device 'tpu'"), ("train.device=cuda:x", "unknown device"),
         ("train.modular=perhaps", "train.modular"), ("modularize.tau=0", "modularize.tau"),
         ("modularize.tau=1.5", "modularize.tau"), ("modularize.cohesion_samples_per_class=-1", "cohesion_samples_per_class"),

@@ -90,7 +90,29 @@ def test_training_job_applies_the_options(tmp_path):
             "tracking.enabled=false", f"output_dir={tmp_path}", "modularize.cohesion_samples_per_class=0"]
     off = train_in_process(load_config(None, base + ["name=bias-off", "train.mask_bias_init=-1e4", "train.sparsity=0.5",
                                                      "train.generator_lr_scale=2", "train.warmup_epochs=1",
-                                                     "train.warmup_shape=cosine"]), log=None)
+                                                     "train.warmup_shape=cosine", "train.detach_generator_input=true"]), log=None)
     on = train_in_process(load_config(None, base + ["name=bias-on"]), log=None)
     assert off["final"]["kernel_rate"] == 0.0
     assert on["final"]["kernel_rate"] > 0.5
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone(detach):
+    from mwt_ray.core.losses import cohesion_coupling_losses
+    from mwt_ray.core.models import detach_generator_inputs
+
+    model = create_model("vgg16", width=0.125)
+    detach_generator_inputs(model, detach)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    logits, masks = model(torch.randn(8, 3, 32, 32), return_masks=True)
+    cohesion, coupling = cohesion_coupling_losses(masks, labels, 10)
+    (cohesion + coupling).backward()
+    generator_ids = {id(p) for unit in masked_units(model) for p in unit.mask_generator.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in generator_ids]
+    touched = [p for p in backbone if p.grad is not None and p.grad.abs().sum() > 0]
+    assert (not touched) if detach else len(touched) > len(backbone) // 2
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if id(p) in generator_ids)
+    model.zero_grad()  # cross-entropy still reaches the backbone, through the masked activations too
+    logits, masks = model(torch.randn(8, 3, 32, 32), return_masks=True)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert all(p.grad is not None for p in backbone)

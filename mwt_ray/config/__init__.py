@@ -103,6 +103,8 @@ class TrainConfig(Section):
     sparsity: float = Field(0.0, ge=0, description="weight of the mean mask value in the objective (0 = off)")
     generator_lr_scale: float = Field(1.0, gt=0, description="mask generators' learning rate / train.lr")
     mask_bias_init: float = Field(1.0, description="initial last bias of every mask generator (1.0: all kernels on)")
+    detach_generator_input: bool = Field(False, description="true: cohesion and coupling train the mask generators "
+                                         "only, the backbone learns from cross-entropy alone")
     augment: bool = True
     seed: int = 0
     device: str = Field("auto", description="auto (a GPU if there is one), cpu, cuda or cuda:N")
@@ -115,7 +117,7 @@ class TrainConfig(Section):
         return value
 
     def optim_settings(self) -> OptimSettings:
-        return OptimSettings(**self.model_dump(exclude={"device", "mask_bias_init"}))
+        return OptimSettings(**self.model_dump(exclude={"device", "mask_bias_init", "detach_generator_input"}))
 
 
 class ModularizeConfig(Section):

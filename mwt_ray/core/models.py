@@ -28,7 +28,7 @@ __all__ = [
     "BasicBlock",
     "create_model",
     "list_models",
-    "masked_units", "init_mask_bias",
+    "masked_units", "init_mask_bias", "detach_generator_inputs",
     "set_kernel_masks",
 ]
 
@@ -112,9 +112,12 @@ class MaskGenerator(nn.Module):
         nn.init.kaiming_normal_(self.fc1.weight)
         nn.init.kaiming_normal_(self.fc2.weight)
         nn.init.constant_(self.fc2.bias, 1.0)
+        # True: the generator reads a detached copy of its input, so no gradient reaches the
+        # backbone through the masks (see detach_generator_inputs).
+        self.detach_input = False
 
     def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
-        pooled = _SpatialMean.apply(conv_input)
+        pooled = _SpatialMean.apply(conv_input.detach() if self.detach_input else conv_input)
         return torch.relu(torch.tanh(self.fc2(torch.relu(self.fc1(pooled)))))
 
 
@@ -348,6 +351,14 @@ def init_mask_bias(model: nn.Module, value: float) -> None:
     with torch.no_grad():
         for unit in masked_units(model):
             unit.mask_generator.fc2.bias.fill_(value)
+
+
+def detach_generator_inputs(model: nn.Module, detach: bool = True) -> None:
+    """With ``detach``, cohesion and coupling train only the mask generators: the backbone's
+    convolutions get gradients from cross-entropy alone (through the masked activations), never
+    through a generator's input. An option beyond the paper, which trains both together."""
+    for unit in masked_units(model):
+        unit.mask_generator.detach_input = detach
 
 
 def conv_units(model: nn.Module) -> list[ConvUnit]:

@@ -32,7 +32,7 @@ from ..config import Config
 from ..core.checkpoint import load_weights, save_checkpoint
 from ..core.data import ImageData, iterate_batches
 from ..core.files import atomic_write_text
-from ..core.models import conv_units, create_model, init_mask_bias
+from ..core.models import conv_units, create_model, detach_generator_inputs, init_mask_bias
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
 from ..core.training import fit, make_optimizer, make_scheduler, unwrap_ddp
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
@@ -157,6 +157,7 @@ class TrainingJob:
         seed_everything(cfg.train.seed)
         self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(session.device)
         init_mask_bias(self.model, cfg.train.mask_bias_init)
+        detach_generator_inputs(self.model, cfg.train.detach_generator_input)
         self.settings = cfg.train.optim_settings()
         self.optimizer = make_optimizer(self.model, self.settings)
         self.scheduler = make_scheduler(self.optimizer, self.settings)
