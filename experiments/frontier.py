@@ -75,7 +75,7 @@ def read_panel(title: str, folders: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(table: pd.DataFrame, path: Path) -> None:
+def plot(table: pd.DataFrame, path: Path, references: list[tuple[str, float, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +97,10 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         for _, row in rows.iterrows():
             ax.annotate(row["label"], (row["krr"], row["change_pp"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
+        if ax is axes[0][0]:
+            for text, krr, change in references:
+                ax.plot(krr, change, "kx", ms=8)
+                ax.annotate(text, (krr, change), fontsize=6, xytext=(3, -9), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set(title=title, xlabel="KRR of the modules (lower: smaller modules)",
                ylabel="test accuracy change vs the standard run (pp)",
@@ -111,17 +115,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--panel", nargs="+", action="append", required=True, metavar="TITLE RUN",
                         help="a title, the standard run folder, then the modular run folders")
+    parser.add_argument("--reference", action="append", default=[], metavar="LABEL:KRR:CHANGE",
+                        help="a point from elsewhere, drawn as a cross in the first panel, e.g. 'earlier run:0.336:-6.22'")
     parser.add_argument("--out", required=True, help="folder for frontier.csv, frontier.md, frontier.png")
     args = parser.parse_args()
     if any(len(p) < 3 for p in args.panel):
         parser.error("each --panel needs a title, a standard run and at least one modular run")
+    try:
+        references = [(text, float(krr), float(change)) for text, krr, change in
+                      (item.rsplit(":", 2) for item in args.reference)]
+    except ValueError:
+        parser.error(f"--reference takes LABEL:KRR:CHANGE, got {args.reference}")
     table = pd.concat([read_panel(p[0], p[1:]) for p in args.panel], ignore_index=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "frontier.csv", index=False)
     shown = table.drop(columns=["family"]).round(4)
     (out / "frontier.md").write_text(shown.to_markdown(index=False) + "\n")
-    plot(table, out / "frontier.png")
+    plot(table, out / "frontier.png", references)
     print(shown.drop(columns=["layer_krr", "panel"]).to_string(index=False))
     print(f"wrote frontier.csv, frontier.md, frontier.png to {out}")
 
