@@ -23,7 +23,8 @@ import pandas as pd
 from mwt_ray.config import TrainConfig
 
 OPTIONS = {"warmup_epochs": "warm-up {:g}", "warmup_shape": "{} ramp", "sparsity": "sparsity {:g}",
-           "generator_lr_scale": "generator lr x{:g}", "mask_bias_init": "bias init {:g}"}
+           "generator_lr_scale": "generator lr x{:g}", "mask_bias_init": "bias init {:g}",
+           "detach_generator_input": "detached generator input"}
 TARGETS = [(0.34, -1.6), (0.25, -3.0)]
 
 
@@ -41,7 +42,7 @@ def label(train: dict) -> str:
 def family(train: dict) -> str:
     """Which option a point measures (the colour in the plot)."""
     defaults = TrainConfig().model_dump()
-    changed = [k for k in ("sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape")
+    changed = [k for k in ("sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape", "detach_generator_input")
                if train.get(k, defaults[k]) != defaults[k] and (k != "warmup_shape" or train.get("warmup_epochs"))]
     if len(changed) > 1:
         return "combination"
@@ -84,7 +85,7 @@ def plot(table: pd.DataFrame, path: Path, references: list[tuple[str, float, flo
     panels = list(dict.fromkeys(table["panel"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     colours = dict(zip(["paper", "warm-up", "sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape",
-                        "combination"], plt.get_cmap("tab10").colors))
+                        "detach_generator_input", "combination"], plt.get_cmap("tab10").colors))
     for ax, title in zip(axes[0], panels):
         rows = table[(table["panel"] == title) & (table["family"] != "standard")]
         for (k, d), shade in zip(TARGETS, (0.25, 0.12)):

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Issue 9's frontier plot and table from the committed run summaries (experiments/results/*/metrics.json).
+# The runs themselves: experiments/cifar10_vgg16.sh for the references, then e.g.
+#   python -m mwt_ray.train --config tune_configs/cifar10_vgg16.yaml --set name=cifar10-vgg16-warmup3-sparsity0.5 \
+#       --set train.warmup_epochs=3 --set train.sparsity=0.5
+#   python -m mwt_ray.train --config tune_configs/cifar10_resnet18.yaml --set name=cifar10-resnet18-10k-paper \
+#       --set data.train_limit=10000
+set -euo pipefail
+R=experiments/results
+python experiments/frontier.py --out $R/frontier \
+  --reference "paper, earlier run:0.336:-6.22" --reference "warm-up 3, earlier run:0.490:-1.64" \
+  --panel "VGG16-BN/4, CIFAR-10 (50k), 15 epochs" $R/cifar10-vgg16-standard $R/cifar10-vgg16-modular \
+    $R/cifar10-vgg16-modular-warmup3 $R/cifar10-vgg16-detach $R/cifar10-vgg16-warmup3-sparsity0.5 \
+    $R/cifar10-vgg16-warmup3-sparsity2 $(ls -d $R/cifar10-vgg16-warmup6-sparsity0.5 2>/dev/null) \
+  --panel "ResNet18/4, CIFAR-10 10k-image subset, 15 epochs" $R/cifar10-resnet18-10k-standard \
+    $R/cifar10-resnet18-10k-paper $R/cifar10-resnet18-10k-warmup3 $R/cifar10-resnet18-10k-warmup3-sparsity0.5
