@@ -11,6 +11,6 @@ python experiments/frontier.py --out $R/frontier \
   --reference "paper, earlier run:0.336:-6.22" --reference "warm-up 3, earlier run:0.490:-1.64" \
   --panel "VGG16-BN/4, CIFAR-10 (50k), 15 epochs" $R/cifar10-vgg16-standard $R/cifar10-vgg16-modular \
     $R/cifar10-vgg16-modular-warmup3 $R/cifar10-vgg16-detach $R/cifar10-vgg16-warmup3-sparsity0.5 \
-    $R/cifar10-vgg16-warmup3-sparsity2 $(ls -d $R/cifar10-vgg16-warmup6-sparsity0.5 2>/dev/null) \
+    $R/cifar10-vgg16-warmup3-sparsity2 $R/cifar10-vgg16-warmup6-sparsity0.5 \
   --panel "ResNet18/4, CIFAR-10 10k-image subset, 15 epochs" $R/cifar10-resnet18-10k-standard \
     $R/cifar10-resnet18-10k-paper $R/cifar10-resnet18-10k-warmup3 $R/cifar10-resnet18-10k-warmup3-sparsity0.5
