@@ -95,8 +95,8 @@ def plot(table: pd.DataFrame, path: Path, references: list[tuple[str, float, flo
             group = group.sort_values("krr")
             ax.plot(group["krr"], group["change_pp"], "o-" if len(group) > 1 else "o", color=colours[name],
                     label=name.replace("_", " "), alpha=0.85)
-        for _, row in rows.iterrows():
-            ax.annotate(row["label"], (row["krr"], row["change_pp"]), fontsize=6, xytext=(3, 3),
+        for i, (_, row) in enumerate(rows.sort_values("krr").iterrows()):  # alternate sides: close points stay legible
+            ax.annotate(row["label"], (row["krr"], row["change_pp"]), fontsize=6, xytext=(3, 4 if i % 2 else -10),
                         textcoords="offset points")
         if ax is axes[0][0]:
             for text, krr, change in references:
