@@ -28,27 +28,28 @@ OPTIONS = {"warmup_epochs": "warm-up {:g}", "warmup_shape": "{} ramp", "sparsity
 TARGETS = [(0.34, -1.6), (0.25, -3.0)]
 
 
+def changed_options(train: dict) -> list[str]:
+    """The options of ``OPTIONS`` a run set away from the paper's defaults (a warm-up shape counts
+    only with a warm-up)."""
+    defaults = TrainConfig().model_dump()
+    return [key for key in OPTIONS if train.get(key, defaults[key]) != defaults[key]
+            and (key != "warmup_shape" or train.get("warmup_epochs"))]
+
+
 def label(train: dict) -> str:
-    """'paper' or the options that differ from it, e.g. 'alpha 0.36, warm-up 3, sparsity 0.5'."""
+    """'paper' or the settings that differ from it, e.g. 'alpha 0.36, warm-up 3, sparsity 0.5'."""
     defaults = TrainConfig().model_dump()
     parts = [f"{key} {train[key]:.2g}" for key in ("alpha", "beta") if train[key] != defaults[key]]
-    for key, text in OPTIONS.items():
-        shape_only = key == "warmup_shape" and not train.get("warmup_epochs")
-        if key in train and train[key] != defaults[key] and not shape_only:
-            parts.append(text.format(train[key]))
+    parts += [OPTIONS[key].format(train[key]) for key in changed_options(train)]
     return ", ".join(parts) or "paper (alpha 0.5, beta 1.5)"
 
 
 def family(train: dict) -> str:
-    """Which option a point measures (the colour in the plot)."""
-    defaults = TrainConfig().model_dump()
-    changed = [k for k in ("sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape", "detach_generator_input")
-               if train.get(k, defaults[k]) != defaults[k] and (k != "warmup_shape" or train.get("warmup_epochs"))]
+    """Which option a point measures (the colour in the plot); the warm-up alone is its own family."""
+    changed = [key for key in changed_options(train) if key != "warmup_epochs"]
     if len(changed) > 1:
         return "combination"
-    if changed:
-        return changed[0]
-    return "warm-up" if train.get("warmup_epochs") else "paper"
+    return changed[0] if changed else "warm-up" if train.get("warmup_epochs") else "paper"
 
 
 def read_panel(title: str, folders: list[str]) -> pd.DataFrame:
@@ -65,14 +66,14 @@ def read_panel(title: str, folders: list[str]) -> pd.DataFrame:
             continue
         m = json.loads(path.read_text())
         modules, train = m["modules"], m["config"]["train"]
+        change = 100 * (m["final"]["test_accuracy"] - base)
         rows.append({"panel": title, "run": Path(folder).name, "label": label(train), "family": family(train),
                      "test_accuracy": m["final"]["test_accuracy"],
-                     "change_pp": 100 * (m["final"]["test_accuracy"] - base), "tau": m["config"]["modularize"]["tau"],
+                     "change_pp": change, "tau": m["config"]["modularize"]["tau"],
                      "krr": modules["krr"], "cohesion": modules.get("cohesion"),
                      "raw_cohesion": modules.get("raw_cohesion"), "coupling": modules["coupling"],
                      "layer_krr": " ".join(f"{v:.2f}" for v in modules["layer_krr"]),
-                     "meets_target": any(modules["krr"] <= k and 100 * (m["final"]["test_accuracy"] - base) >= d
-                                         for k, d in TARGETS)})
+                     "meets_target": any(modules["krr"] <= k and change >= d for k, d in TARGETS)})
     return pd.DataFrame(rows)
 
 

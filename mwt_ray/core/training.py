@@ -91,11 +91,11 @@ def make_optimizer(model: nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
     settings = dict(lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
     if s.generator_lr_scale == 1.0:
         return torch.optim.SGD(model.parameters(), **settings)
-    named = list(model.named_parameters())
-    generators = [p for name, p in named if "mask_generator." in name]
-    network = [p for name, p in named if "mask_generator." not in name]
-    return torch.optim.SGD([{"params": network},
-                            {"params": generators, "lr": s.lr * s.generator_lr_scale}], **settings)
+    groups = {False: [], True: []}  # is the parameter a mask generator's?
+    for name, parameter in model.named_parameters():
+        groups["mask_generator." in name].append(parameter)
+    return torch.optim.SGD([{"params": groups[False]},
+                            {"params": groups[True], "lr": s.lr * s.generator_lr_scale}], **settings)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: OptimSettings):
