@@ -1,0 +1,121 @@
+"""Run a plan of training jobs side by side on one machine, in plain processes: no Ray, no MLflow.
+
+    python experiments/parallel_runs.py experiments/gpu_plan.txt --parallel 10 --deadline 500 --out results/
+
+Made for a lent GPU machine that has PyTorch but where Ray cannot be installed: each job is
+``mwt_ray.jobs.train_in_process``, the very job ``python -m mwt_ray.train --num-workers 0`` runs, with
+tracking off. Many small CIFAR jobs share one GPU well because each one is bound by kernel launches,
+not by the GPU's arithmetic. Where Ray is installed, ``python -m mwt_ray.sweep`` with fractional
+``gpus_per_trial`` is the way to do the same.
+
+Each plan line is ``<name> <config.yaml> [key=value ...]`` (``#`` starts a comment). Jobs start in
+the plan's order, ``--parallel`` at a time; a job still running at ``--deadline`` seconds is stopped
+and reported as unfinished, and ``--resume`` continues it later from its last finished epoch. Writes
+``<out>/runs/<name>/`` (the job's usual results) and ``<out>/<name>.log``, then prints one line per
+job: its accuracy, KRR and time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def read_plan(path: Path) -> list[tuple[str, str, list[str]]]:
+    jobs, names = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        if len(words) < 2 or any("=" not in w for w in words[2:]):
+            sys.exit(f"{path}:{number}: expected '<name> <config.yaml> [key=value ...]', got {line.strip()!r}")
+        if words[0] in names:
+            sys.exit(f"{path}:{number}: job name {words[0]!r} is used twice")
+        names.add(words[0])
+        jobs.append((words[0], words[1], words[2:]))
+    return jobs
+
+
+def job_config(name: str, config: str, overrides: list[str], out: Path, extra: list[str]):
+    from mwt_ray.config import load_config
+
+    return load_config(config, overrides + extra + [f"name={name}", f"output_dir={out / 'runs'}", "tracking.enabled=false"])
+
+
+def run_one(name: str, config: str, overrides: list[str], out: Path, extra: list[str], resume: bool) -> None:
+    from mwt_ray.jobs import train_in_process
+
+    train_in_process(job_config(name, config, overrides, out, extra), resume=resume)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan", type=Path, nargs="?")
+    parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (default 2)")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="stop unfinished jobs after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path("parallel_runs"))
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each job from its latest checkpoint under --out (one a deadline stopped, say)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="key=value added to every job")
+    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # a child process: name config [key=value ...]
+    args = parser.parse_args()
+    if args.job:
+        run_one(args.job[0], args.job[1], args.job[2:], args.out, args.extra, args.resume)
+        return 0
+    if args.plan is None:
+        parser.error("the plan file is required")
+    if args.parallel < 1:
+        sys.exit(f"--parallel {args.parallel}: must be at least 1")
+    jobs = read_plan(args.plan)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from mwt_ray.jobs.setup import load_data
+
+    for name, config, overrides in jobs:  # every config is checked, and its data decoded once into the cache, up front
+        load_data(job_config(name, config, overrides, args.out, args.extra))
+    start, waiting, running, done = time.monotonic(), list(jobs), {}, {}
+    while waiting or running:
+        while waiting and len(running) < args.parallel and time.monotonic() - start < args.deadline:
+            name, config, overrides = waiting.pop(0)
+            log = open(args.out / f"{name}.log", "w")
+            command = [sys.executable, __file__, "--out", str(args.out), *sum((["--set", e] for e in args.extra), []),
+                       *(["--resume"] if args.resume else []),
+                       "--job", name, config, *overrides]
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.monotonic(), log)
+            print(f"[{time.monotonic() - start:6.0f}s] started {name}", flush=True)
+        for name, (process, began, log) in list(running.items()):
+            over = time.monotonic() - start >= args.deadline
+            if process.poll() is None and not over:
+                continue
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+            del running[name]
+            done[name] = (process.returncode, time.monotonic() - began)
+            print(f"[{time.monotonic() - start:6.0f}s] {name}: exit {process.returncode} after {done[name][1]:.0f}s", flush=True)
+        if waiting and time.monotonic() - start >= args.deadline:
+            for name, _, _ in waiting:
+                done[name] = (None, 0.0)
+            waiting = []
+        time.sleep(1)
+    print(f"\n{'job':<28} {'exit':>5} {'time':>6} {'test acc':>9} {'KRR':>6} {'cohesion':>9}")
+    for name, _, _ in jobs:
+        code, seconds = done[name]
+        metrics = args.out / "runs" / name / "metrics.json"
+        cells = ["-", "-", "-"]
+        if code == 0 and metrics.exists():
+            summary = json.loads(metrics.read_text())
+            modules = summary.get("modules", {})
+            cells = [f"{summary['final']['test_accuracy']:.2%}", f"{modules['krr']:.3f}" if modules else "-",
+                     f"{modules['cohesion']:.3f}" if "cohesion" in modules else "-"]
+        status = "-" if code is None else str(code)
+        print(f"{name:<28} {status:>5} {seconds:>5.0f}s {cells[0]:>9} {cells[1]:>6} {cells[2]:>9}")
+    return 0 if all(code == 0 for code, _ in done.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
