@@ -26,17 +26,23 @@ from pathlib import Path
 
 
 def read_plan(path: Path) -> list[tuple[str, str, list[str]]]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"plan {str(path)!r} cannot be read ({error.strerror or error})") from None
     jobs, names = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         words = shlex.split(line, comments=True)
         if not words:
             continue
         if len(words) < 2 or any("=" not in w for w in words[2:]):
-            sys.exit(f"{path}:{number}: expected '<name> <config.yaml> [key=value ...]', got {line.strip()!r}")
+            raise ValueError(f"{path}:{number}: expected '<name> <config.yaml> [key=value ...]', got {line.strip()!r}")
         if words[0] in names:
-            sys.exit(f"{path}:{number}: job name {words[0]!r} is used twice")
+            raise ValueError(f"{path}:{number}: job name {words[0]!r} is used twice")
         names.add(words[0])
         jobs.append((words[0], words[1], words[2:]))
+    if not jobs:
+        raise ValueError(f"plan {str(path)!r} holds no job")
     return jobs
 
 
@@ -52,38 +58,26 @@ def run_one(name: str, config: str, overrides: list[str], out: Path, extra: list
     train_in_process(job_config(name, config, overrides, out, extra), resume=resume)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("plan", type=Path, nargs="?")
-    parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (default 2)")
-    parser.add_argument("--deadline", type=float, default=float("inf"), help="stop unfinished jobs after this many seconds")
-    parser.add_argument("--out", type=Path, default=Path("parallel_runs"))
-    parser.add_argument("--resume", action="store_true",
-                        help="continue each job from its latest checkpoint under --out (one a deadline stopped, say)")
-    parser.add_argument("--set", dest="extra", action="append", default=[], help="key=value added to every job")
-    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # a child process: name config [key=value ...]
-    args = parser.parse_args()
-    if args.job:
-        run_one(args.job[0], args.job[1], args.job[2:], args.out, args.extra, args.resume)
-        return 0
-    if args.plan is None:
-        parser.error("the plan file is required")
-    if args.parallel < 1:
-        sys.exit(f"--parallel {args.parallel}: must be at least 1")
-    jobs = read_plan(args.plan)
-    args.out.mkdir(parents=True, exist_ok=True)
+def run_plan(args) -> bool:
+    """Every job of the plan; True when all of them finished."""
     from mwt_ray.jobs.setup import load_data
 
-    for name, config, overrides in jobs:  # every config is checked, and its data decoded once into the cache, up front
-        load_data(job_config(name, config, overrides, args.out, args.extra))
+    if args.parallel < 1:
+        raise ValueError(f"--parallel is {args.parallel}; it must be at least 1")
+    jobs = read_plan(args.plan)
+    for number, (name, config, overrides) in enumerate(jobs, 1):  # all checked, each dataset decoded once, up front
+        try:
+            load_data(job_config(name, config, overrides, args.out, args.extra))
+        except ValueError as error:
+            raise ValueError(f"plan job {number} ({name}): {error}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
     start, waiting, running, done = time.monotonic(), list(jobs), {}, {}
     while waiting or running:
         while waiting and len(running) < args.parallel and time.monotonic() - start < args.deadline:
             name, config, overrides = waiting.pop(0)
             log = open(args.out / f"{name}.log", "w")
             command = [sys.executable, __file__, "--out", str(args.out), *sum((["--set", e] for e in args.extra), []),
-                       *(["--resume"] if args.resume else []),
-                       "--job", name, config, *overrides]
+                       *(["--resume"] if args.resume else []), "--job", name, config, *overrides]
             running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.monotonic(), log)
             print(f"[{time.monotonic() - start:6.0f}s] started {name}", flush=True)
         for name, (process, began, log) in list(running.items()):
@@ -102,7 +96,7 @@ def main() -> int:
                 done[name] = (None, 0.0)
             waiting = []
         time.sleep(1)
-    print(f"\n{'job':<28} {'exit':>5} {'time':>6} {'test acc':>9} {'KRR':>6} {'cohesion':>9}")
+    print(f"\n{'job':<28} {'exit':>11} {'time':>6} {'test acc':>9} {'KRR':>6} {'cohesion':>9}")
     for name, _, _ in jobs:
         code, seconds = done[name]
         metrics = args.out / "runs" / name / "metrics.json"
@@ -112,9 +106,31 @@ def main() -> int:
             modules = summary.get("modules", {})
             cells = [f"{summary['final']['test_accuracy']:.2%}", f"{modules['krr']:.3f}" if modules else "-",
                      f"{modules['cohesion']:.3f}" if "cohesion" in modules else "-"]
-        status = "-" if code is None else str(code)
-        print(f"{name:<28} {status:>5} {seconds:>5.0f}s {cells[0]:>9} {cells[1]:>6} {cells[2]:>9}")
-    return 0 if all(code == 0 for code, _ in done.values()) else 1
+        status = "not started" if code is None else str(code)
+        print(f"{name:<28} {status:>11} {seconds:>5.0f}s {cells[0]:>9} {cells[1]:>6} {cells[2]:>9}")
+    return all(code == 0 for code, _ in done.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan", type=Path, nargs="?")
+    parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (default 2)")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="stop unfinished jobs after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path("parallel_runs"))
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each job from its latest checkpoint under --out (one a deadline stopped, say)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="key=value added to every job")
+    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # a child process: name config [key=value ...]
+    args = parser.parse_args(argv)
+    from mwt_ray.cli import run_command
+
+    if args.job:
+        return run_command(lambda: run_one(args.job[0], args.job[1], args.job[2:], args.out, args.extra, args.resume))
+    if args.plan is None:
+        parser.error("the plan file is required")
+    finished = []
+    code = run_command(lambda: finished.append(run_plan(args)))
+    return code or (0 if finished[0] else 1)
 
 
 if __name__ == "__main__":
