@@ -9,7 +9,8 @@ one panel per budget, in a table (Markdown + CSV) and a plot.
 Each argument after a panel's title is a run folder holding ``metrics.json`` (what every training
 job writes); the first is the standard run. A point is the modular model's test accuracy and its
 modules' KRR at the run's ``modularize.tau``; its label names the options that differ from the
-paper's method. The shaded boxes are the issue's targets (at most 1.6 points lost at KRR <= 0.34;
+paper's method; each option's line joins its points that no other point of the same option beats
+on both axes (its front). The shaded boxes are the issue's targets (at most 1.6 points lost at KRR <= 0.34;
 at most 3 points lost at KRR <= 0.25).
 """
 from __future__ import annotations
@@ -26,6 +27,18 @@ OPTIONS = {"warmup_epochs": "warm-up {:g}", "warmup_shape": "{} ramp", "sparsity
            "generator_lr_scale": "generator lr x{:g}", "mask_bias_init": "bias init {:g}",
            "detach_generator_input": "detached generator input"}
 TARGETS = [(0.34, -1.6), (0.25, -3.0)]
+FLOOR_PP = -16  # the plots' lowest accuracy change; runs that collapsed below it are drawn on that edge
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """The points no other point beats on both axes (lower KRR, smaller accuracy loss), by KRR."""
+    points = points.sort_values(["krr", "change_pp"], ascending=[True, False])
+    best, keep = -float("inf"), []
+    for index, change in points["change_pp"].items():
+        if change > best:
+            keep.append(index)
+            best = change
+    return points.loc[keep]
 
 
 def changed_options(train: dict) -> list[str]:
@@ -84,29 +97,38 @@ def plot(table: pd.DataFrame, path: Path, references: list[tuple[str, float, flo
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(table["panel"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    columns = min(2, len(panels))
+    rows_of_panels = -(-len(panels) // columns)
+    fig, grid = plt.subplots(rows_of_panels, columns, figsize=(6.5 * columns, 5 * rows_of_panels), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     colours = dict(zip(["paper", "warm-up", "sparsity", "generator_lr_scale", "mask_bias_init", "warmup_shape",
                         "detach_generator_input", "combination"], plt.get_cmap("tab10").colors))
-    for ax, title in zip(axes[0], panels):
+    for ax, title in zip(axes, panels):
         rows = table[(table["panel"] == title) & (table["family"] != "standard")]
         for (k, d), shade in zip(TARGETS, (0.25, 0.12)):
             ax.fill_between([0, k], d, 1.0, color="tab:green", alpha=shade, lw=0)
             ax.text(k, d, f" target: >= {d:g} pp at KRR <= {k:g}", fontsize=7, va="bottom", ha="right")
+        floor = max(min(-12, rows["change_pp"].min() - 1), FLOOR_PP)
+        shown_change = rows["change_pp"].clip(lower=floor + 0.5)  # collapsed runs sit on the bottom edge
         for name, group in rows.groupby("family"):
-            group = group.sort_values("krr")
-            ax.plot(group["krr"], group["change_pp"], "o-" if len(group) > 1 else "o", color=colours[name],
-                    label=name.replace("_", " "), alpha=0.85)
-        for i, (_, row) in enumerate(rows.sort_values("krr").iterrows()):  # alternate sides: close points stay legible
-            ax.annotate(row["label"], (row["krr"], row["change_pp"]), fontsize=6, xytext=(3, 4 if i % 2 else -10),
+            front = pareto_front(group)
+            ax.plot(group["krr"], shown_change[group.index], "o", color=colours[name], label=name.replace("_", " "), alpha=0.85)
+            if len(front) > 1:
+                ax.plot(front["krr"], shown_change[front.index], "-", color=colours[name], alpha=0.85)
+        for i, (index, row) in enumerate(rows.sort_values("krr").iterrows()):  # alternate sides: close points stay legible
+            text = row["label"] + (f" ({row['change_pp']:.1f} pp)" if row["change_pp"] < floor else "")
+            ax.annotate(text, (row["krr"], shown_change[index]), fontsize=6, xytext=(3, 4 if i % 2 else -10),
                         textcoords="offset points")
-        if ax is axes[0][0]:
+        if ax is axes[0]:
             for text, krr, change in references:
                 ax.plot(krr, change, "kx", ms=8)
                 ax.annotate(text, (krr, change), fontsize=6, xytext=(3, -9), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set(title=title, xlabel="KRR of the modules (lower: smaller modules)",
                ylabel="test accuracy change vs the standard run (pp)",
-               xlim=(0, max(0.7, rows["krr"].max() + 0.05)), ylim=(min(-12, rows["change_pp"].min() - 1), 1))
+               xlim=(0, max(0.7, rows["krr"].max() + 0.05)), ylim=(floor, 1))
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
