@@ -22,4 +22,5 @@ python experiments/frontier.py --out $R/frontier \
   --panel "ResNet18/4, CIFAR-10 10k-image subset, 15 epochs" $R/cifar10-resnet18-10k-standard \
     $R/cifar10-resnet18-10k-paper $R/cifar10-resnet18-10k-warmup3 $R/cifar10-resnet18-10k-warmup3-sparsity0.5 \
     $R/cifar10-resnet18-10k-warmup9-sparsity2 $R/cifar10-resnet18-10k-warmup9-glr5 \
+  --panel "ResNet18/4, CIFAR-10 (50k), 15 epochs" $R/cifar10-resnet18-standard $R/cifar10-resnet18-warmup9-sparsity2 \
   --panel "screen (Ray Tune sweep): VGG16-BN/4, 10k subset, 8 epochs" $S/standard $S/trials/trial-*
