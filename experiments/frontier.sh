@@ -16,7 +16,7 @@ python experiments/frontier.py --out $R/frontier \
   --panel "VGG16-BN/4, CIFAR-10 (50k), 15 epochs, CPU" $R/cifar10-vgg16-standard $R/cifar10-vgg16-modular \
     $R/cifar10-vgg16-modular-warmup3 $R/cifar10-vgg16-detach $R/cifar10-vgg16-warmup3-sparsity0.5 \
     $R/cifar10-vgg16-warmup3-sparsity2 $R/cifar10-vgg16-warmup6-sparsity0.5 $R/cifar10-vgg16-warmup9-glr5 \
-    $R/cifar10-vgg16-warmup9-sparsity1-glr5 \
+    $R/cifar10-vgg16-warmup9-sparsity1-glr5 $R/cifar10-vgg16-warmup9-sparsity2 \
   --panel "VGG16-BN/4, CIFAR-10 (50k), 15 epochs, H200" $G/vgg-standard-s0 $G/vgg-paper-s0 $G/vgg-w3-sp0.5-s0 \
     $G/vgg-w6-sp0.5-s0 $G/vgg-w6-sp1-s0 $G/vgg-w9-sp1-s0 $G/vgg-w9-sp2-s0 \
   --panel "ResNet18/4, CIFAR-10 10k-image subset, 15 epochs" $R/cifar10-resnet18-10k-standard \
