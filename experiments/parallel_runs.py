@@ -65,9 +65,14 @@ def run_plan(args) -> bool:
     if args.parallel < 1:
         raise ValueError(f"--parallel is {args.parallel}; it must be at least 1")
     jobs = read_plan(args.plan)
-    for number, (name, config, overrides) in enumerate(jobs, 1):  # all checked, each dataset decoded once, up front
+    loaded = set()  # every config is checked up front; each distinct data section is loaded (and cached) once
+    for number, (name, config, overrides) in enumerate(jobs, 1):
         try:
-            load_data(job_config(name, config, overrides, args.out, args.extra))
+            cfg = job_config(name, config, overrides, args.out, args.extra)
+            data_key = cfg.data.model_dump_json()
+            if data_key not in loaded:
+                load_data(cfg)
+                loaded.add(data_key)
         except ValueError as error:
             raise ValueError(f"plan job {number} ({name}): {error}") from None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ def run(plan: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def epochs_done(out: Path, name: str) -> int:
-    return max(int(p.name.rsplit("_", 1)[1]) for p in (out / "runs" / name / "jobs").glob("*/checkpoint_epoch_*"))
+    return max((int(p.name.rsplit("_", 1)[1]) for p in (out / "runs" / name / "jobs").glob("*/checkpoint_epoch_*")),
+               default=0)
 
 
 def test_deadline_stops_a_job_and_resume_finishes_it(tmp_path):
@@ -32,7 +33,7 @@ def test_deadline_stops_a_job_and_resume_finishes_it(tmp_path):
     assert (out / "runs" / "quick" / "metrics.json").exists()
     assert not (out / "runs" / "slow" / "metrics.json").exists()
     stopped_at = epochs_done(out, "slow")
-    assert 1 <= stopped_at < 500
+    assert stopped_at > 0, "the stopped job left no epoch checkpoint to resume from"
     # The same job, now planned to end one epoch after where the deadline stopped it.
     plan.write_text(f"slow tune_configs/quickstart.yaml {SMALL} train.epochs={stopped_at + 1}\n")
     second = run(plan, out, "--resume")
