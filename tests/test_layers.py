@@ -55,3 +55,16 @@ def test_imports_run_one_way():
 def test_no_module_is_very_long():
     long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
     assert not long, long
+
+
+def test_ray_is_started_and_stopped_in_one_place():
+    """Every command starts Ray through cluster.ray_session (quiet, the command's SIGTERM handler
+    kept, only its own Ray shut down): no other module of the package calls ray.init or ray.shutdown."""
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("init", "shutdown") and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "ray"):
+                calls.append(f"{path.relative_to(PACKAGE)}:{node.lineno} ray.{node.func.attr}")
+    assert sorted(c.split(":")[0] for c in calls) == ["cluster/ray_session.py", "cluster/ray_session.py"], calls

@@ -35,6 +35,7 @@ from ..config import Config
 from ..jobs import JobFailed, SetupError
 from ..jobs.reuse_job import ReusePlan, SubtaskEvaluator, format_row, plan_reuse, resolve_reference
 from ..tracking.reuse_report import ReuseTables, build_tables, log_report, write_report
+from .ray_session import ray_session
 from .trainer import worker_runtime_env
 
 __all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "actor_room", "pool_size"]
@@ -196,19 +197,11 @@ def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = No
         log(f"reuse: {len(plan.tasks)} sub-tasks in this process")
         rows = _run_in_process(plan, log)
     else:
-        import ray
-
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(include_dashboard=False, log_to_driver=False)
-        try:
+        with ray_session(dashboard=False, worker_output=False):
             n = pool_size(plan.cfg, len(plan.tasks))
             log(f"reuse: {len(plan.tasks)} sub-tasks on {n} actor(s) with {plan.cfg.reuse.cpus_per_actor:g} CPU"
                 + (f" and {plan.cfg.reuse.gpus_per_actor:g} GPU" if plan.cfg.reuse.gpus_per_actor else "") + " each")
             rows = run_plan(plan, n, log)
-        finally:
-            if started_ray:
-                ray.shutdown()
     tables = build_tables(rows)
     title = (f"{plan.spec['architecture']['name']} width {plan.spec['architecture']['width']:g} on "
              f"{plan.cfg.data.name}, tau {plan.cfg.modularize.tau:g}")

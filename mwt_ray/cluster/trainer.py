@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
 import shutil
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -61,6 +59,7 @@ from ..config import Config
 from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, absolute_paths, check_destinations, check_job, plan_job,
                     start_job, storage_root, train_in_process)
 from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage
+from .ray_session import ray_session
 from .worker import loop_config, train_loop_per_worker
 
 __all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "describe_failure",
@@ -241,13 +240,7 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = not ray.is_initialized()
-    if started:
-        ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-        ray.init(logging_level=logging.ERROR)  # Ray's own INFO / WARNING lines would bury the one error line
-        if callable(ours):  # ray.init puts its own SIGTERM handler (a stack dump and an abort) in place of the command's
-            signal.signal(signal.SIGTERM, ours)
-    try:
+    with ray_session():
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         with _job_run(cfg, plan, log) as tracked:
             from ..tracking import resolve_tracking_uri
@@ -280,9 +273,6 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
             if tracked:
                 summary["mlflow_run_id"] = tracked.run_id
             return summary
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _prune_checkpoints(storage: RunStorage) -> None:
