@@ -2,6 +2,7 @@
 
     python -m mwt_ray.sweep --config tune_configs/quickstart.yaml            # local Ray on this machine
     python -m mwt_ray.sweep --config tune_configs/quickstart.yaml --resume   # continue the latest unfinished sweep
+    python -m mwt_ray.sweep ... --resume --trust-folder   # one killed before it could sign its state (SIGKILL)
     ray job submit --address http://HEAD:8265 -- python -m mwt_ray.sweep --config tune_configs/cifar10_vgg16.yaml
 
 Trains every trial (one process, or Ray Train workers with scaling.num_workers > 0), stops poor
@@ -22,9 +23,16 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
-    parser.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this name")
+    parser.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this name "
+                        "(only from files this user's sweep signed)")
+    parser.add_argument("--trust-folder", action="store_true", help="with --resume: also restore a sweep that could "
+                        "not sign its last state (killed by SIGKILL, a lost head node); only for a folder nobody "
+                        "else can write, as Tune's state files are pickles that run code when loaded")
     args = parser.parse_args(argv)
-    return run_command(lambda: run_sweep(load_config(args.config, args.overrides), resume=args.resume),
+    if args.trust_folder and not args.resume:
+        parser.error("--trust-folder goes with --resume")
+    return run_command(lambda: run_sweep(load_config(args.config, args.overrides), resume=args.resume,
+                                         trust_folder=args.trust_folder),
                        interrupted_hint="; finished trials are kept: run the same command with --resume to continue")
 
 

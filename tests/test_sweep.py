@@ -83,6 +83,28 @@ def test_scan_needs_held_out_samples(trained):
         scan_checkpoint(cfg.run_dir / "checkpoint.pt", load_data(cfg), cfg, [0.9], torch.device("cpu"))
 
 
+# ----------------------------------------------------------------------------- the searcher
+
+@pytest.mark.parametrize("objective", ["pareto", "score"])
+def test_searcher_state_survives_tunes_save_and_restore(tmp_path, objective):
+    """Tune saves its searcher, with the Optuna study inside, to the experiment folder (what --resume
+    restores). Optuna 5.1's NSGA-II sampler (the pareto mode) holds a lock that cannot be pickled:
+    the saved searcher must restore and go on exactly as the one that kept running."""
+    from mwt_ray.cluster.search import search_space, searcher
+
+    cfg = load_config(sweep_yaml(tmp_path, objective=objective, points=[]), [])
+    search = searcher(cfg)
+    search.set_search_properties(None, None, search_space(cfg))
+    for i in range(4):
+        params = search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", {"module_accuracy": 0.5 + 0.1 * i, "krr": 0.9 - 0.2 * i,
+                                           "objective": 0.1 * i, **params})
+    search.save_to_dir(str(tmp_path), session_str="s")
+    restored = searcher(cfg)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.suggest("t4") == search.suggest("t4")
+
+
 # ----------------------------------------------------------------------------- a real sweep
 
 def run_sweep_cli(config: Path, *args: str, timeout: int = 900, **popen):
@@ -194,6 +216,83 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
     assert done["tau"].between(0.5, 1.0).all()  # each completed trial was scored at its sampled tau
 
 
+# ----------------------------------------------------------------------------- trials that fail
+
+def test_sweep_whose_every_trial_fails_exits_1_with_the_first_error(tmp_path):
+    """A searched value that breaks every trial once it starts (too few samples for a batch): exit 1,
+    one error line quoting the first trial's error, a FAILED parent run and sweep.json."""
+    config = sweep_yaml(tmp_path, "broken", trials=2, scheduler="none", standard_baseline=False, points=[],
+                        space={"data.train_limit": {"choices": [20]}})
+    result = run_sweep_cli(config, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "no trial of sweep 'broken' completed (2 of 2 failed" in errors[0]
+    assert "larger than the training set" in errors[0]
+    (folder,) = (tmp_path / "runs" / "broken").iterdir()
+    assert json.loads((folder / "sweep.json").read_text())["status"] == "FAILED"
+    _, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
+    assert parent.info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_sweep_with_some_failed_trials_says_so_last(tmp_path):
+    """One trial fails, one completes: exit 0, the table marks the failed one with its error, and the
+    last line says how many failed."""
+    config = sweep_yaml(tmp_path, "mixed", trials=2, scheduler="none", standard_baseline=False,
+                        space={"data.train_limit": {"choices": [300, 20]}},
+                        points=[{"data.train_limit": 300}, {"data.train_limit": 20}])
+    result = run_sweep_cli(config, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("1 of 2 trials failed")
+    import pandas as pd
+
+    (folder,) = (tmp_path / "runs" / "mixed").iterdir()
+    table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
+    assert sorted(table["status"]) == ["completed", "failed"]
+    failed = table[table["status"] == "failed"].iloc[0]
+    assert failed["train_limit"] == 20 and "larger than the training set" in failed["error"]
+    _, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
+    assert parent.info.status == "FINISHED" and all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_sigterm_mid_sweep_leaves_no_run_running(tmp_path):
+    """SIGTERM while trials and the baseline train: exit 143, and the parent and every child run end
+    KILLED (none left RUNNING); sweep.json says INTERRUPTED, so --resume finds it."""
+    config = sweep_yaml(tmp_path, "stopped", trials=3, scheduler="none")
+    driver = subprocess.Popen([sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    seen = []
+    for line in driver.stdout:  # the first trial epoch: trials and the baseline have open runs
+        seen.append(line)
+        if " epoch 1/" in line and "trial " in line:
+            break
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 143, "".join(seen)[-2000:] + stderr[-2000:]
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == \
+        ["error: stopped by SIGTERM; finished trials are kept: run the same command with --resume to continue"]
+    (folder,) = (tmp_path / "runs" / "stopped").iterdir()
+    assert json.loads((folder / "sweep.json").read_text())["status"] == "INTERRUPTED"
+    _, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "KILLED" and children
+    assert {r.info.status for r in children} <= {"KILLED", "FINISHED"}
+    assert any(r.info.status == "KILLED" and r.data.tags.get("mwt.trial_status") == "interrupted" for r in children)
+    # The interrupted sweep signed its state; a tuner.pkl planted afterwards is refused, its payload never runs.
+    marker = tmp_path / "payload-ran"
+    (folder / "tune" / "tuner.pkl").write_bytes(
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")  # pickle protocol 0: os.system(...)
+    result = run_sweep_cli(config, "--resume")
+    assert result.returncode == 2 and not marker.exists(), result.stderr[-3000:]
+    (error,) = result.stderr.strip().splitlines()
+    assert error.startswith("error:") and "tuner.pkl" in error
+
+
 # ----------------------------------------------------------------------------- resume
 
 def descendants(pid: int) -> list[int]:
@@ -230,7 +329,13 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
             pass
     driver.wait()
     assert any("[1/3] trial" in line for line in seen), "".join(seen)[-2000:]
-    result = run_sweep_cli(config, "--resume")
+    # SIGKILL left Tune's state unsigned: a plain --resume refuses it (it could have been planted) ...
+    refused = run_sweep_cli(config, "--resume")
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == \
+        refused.stderr.strip().splitlines() and "start a new sweep" in refused.stderr
+    # ... and the user who knows the folder is theirs alone resumes it
+    result = run_sweep_cli(config, "--resume", "--trust-folder")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (folder,) = (tmp_path / "runs" / "resumable").iterdir()
     import pandas as pd
@@ -275,6 +380,20 @@ BAD = [
     (["--set", "sweep.cpus_per_trial=64"], "a trial asks for 64 CPUs"),
     (["--set", "sweep.gpus_per_trial=1"], "1 GPUs"),
     (["--resume"], "no unfinished sweep named 'tiny'"),
+    (["--set", "sweep.points=[{train.alpha: 5, train.beta: 1}]"], "point 1 gives train.alpha=5, outside the searched"),
+    (["--set", "sweep.points=[{train.alpha: -1, train.beta: 1}]"], "outside the searched range [0.1, 3]"),
+    (["--set", "sweep.points=[{train.alpha: abc, train.beta: 1}]"], "train.alpha='abc', not a number"),
+    (["--set", "sweep.points=[{train.alpha: true, train.beta: 1}]"], "train.alpha=True, not a number"),
+    (["--set", "sweep.tau_range={low: 0.5, high: 1}", "--set", "sweep.points=[{train.alpha: 0.5, train.beta: 1, tau: 0.2}]"],
+     "tau=0.2, outside"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {choices: [vgg16, alexnet]}}"],
+     "the value 'alexnet' makes an invalid trial"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={}"], "sweep.space is empty"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.sizes=[2, 11]"], "reuse.sizes: M=11 is outside 2..10"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.subtasks=[[0, 12]]"], "12"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.cpus_per_actor=64"], "no room for one reuse actor"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.gpus_per_actor=1"], "no room for one reuse actor"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.num_actors=9"], "reuse.num_actors 9"),
 ]
 
 

@@ -24,22 +24,25 @@ baseline); the parent holds the table and the plot as artifacts and the best tri
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..config import Config, apply_overrides, flatten_space, validate_config
 from ..core.files import atomic_write_text
-from ..jobs import SetupError, absolute_paths, check_job, load_data, resolve_device
+from ..jobs import JobFailed, SetupError, absolute_paths, check_job, load_data, resolve_device
 from ..jobs.objective import best_tau, scan_checkpoint
-from .trainer import run_training
+from ..jobs.reuse_job import plan_subtasks
+from .ray_session import ray_session
+from .reuse_pool import pool_size
+from .search import scheduler, search_space, searcher
+from .sweep_integrity import sign_sweep, verify_sweep
+from .trainer import check_cluster_resources, run_training
 
 __all__ = ["run_sweep", "sweep_folder", "trial_config", "SWEEP_FILE"]
 
@@ -149,84 +152,66 @@ def sweep_folder(cfg: Config, resume: bool) -> Path:
 
 
 def _check_space(cfg: Config) -> None:
-    """Every end of every range, and every choice, must make a valid trial config."""
+    """Something to search, and every end of every range, every choice and every reference point
+    must make a valid trial config (found here, not after the parent run and Tune's folder exist)."""
+    if not cfg.sweep.space and cfg.sweep.tau_range is None:
+        raise SetupError("sweep.space is empty: give at least one key to search, e.g. "
+                         "{train.alpha: {low: 0.1, high: 3.0, log: true}}")
     tree = cfg.model_dump(mode="json")
+
+    def trial_of(where: str, values: dict) -> None:
+        try:
+            validate_config(apply_overrides(json.loads(json.dumps(tree)),
+                                            [f"{key}={json.dumps(value)}" for key, value in values.items()]))
+        except ValueError as error:
+            raise SetupError(f"{where} makes an invalid trial ({error})") from None
+
     for key, dimension in cfg.sweep.space.items():
         for value in dimension.candidates():
-            try:
-                validate_config(apply_overrides(json.loads(json.dumps(tree)), [f"{key}={json.dumps(value)}"]))
-            except ValueError as error:
-                raise SetupError(f"sweep.space.{key}: the value {value!r} makes an invalid trial ({error})") from None
+            trial_of(f"sweep.space.{key}: the value {value!r}", {key: value})
+    dimensions = {**cfg.sweep.space, **({"tau": cfg.sweep.tau_range} if cfg.sweep.tau_range else {})}
+    for number, point in enumerate(cfg.sweep.points, 1):
+        point = flatten_space(point)
+        for key, value in point.items():
+            if key in dimensions:
+                reason = _outside(dimensions[key], value)
+                if reason:
+                    raise SetupError(f"sweep.points: point {number} gives {key}={value!r}, {reason}")
+        trial_of(f"sweep.points: point {number}", {k: v for k, v in point.items() if k != "tau"})
 
 
-def _check_trial_fits(cfg: Config) -> None:
-    """One trial's resources must fit on the cluster, or Tune would wait forever."""
+def _outside(dimension, value) -> str | None:
+    """Why a reference point's value lies outside its search dimension (None when it is inside)."""
+    if dimension.choices is not None:
+        return None if value in dimension.choices else f"not one of the choices {dimension.choices}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"not a number in [{dimension.low:g}, {dimension.high:g}]"
+    if dimension.integer and value != int(value):
+        return f"not a whole number in [{dimension.low:g}, {dimension.high:g}]"
+    if not dimension.low <= value <= dimension.high:
+        return f"outside the searched range [{dimension.low:g}, {dimension.high:g}]"
+    return None
+
+
+def _check_stages(cfg: Config, num_classes: int) -> None:
+    """Every stage must fit the cluster before the first trial trains: one trial's resources (or
+    Tune waits forever), and the last stage's reuse actors and sub-tasks."""
     import ray
 
     if cfg.scaling.num_workers > 0:
-        from .trainer import check_cluster_resources
-
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
-        return
-    need = {"CPU": cfg.sweep.cpus_per_trial, "GPU": cfg.sweep.gpus_per_trial}
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    if not any(all(res.get(k, 0.0) >= v for k, v in need.items() if v) for res in nodes):
-        biggest = max(nodes, key=lambda res: res.get("CPU", 0.0), default={})
-        raise SetupError(f"a trial asks for {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (sweep.cpus_per_trial / "
-                         f"sweep.gpus_per_trial), but the largest Ray node has {biggest.get('CPU', 0):g} CPUs and "
-                         f"{biggest.get('GPU', 0):g} GPUs; lower them or add nodes (Tune would wait forever)")
-
-
-def _search_space(cfg: Config) -> dict:
-    from ray import tune
-
-    space = {}
-    dimensions = dict(cfg.sweep.space)
-    if cfg.sweep.tau_range is not None:
-        dimensions["tau"] = cfg.sweep.tau_range
-    for key, dim in dimensions.items():
-        if dim.choices is not None:
-            space[key] = tune.choice(dim.choices)
-        elif dim.integer:
-            space[key] = (tune.lograndint if dim.log else tune.randint)(int(dim.low), int(dim.high) + 1)
-        else:
-            space[key] = (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
-    return space
-
-
-def _searcher(cfg: Config):
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.RandomSampler(seed=cfg.sweep.seed) if cfg.sweep.sampler == "random"
-               else optuna.samplers.TPESampler(seed=cfg.sweep.seed))
-    if cfg.sweep.objective == "pareto":
-        metric, mode = ["module_accuracy", "krr"], ["max", "min"]
-        if cfg.sweep.sampler == "tpe":
-            sampler = optuna.samplers.NSGAIISampler(seed=cfg.sweep.seed)
     else:
-        metric, mode = "objective", "max"
-    points = [flatten_space(p) for p in cfg.sweep.points]
-    if cfg.sweep.tau_range is not None:  # Optuna needs every dimension of a point: tau defaults to modularize.tau
-        low, high = (min(cfg.sweep.tau_range.choices), max(cfg.sweep.tau_range.choices)) \
-            if cfg.sweep.tau_range.choices else (cfg.sweep.tau_range.low, cfg.sweep.tau_range.high)
-        points = [{"tau": min(max(cfg.modularize.tau, low), high), **p} for p in points]
-    search = OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
-    return ConcurrencyLimiter(search, max_concurrent=cfg.sweep.max_concurrent)
-
-
-def _scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if cfg.sweep.scheduler == "none":
-        return FIFOScheduler()
-    # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a trial must live on
-    # after its last epoch to score tau.
-    return ASHAScheduler(metric="epoch_score", mode="max", time_attr="epoch", max_t=cfg.train.epochs + 1,
-                         grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
-                         reduction_factor=cfg.sweep.reduction_factor)
+        need = {"CPU": cfg.sweep.cpus_per_trial, "GPU": cfg.sweep.gpus_per_trial}
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        if not any(all(res.get(k, 0.0) >= v for k, v in need.items() if v) for res in nodes):
+            biggest = max(nodes, key=lambda res: res.get("CPU", 0.0), default={})
+            raise SetupError(f"a trial asks for {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (sweep.cpus_per_trial / "
+                             f"sweep.gpus_per_trial), but the largest Ray node has {biggest.get('CPU', 0):g} CPUs and "
+                             f"{biggest.get('GPU', 0):g} GPUs; lower them or add nodes (Tune would wait forever)")
+    if cfg.sweep.reuse:
+        tasks = plan_subtasks(cfg, num_classes)
+        if cfg.reuse.num_actors != 0:
+            pool_size(cfg, len(tasks))
 
 
 def _say(line: str) -> None:
@@ -235,8 +220,9 @@ def _say(line: str) -> None:
 
 
 class _Progress:
-    """One line per finished or stopped trial (a Tune callback, built lazily to keep Ray imports local;
-    Tune pickles its callbacks, so it writes to stdout itself)."""
+    """A line per trial epoch and per finished, stopped or failed trial, each naming its trial (a
+    Tune callback, built lazily to keep Ray imports local; Tune pickles its callbacks, so it
+    writes to stdout itself). The driver prints them, so no worker's lines are folded together."""
 
     def __new__(cls, cfg: Config):
         from ray.tune import Callback
@@ -246,6 +232,12 @@ class _Progress:
         class Progress(Callback):
             def __init__(self):
                 self.done = 0
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if "tau" not in result and "epoch" in result:
+                    log(f"  trial {trial.trial_id} epoch {result['epoch']}/{cfg.train.epochs}: val "
+                        f"{result.get('val_accuracy', float('nan')):.2%}  kernel rate "
+                        f"{result.get('kernel_rate', float('nan')):.3f}  score {result['epoch_score']:.4f}")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.done += 1
@@ -261,13 +253,18 @@ class _Progress:
                         f"{m.get('epoch', 0)}, val {m.get('val_accuracy', float('nan')):.2%}")
 
             def on_trial_error(self, iteration, trials, trial, **info):
+                from ..tracking.sweep_report import error_line
+
                 self.done += 1
-                log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id}: failed ({trial.error_file})")
+                written = Path(trial.error_file) if trial.error_file else None  # local: not yet synced to storage
+                reason = error_line(written.read_text()) if written and written.exists() else "no error file"
+                log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id}: failed ({reason})")
 
         return Progress()
 
 
-def _preflight(cfg: Config, resume: bool) -> tuple[Config, Path]:
+def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
+    """Every check that needs no Ray, before anything is written; returns the dataset's class count."""
     cfg = absolute_paths(cfg)
     if not cfg.train.modular:
         raise SetupError("a sweep trains modular models: train.modular must be true")
@@ -282,46 +279,70 @@ def _preflight(cfg: Config, resume: bool) -> tuple[Config, Path]:
         # Absolute: trials run in Ray workers whose working directory is not this one.
         cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         check_store(cfg.tracking.tracking_uri)
-    return cfg, sweep_folder(cfg, resume)
+    folder = sweep_folder(cfg, resume)
+    if resume and not trust_folder:  # before Ray, the parent run or sweep.json: a refusal writes nothing
+        verify_sweep(folder / "tune")
+    return cfg, folder, data.num_classes
 
 
-def run_sweep(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard"}."""
-    cfg, folder = _preflight(cfg, resume)
+def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
+              log: Callable[[str], None] = print) -> dict:
+    """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard", "reuse"}.
+
+    Raises ``JobFailed`` when no trial completed. However it ends, the parent run and every child
+    run (trials, baseline) end in a state that says how: FINISHED, FAILED (an error), KILLED
+    (stopped early by ASHA, or the sweep interrupted); ``sweep.json`` says FINISHED, FAILED or
+    INTERRUPTED.
+
+    ``resume`` restores Tune's experiment only after ``sweep_integrity.verify_sweep`` found every
+    file in it signed by this user's key (the sweep signs when it creates the Tuner and whenever
+    ``fit`` returns or is interrupted); ``trust_folder`` skips that check, for a sweep killed
+    before it could sign (SIGKILL, a lost head node) in a folder nobody else can write."""
+    cfg, folder, num_classes = _preflight(cfg, resume, trust_folder)
     # Tune's newer console output prints its banner and paths even at verbose=0; the progress lines
     # and the table below say what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import ray
-    from ray import tune
-
-    started = not ray.is_initialized()
-    if started:
-        ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-        ray.init(log_to_driver=True, logging_level="WARNING")
-        if callable(ours):  # ray.init installs its own SIGTERM handler (a stack dump) in place of the command's
-            signal.signal(signal.SIGTERM, ours)
+    parent, state = None, {}
     try:
-        _check_trial_fits(cfg)
-        state = json.loads((folder / SWEEP_FILE).read_text()) if resume else {}
-        from ..tracking.sweep_report import open_parent_run
+        # The dashboard: Ray 2.60 hands a finished Train-in-Tune trial's CPUs back only with it. The
+        # trials' own output stays in Ray's worker logs: the progress lines name each trial instead.
+        with ray_session(dashboard=True, worker_output=False):
+            _check_stages(cfg, num_classes)
+            state = json.loads((folder / SWEEP_FILE).read_text()) if resume else {}
+            from ..tracking.sweep_report import open_parent_run
 
-        parent = open_parent_run(cfg, state.get("parent_run_id"), log) if cfg.tracking.enabled else None
-        state = {"name": cfg.name, "status": "RUNNING", "parent_run_id": parent.run_id if parent else None,
-                 "config": cfg.model_dump(mode="json")}
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
-        log(f"sweep {cfg.name!r}: {cfg.sweep.trials} trials, {cfg.sweep.max_concurrent} at a time, in {folder}")
-        with parent if parent is not None else contextlib.nullcontext():
-            outcome = _tune(cfg, folder, state, parent, resume, log)
-        state["status"] = "FINISHED"
-        atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
-        return outcome
-    finally:
-        if started:
-            ray.shutdown()
+            parent = open_parent_run(cfg, state.get("parent_run_id"), log) if cfg.tracking.enabled else None
+            state = {"name": cfg.name, "status": "RUNNING", "parent_run_id": parent.run_id if parent else None,
+                     "config": cfg.model_dump(mode="json")}
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+            log(f"sweep {cfg.name!r}: {cfg.sweep.trials} trials, {cfg.sweep.max_concurrent} at a time, in {folder}")
+            outcome = _tune(cfg, folder, state, parent, resume, trust_folder, log)
+    except BaseException as error:
+        # After Ray is down (its workers can no longer touch a run): nothing is left RUNNING.
+        interrupted = isinstance(error, KeyboardInterrupt)
+        if parent is not None:
+            from ..tracking.sweep_report import close_child_runs
+
+            close_child_runs(parent, "KILLED" if interrupted else "FAILED")
+            parent.end("KILLED" if interrupted else "FAILED")
+        if state.get("status") == "RUNNING":
+            state["status"] = "INTERRUPTED" if interrupted else "FAILED"
+            atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+        raise
+    if parent is not None:
+        parent.end("FINISHED")
+    state["status"] = "FINISHED"
+    atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+    table = outcome["table"]
+    failed = table[table["status"] == "failed"]
+    if len(failed):  # the last line a user reads says so
+        log(f"{len(failed)} of {len(table)} trials failed (trial {failed.iloc[0]['trial']}: {failed.iloc[0]['error']}); "
+            f"the others' results are in {folder / 'results.csv'}")
+    return outcome
 
 
-def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, log) -> dict:
+def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_folder: bool, log) -> dict:
     """The standard baseline (a Ray task) beside the Tune experiment; then the results."""
     import ray
     from ray import tune
@@ -339,19 +360,39 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, log) -> 
                                 callbacks=[_Progress(cfg)], log_to_file=True)
     tune_path = folder / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
-        log(f"resuming the Tune experiment in {tune_path}")
+        if trust_folder:
+            log(f"resuming the Tune experiment in {tune_path} without checking its signature (--trust-folder)")
+        else:
+            verify_sweep(tune_path)  # again, right before Tune unpickles: the window to swap a file stays short
+            log(f"resuming the Tune experiment in {tune_path} (signature checked)")
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=_search_space(cfg), run_config=run_config,
-                           tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg),
+        tuner = tune.Tuner(trainable, param_space=search_space(cfg), run_config=run_config,
+                           tune_config=tune.TuneConfig(search_alg=searcher(cfg), scheduler=scheduler(cfg),
                                                        num_samples=cfg.sweep.trials))
-    grid = tuner.fit()
+        sign_sweep(tune_path)  # pins tuner.pkl, which Tune writes once, here
+    # Tune logs each failed trial's traceback (and a summary) at ERROR level on stderr; the progress
+    # lines, the table's error column and the final line already say it once, in one line each.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    try:
+        grid = tuner.fit()
+    finally:  # also on Ctrl-C / SIGTERM, so that --resume can check what it restores
+        try:
+            sign_sweep(tune_path)
+        except (OSError, ValueError) as error:
+            log(f"warning: could not sign {tune_path} ({error}); --resume will need --trust-folder")
     standard_summary = ray.get(standard) if standard is not None else None
 
     from ..tracking.sweep_report import finish_sweep
 
     outcome = finish_sweep(cfg, folder, grid, standard_summary, parent, log)
-    outcome["reuse"] = _reuse_best(cfg, folder, outcome, log) if cfg.sweep.reuse and outcome["best"] else None
+    if outcome["best"] is None:
+        table = outcome["table"]
+        failed = table[table["status"] == "failed"]
+        why = (f"{len(failed)} of {len(table)} failed; the first, trial {failed.iloc[0]['trial']}: "
+               f"{failed.iloc[0]['error']}") if len(failed) else f"all {len(table)} were stopped early"
+        raise JobFailed(f"no trial of sweep {cfg.name!r} completed ({why}); the table is in {folder / 'results.csv'}")
+    outcome["reuse"] = _reuse_best(cfg, folder, outcome, log) if cfg.sweep.reuse else None
     return outcome
 
 

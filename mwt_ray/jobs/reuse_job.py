@@ -35,7 +35,7 @@ from ..core.models import create_model
 from ..core.reuse import evaluate_subtask, sample_subtasks
 from .setup import SetupError, absolute_paths, load_data, resolve_device
 
-__all__ = ["ReusePlan", "SubtaskEvaluator", "plan_reuse", "resolve_reference", "load_reference",
+__all__ = ["ReusePlan", "SubtaskEvaluator", "plan_reuse", "plan_subtasks", "resolve_reference", "load_reference",
            "reuse_from_checkpoints", "format_row"]
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -144,6 +144,26 @@ def _known_keys(tree: dict, model) -> dict:
     return known
 
 
+def plan_subtasks(cfg: Config, num_classes: int) -> list[list[int]]:
+    """The sub-tasks ``cfg.reuse`` asks for on a model of ``num_classes`` classes: its explicit class
+    lists, then the sampled ones per M. Raises SetupError for settings that do not fit the model
+    (also the sweep's check of its reuse stage before any trial trains)."""
+    n = num_classes
+    sizes = list(cfg.reuse.sizes) or ([] if cfg.reuse.subtasks else list(range(2, n)))
+    outside = [m for m in sizes if not 2 <= m <= n]
+    if outside:
+        raise SetupError(f"reuse.sizes: M={outside[0]} is outside 2..{n} (the model has {n} classes)")
+    for task in cfg.reuse.subtasks:
+        validate_classes(task, n)
+    seed = cfg.train.seed if cfg.reuse.sampling_seed is None else cfg.reuse.sampling_seed
+    tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(n, sizes, cfg.reuse.per_size, seed)
+    if not tasks:
+        raise SetupError("no sub-tasks: set reuse.sizes (e.g. [2, 5]) or reuse.subtasks (e.g. [[0, 1]])")
+    if cfg.reuse.fail_at_subtask is not None and cfg.reuse.fail_at_subtask >= len(tasks):
+        raise SetupError(f"reuse.fail_at_subtask {cfg.reuse.fail_at_subtask} is not a sub-task index: 0..{len(tasks) - 1}")
+    return tasks
+
+
 def plan_reuse(modular_ref: str, standard_ref: str | None = None, cfg: Config | None = None,
                overrides: list[str] | None = None, *, tau: float | None = None) -> ReusePlan:
     """Check every input and sample the sub-tasks; nothing is written. Raises SetupError / ConfigError.
@@ -169,19 +189,7 @@ def plan_reuse(modular_ref: str, standard_ref: str | None = None, cfg: Config | 
     if standard_ref:
         standard_source = resolve_reference(standard_ref, cfg.tracking.tracking_uri, "standard model")
         check_standard(load_reference(standard_source, "standard model"), arch, _describe(standard_source))
-    n = data.num_classes
-    sizes = list(cfg.reuse.sizes) or ([] if cfg.reuse.subtasks else list(range(2, n)))
-    outside = [m for m in sizes if not 2 <= m <= n]
-    if outside:
-        raise SetupError(f"reuse.sizes: M={outside[0]} is outside 2..{n} (the model has {n} classes)")
-    for task in cfg.reuse.subtasks:
-        validate_classes(task, n)
-    seed = cfg.train.seed if cfg.reuse.sampling_seed is None else cfg.reuse.sampling_seed
-    tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(n, sizes, cfg.reuse.per_size, seed)
-    if not tasks:
-        raise SetupError("no sub-tasks: set reuse.sizes (e.g. [2, 5]) or reuse.subtasks (e.g. [[0, 1]])")
-    if cfg.reuse.fail_at_subtask is not None and cfg.reuse.fail_at_subtask >= len(tasks):
-        raise SetupError(f"reuse.fail_at_subtask {cfg.reuse.fail_at_subtask} is not a sub-task index: 0..{len(tasks) - 1}")
+    tasks = plan_subtasks(cfg, data.num_classes)
     if cfg.reuse.num_actors == 0:
         resolve_device(cfg.train.device)
     if "path" in modular_source:

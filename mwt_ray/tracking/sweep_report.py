@@ -10,11 +10,14 @@ from typing import Callable
 from ..core.files import atomic_write_text
 from .runs import MlflowRun, open_run
 
-__all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front", "plot_pareto", "finish_sweep"]
+__all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front", "plot_pareto", "close_child_runs",
+           "error_line", "finish_sweep"]
 
 # Columns of the results table after the searched values, in this order.
 RESULT_COLUMNS = ["status", "epoch", "val_accuracy", "test_accuracy", "accuracy_change", "tau", "krr", "cohesion",
-                  "coupling", "module_accuracy", "subtask_krr", "objective", "pareto", "mlflow_run_id"]
+                  "coupling", "module_accuracy", "subtask_krr", "objective", "pareto", "error", "mlflow_run_id"]
+# Kept in results.csv, left out of the printed and Markdown tables (long, or only for machines).
+CSV_ONLY = ("error", "mlflow_run_id")
 
 
 def open_parent_run(cfg, run_id: str | None, log) -> MlflowRun:
@@ -56,8 +59,9 @@ def results_table(cfg, grid, standard: dict | None):
         row = {"trial": metrics.get("trial_id") or Path(result.path).name}
         row |= {key.split(".")[-1] if keys.count(key) == 1 else key: result.config.get(key) for key in keys if key != "tau"}
         status = "failed" if result.error else "completed" if "krr" in metrics and "tau" in metrics else "stopped early"
-        row |= {key: metrics.get(key) for key in RESULT_COLUMNS if key not in ("status", "accuracy_change", "pareto")}
+        row |= {key: metrics.get(key) for key in RESULT_COLUMNS if key not in ("status", "accuracy_change", "pareto", "error")}
         row["status"] = status
+        row["error"] = error_line(result.error) if result.error else None
         if status != "completed":
             row.update(tau=None, krr=None, cohesion=None, coupling=None, module_accuracy=None, subtask_krr=None,
                        objective=None)
@@ -76,9 +80,17 @@ def results_table(cfg, grid, standard: dict | None):
     return table.sort_values("krr", na_position="last").reset_index(drop=True)
 
 
+def error_line(error) -> str:
+    """A trial's error as one line: the exception's own last line (Ray wraps it in a traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def pareto_front(table) -> list[bool]:
-    """Completed trials no other completed trial beats on both test accuracy (higher) and KRR (lower)."""
-    points = [(row.test_accuracy, row.krr) if row.status == "completed" else None for row in table.itertuples()]
+    """Completed trials no other completed trial beats on both of the sweep's objectives: module
+    accuracy (higher, on the held-out sub-tasks at the trial's tau) and KRR (lower)."""
+    points = [(row.module_accuracy, row.krr) if row.status == "completed" else None for row in table.itertuples()]
     front = []
     for p in points:
         front.append(p is not None and not any(
@@ -87,6 +99,9 @@ def pareto_front(table) -> list[bool]:
 
 
 def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, best: str | None = None) -> Path:
+    """Two panels over KRR: the module accuracy the objective scores (held-out sub-tasks at each
+    trial's tau), with the Pareto front and the best trial, and the modular model's test accuracy
+    beside the standard model's."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -94,23 +109,27 @@ def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, 
 
     done = table[table["status"] == "completed"]
     front = done[done["pareto"]].sort_values("krr")
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    ax.scatter(done["krr"], 100 * done["test_accuracy"], color="C0", alpha=0.6, label="trial (its best tau)")
-    ax.plot(front["krr"], 100 * front["test_accuracy"], "-o", color="C3", label="Pareto front")
-    for row in done.itertuples():
-        ax.annotate(str(row.trial)[-5:], (row.krr, 100 * row.test_accuracy), fontsize=7, alpha=0.7,
-                    xytext=(3, 3), textcoords="offset points")
     chosen = done[done["trial"].astype(str) == str(best)]
-    if len(chosen):
-        ax.scatter(chosen["krr"], 100 * chosen["test_accuracy"], marker="*", s=220, color="C2", zorder=3,
-                   label="best score (module accuracy - w KRR)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
+    panels = (("module_accuracy", "module accuracy on held-out sub-tasks (%)\n(what the objective scores)"),
+              ("test_accuracy", "test accuracy of the modular model (%)"))
+    for ax, (column, label) in zip(axes, panels):
+        ax.scatter(done["krr"], 100 * done[column], color="C0", alpha=0.6, label="trial (its best tau)")
+        ax.plot(front["krr"], 100 * front[column], "-o", color="C3", label="Pareto front (module accuracy, KRR)")
+        for row in done.itertuples():
+            ax.annotate(str(row.trial)[-5:], (row.krr, 100 * getattr(row, column)), fontsize=7, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+        if len(chosen):
+            ax.scatter(chosen["krr"], 100 * chosen[column], marker="*", s=220, color="C2", zorder=3,
+                       label="best trial")
+        ax.set_xlabel("kernel retention rate (KRR, lower is smaller modules)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
     if standard_accuracy is not None:
-        ax.axhline(100 * standard_accuracy, color="gray", linestyle="--", label="standard model")
-    ax.set_xlabel("kernel retention rate (KRR, lower is smaller modules)")
-    ax.set_ylabel("test accuracy of the modular model (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        axes[1].axhline(100 * standard_accuracy, color="gray", linestyle="--", label="standard model")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -126,7 +145,7 @@ def _markdown(table) -> str:
             return f"{value:.4g}"
         return str(value)
 
-    columns = [c for c in table.columns if c != "mlflow_run_id"]
+    columns = [c for c in table.columns if c not in CSV_ONLY]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table[columns].itertuples(index=False)]
     return "\n".join(lines) + "\n"
@@ -145,6 +164,20 @@ def _close_stopped_runs(cfg, parent: MlflowRun, table) -> None:
         client.set_tag(run.info.run_id, "mwt.trial_status", row.status)
         if run.info.status == "RUNNING" or row.status == "stopped early":
             client.set_terminated(run.info.run_id, "KILLED" if row.status == "stopped early" else "FAILED")
+
+
+def close_child_runs(parent: MlflowRun, status: str) -> list[str]:
+    """End every child run of the sweep still RUNNING (trials, the baseline) with ``status``
+    (KILLED: the sweep was interrupted; FAILED: it failed), tagged with why; returns their ids."""
+    client = parent.client
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    closed = []
+    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.run_id}' and "
+                                                "attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "mwt.trial_status", "interrupted" if status == "KILLED" else "sweep failed")
+        client.set_terminated(run.info.run_id, status)
+        closed.append(run.info.run_id)
+    return closed
 
 
 def finish_sweep(cfg, folder: Path, grid, standard: dict | None, parent: MlflowRun | None,
@@ -172,7 +205,7 @@ def finish_sweep(cfg, folder: Path, grid, standard: dict | None, parent: MlflowR
         if standard and standard.get("mlflow_run_id"):
             client.set_tag(parent.run_id, "mwt.standard_run_id", standard["mlflow_run_id"])
         _close_stopped_runs(cfg, parent, table)
-    log(table.drop(columns=["mlflow_run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    log(table.drop(columns=list(CSV_ONLY)).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if standard_accuracy is not None:
         log(f"standard model: test accuracy {standard_accuracy:.2%}")
     if best is not None:
