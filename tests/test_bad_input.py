@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port
+from mwt_ray.cli import MAX_ERROR_CHARS
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick, so that a case that wrongly trains still ends soon (and then fails its checks).
@@ -89,6 +90,16 @@ def tar_of_images(truncate: bool) -> Callable[[Path], None]:
     return setup
 
 
+def alias_bomb(at: str, levels: int = 9) -> str:
+    """'Billion laughs': each level an anchor holding ten aliases of the one before, 10**levels values
+    in all, put at ``at`` (a dotted key); a few hundred bytes of YAML."""
+    text = "l0: &l0 [" + ", ".join(["lol"] * 10) + "]\n"
+    for level in range(1, levels + 1):
+        text += f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]\n"
+    section, key = at.split(".")
+    return text + f"{section}:\n  {key}: *l{levels}\n"
+
+
 def three_class_folder_cached(tmp: Path) -> None:
     """A 3-class image folder, decoded (and so cached) before the case runs."""
     from mwt_ray.core.data import load_dataset
@@ -143,6 +154,24 @@ def config_cases() -> list[Case]:
         ("name=", "name"), ("name=a\\b", "plain folder name"), ("unknown.key=1", "unknown key"),
         ("train.unknown=1", "train.unknown: unknown key"), ("train=5", "train"), ("train.epochs.x=1", "not a section"),
         ("output_dir=[1, 2]", "output_dir"),
+        # YAML that does not parse is bad input (exit 2), like a config file's.
+        ("train.epochs=[1", "override 'train.epochs=[1' is not valid YAML"), ("train.lr={0.1", "is not valid YAML"),
+        ("data.root='x", "is not valid YAML"), ("train.epochs=&a [1, *a]", "a structure that holds itself"),
+        ("reuse.subtasks=" + "[" * 3000 + "]" * 3000, "nests lists or mappings too deeply"),
+        # Booleans are not numbers (pydantic would take true as 1): int, float, optional, list and sweep fields.
+        ("train.epochs=true", "train.epochs: true/false is not a number: give a whole number"),
+        ("train.epochs=yes", "train.epochs: true/false is not a number"), ("train.batch_size=true", "train.batch_size"),
+        ("train.lr=true", "train.lr: true/false is not a number: give a number"), ("train.alpha=false", "train.alpha"),
+        ("train.seed=false", "train.seed: true/false"), ("model.width=true", "model.width: true/false is not a number"),
+        ("data.train_limit=true", "data.train_limit: true/false"), ("data.val_fraction=false", "data.val_fraction: true/false"),
+        ("modularize.tau=true", "modularize.tau: true/false"), ("modularize.report_taus=[0.5, true]", "report_taus: true/false"),
+        ("modularize.cohesion_samples_per_class=true", "cohesion_samples_per_class: true/false"),
+        ("reuse.sizes=[2, true]", "reuse.sizes: true/false"), ("reuse.subtasks=[[0, true]]", "reuse.subtasks: true/false"),
+        ("reuse.cpus_per_actor=true", "reuse.cpus_per_actor: true/false"), ("scaling.num_workers=true", "scaling.num_workers: true/false"),
+        ("scaling.fail_at_epoch=on", "scaling.fail_at_epoch: true/false"), ("sweep.trials=true", "sweep.trials: true/false"),
+        ("sweep.tau_grid=[0.5, true]", "sweep.tau_grid: true/false"), ("sweep.krr_weight=true", "sweep.krr_weight: true/false"),
+        ("sweep.space={train.alpha: {low: true, high: 2}}", "sweep.space.train.alpha.low: true/false"),
+        ("sweep.points=[{train.alpha: true, train.beta: 1}]", "train.alpha=true: true/false is not a number; give a number"),
     ]
     cases = [Case(f"set {o}", ["--set", o], m) for o, m in values]
     cases.append(Case("override without =", ["--set", "train.epochs"], "must look like section.key=value"))
@@ -164,6 +193,16 @@ def cli_cases() -> list[Case]:
         Case("unknown flag", ["--epochs", "3"], "unrecognized arguments"),
         Case("--set without a value", ["--set"], "expected one argument", common=False),
         Case("--num-workers negative", ["--num-workers", "-1"], "scaling.num_workers"),
+        # Alias bombs: refused while loading, before validation expands them (the line is short too).
+        *[Case(f"config alias bomb in {at}", ["--config", "{tmp}/in/bomb.yaml"], "expand to more than 100000 values",
+               setup=write("in/bomb.yaml", alias_bomb(at))) for at in ("train.epochs", "reuse.subtasks", "data.root")],
+        Case("config alias bomb of 10**5 values", ["--config", "{tmp}/in/bomb.yaml"],
+             "expand to more than 100000 values", setup=write("in/bomb.yaml", alias_bomb("train.epochs", levels=5))),
+        Case("config recursive alias", ["--config", "{tmp}/in/c.yaml"], "a structure that holds itself",
+             setup=write("in/c.yaml", "reuse:\n  subtasks: &a [[0, 1], *a]\n")),
+        # An error line quotes what it was given; a long path is cut at the one cap (cli.MAX_ERROR_CHARS).
+        Case("config file missing, very long path", ["--config", "{tmp}/in/" + "/".join(["d" * 200] * 15) + "/c.yaml"],
+             "cut short: the message has"),
     ]
 
 
@@ -333,7 +372,8 @@ def one_error_line(stderr: str, expected: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n" + "\n".join(lines[-30:])
     assert lines[0].startswith("error: "), lines[0]
-    assert expected in lines[0], f"{expected!r} not in {lines[0]!r}"
+    assert expected in lines[0], f"{expected!r} not in {lines[0][:3000]!r}"
+    assert len(lines[0]) <= len("error: ") + MAX_ERROR_CHARS + 80, f"a line of {len(lines[0])} characters"
     return lines[0]
 
 

@@ -22,11 +22,11 @@ from ..core.data import DATASETS
 from ..core.models import create_model, list_models
 from ..core.reuse import FineTuneSettings
 from ..core.training import OptimSettings
-from .base import Section, taus_in_range
+from .base import Section, shown, taus_in_range
 from .sweep import SEARCHABLE_SECTIONS, SearchRange, SweepConfig, flatten_space
 
 __all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig", "SearchRange", "flatten_space", "SEARCHABLE_SECTIONS", "load_config", "apply_overrides", "validate_config",
-           "build_parser"]
+           "build_parser", "parse_yaml", "MAX_YAML_VALUES"]
 
 
 class ConfigError(ValueError):
@@ -178,7 +178,7 @@ class ReuseConfig(Section):
     @classmethod
     def _positive(cls, value: list[int]) -> list[int]:
         if any(b < 1 for b in value):
-            raise ValueError(f"latency batch sizes must be >= 1, got {value}")
+            raise ValueError(f"latency batch sizes must be >= 1, got {shown(value)}")
         return value
 
     def fine_tune_settings(self, seed: int) -> FineTuneSettings:
@@ -245,6 +245,58 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
+# A config holds a few hundred values; YAML aliases (``*a`` repeating what ``&a`` holds) can make a
+# file of a few lines stand for billions ("billion laughs"). PyYAML builds such a file fast, as lists
+# shared by reference, but everything after it (validation, MLflow params, printing) expands them.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(tree, limit: int) -> int:
+    """How many values ``tree`` holds with every shared list or mapping counted each time it occurs
+    (stops counting above ``limit``). Each distinct container is visited once, iteratively, so a bomb
+    costs no more than its file. Raises ValueError for a structure that contains itself."""
+    totals: dict[int, int] = {}
+    open_now: set[int] = set()  # containers whose children are being counted (the path from the root)
+    stack = [(tree, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        key = id(node)
+        children = list(node.values()) if isinstance(node, dict) else node
+        if children_done:
+            open_now.discard(key)
+            totals[key] = min(limit + 1, 1 + sum(totals.get(id(c), 1) for c in children))
+            continue
+        if key in totals:
+            continue
+        if key in open_now:
+            raise ValueError("an alias refers to a list or mapping that contains it (a structure that holds itself)")
+        open_now.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if isinstance(c, (list, dict)) and id(c) not in totals)
+    return totals.get(id(tree), 1)
+
+
+def parse_yaml(text: str, what: str):
+    """``yaml.safe_load(text)``, or ConfigError naming ``what`` (a config file, an override): YAML that
+    does not parse, that nests too deeply for the parser, or that aliases expand beyond ``MAX_YAML_VALUES``."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is not a usable config: its YAML nests lists or mappings too deeply") from None
+    try:
+        count = _expanded_values(tree, MAX_YAML_VALUES)
+    except ValueError as error:
+        raise ConfigError(f"{what} is not a usable config: {error}") from None
+    if count > MAX_YAML_VALUES:
+        raise ConfigError(f"{what} is not a usable config: its YAML aliases (*name repeating &name) expand to more "
+                          f"than {MAX_YAML_VALUES} values; a config holds a few hundred")
+    return tree
+
+
 def _first_error(error: ValidationError) -> str:
     item = error.errors()[0]
     where = ".".join(str(p) for p in item["loc"]) or "config"
@@ -252,8 +304,8 @@ def _first_error(error: ValidationError) -> str:
     if item["type"] == "extra_forbidden":
         return f"{where}: unknown key"
     got = item.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{where}: {message}{shown}"
+    quoted = "" if isinstance(got, dict) or got is None else f" (got {shown(got)})"
+    return f"{where}: {message}{quoted}"
 
 
 def _set_path(tree: dict, dotted: str, value) -> None:
@@ -271,7 +323,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(tree, key.strip(), parse_yaml(raw, f"override {shown(item)}") if raw.strip() else None)
     return tree
 
 
@@ -291,11 +343,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
+            text = path.read_text()
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {str(path)!r} cannot be read ({getattr(error, 'strerror', None) or error})") from None
+        tree = parse_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     apply_overrides(tree, overrides or [])
@@ -308,7 +359,9 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage mistakes end like every other bad input: one ``error:`` line, exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        from ..cli import one_line  # here: mwt_ray.cli imports the jobs, which import this module
+
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser(description: str, *, with_config: bool = True) -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Section, taus_in_range
+from .base import Section, shown, taus_in_range
 
 __all__ = ["SEARCHABLE_SECTIONS", "SearchRange", "SweepConfig", "flatten_space"]
 
@@ -118,15 +118,25 @@ class SweepConfig(Section):
     @classmethod
     def _sizes(cls, value: list[int]) -> list[int]:
         if any(m < 2 for m in value):
-            raise ValueError(f"sub-task sizes must be >= 2, got {value}")
+            raise ValueError(f"sub-task sizes must be >= 2, got {shown(value)}")
         return value
 
     @model_validator(mode="after")
     def _points(self) -> "SweepConfig":
         for point in self.points:
-            given = set(flatten_space(point)) - {"tau"}
+            flat = flatten_space(point)
+            given = set(flat) - {"tau"}
             unknown, missing = sorted(given - set(self.space)), sorted(set(self.space) - given)
             if unknown or missing:
                 raise ValueError(f"points: {', '.join(unknown)} not in sweep.space" if unknown else
                                  f"points: a point misses {', '.join(missing)}; give every key of sweep.space")
+            # A point's value of a low/high range is a number; true/false would pass as 1/0 (see Section).
+            ranges = {key: self.space[key] for key in given if self.space[key].choices is None}
+            if self.tau_range is not None and self.tau_range.choices is None and "tau" in flat:
+                ranges["tau"] = self.tau_range
+            for key, dimension in sorted(ranges.items()):
+                if isinstance(flat[key], bool):
+                    raise ValueError(f"points: {key}={str(flat[key]).lower()}: true/false is not a number; give "
+                                     f"{'a whole number' if dimension.integer else 'a number'} in "
+                                     f"[{dimension.low:g}, {dimension.high:g}]")
         return self
