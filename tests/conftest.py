@@ -12,6 +12,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_dir(tmp_path_factory):
+    """The sweep's signing key goes to a folder of the test session (also for the commands the tests
+    start as subprocesses), never to the user's own ~/.config/mwt-ray."""
+    import os
+
+    os.environ["MWT_RAY_CONFIG_DIR"] = str(tmp_path_factory.mktemp("mwt-ray-config"))
+
+
 def random_masks(batch, layer_sizes, zero_fraction=0.3, generator=None):
     """Masks in [0, 1) with exact zeros, like relu(tanh(.)) produces."""
     masks = []
