@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -91,13 +93,33 @@ def tar_of_images(truncate: bool) -> Callable[[Path], None]:
 
 
 def alias_bomb(at: str, levels: int = 9) -> str:
-    """'Billion laughs': each level an anchor holding ten aliases of the one before, 10**levels values
-    in all, put at ``at`` (a dotted key); a few hundred bytes of YAML."""
-    text = "l0: &l0 [" + ", ".join(["lol"] * 10) + "]\n"
-    for level in range(1, levels + 1):
-        text += f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]\n"
+    """'Billion laughs' as the value of ``at`` (a dotted key): a list whose items are anchors, each of
+    ten aliases of the one before, the last standing for 10**levels values; a few hundred bytes."""
+    items = ["&l0 [" + ", ".join(["lol"] * 10) + "]"]
+    items += [f"&l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]" for level in range(1, levels + 1)]
     section, key = at.split(".")
-    return text + f"{section}:\n  {key}: *l{levels}\n"
+    return f"{section}:\n  {key}: [{', '.join(items)}]\n"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels (PIL checks the size when it opens the file:
+    nothing near that large is ever allocated)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def with_image(relative: str, content: bytes) -> Callable[[Path], None]:
+    """A good 2-class image folder in in/ds plus one more file."""
+    return lambda tmp: [images(["a", "b"], ["a", "b"])(tmp), write(relative, content)(tmp)]
+
+
+def fifo(relative: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        images(["a", "b"], ["a", "b"])(tmp)
+        os.mkfifo(tmp / relative)
+    return setup
 
 
 def three_class_folder_cached(tmp: Path) -> None:
@@ -195,9 +217,9 @@ def cli_cases() -> list[Case]:
         Case("--num-workers negative", ["--num-workers", "-1"], "scaling.num_workers"),
         # Alias bombs: refused while loading, before validation expands them (the line is short too).
         *[Case(f"config alias bomb in {at}", ["--config", "{tmp}/in/bomb.yaml"], "expand to more than 100000 values",
-               setup=write("in/bomb.yaml", alias_bomb(at))) for at in ("train.epochs", "reuse.subtasks", "data.root")],
+               setup=write("in/bomb.yaml", alias_bomb(at))) for at in ("train.lr", "reuse.subtasks", "data.root")],
         Case("config alias bomb of 10**5 values", ["--config", "{tmp}/in/bomb.yaml"],
-             "expand to more than 100000 values", setup=write("in/bomb.yaml", alias_bomb("train.epochs", levels=5))),
+             "expand to more than 100000 values", setup=write("in/bomb.yaml", alias_bomb("train.lr", levels=5))),
         Case("config recursive alias", ["--config", "{tmp}/in/c.yaml"], "a structure that holds itself",
              setup=write("in/c.yaml", "reuse:\n  subtasks: &a [[0, 1], *a]\n")),
         # An error line quotes what it was given; a long path is cut at the one cap (cli.MAX_ERROR_CHARS).
@@ -224,6 +246,22 @@ def data_cases() -> list[Case]:
              setup=images(["a", "b"], ["a", "b"], empty=(("test", "a"), ("test", "b")))),
         Case("corrupt image", ds, "cannot decode image",
              setup=lambda t: [images(["a", "b"], ["a", "b"])(t), write("in/ds/train/a/bad.png", b"\x89PNG garbage")(t)]),
+        # Images beyond PIL's decompression-bomb limit: above twice the limit PIL refuses, above it warns.
+        Case("image above twice the bomb limit", ds, "in/ds/train/a/huge.png' is too large to decode",
+             setup=with_image("in/ds/train/a/huge.png", png_header(20000, 20000))),
+        Case("image above the bomb limit", ds, "in/ds/test/b/huge.png' is too large to decode",
+             setup=with_image("in/ds/test/b/huge.png", png_header(10000, 10000))),
+        # A data root (or an image) that is a device or a pipe: refused without reading it (no hang).
+        *[Case(f"{name} root {dev}", ["--set", f"data.name={name}", "--set", f"data.root={dev}"],
+               f"data path '{dev}' is a device file") for name in ("folder", "cifar10", "svhn") for dev in ("/dev/null", "/dev/zero")],
+        Case("folder root is a pipe", ["--set", "data.name=folder", "--set", "data.root={tmp}/in/pipe"], "is a named pipe (FIFO)",
+             setup=lambda t: os.mkfifo(t / "in" / "pipe")),
+        Case("image that is a pipe", ds, "in/ds/train/a/p.png' is a named pipe (FIFO), not an image file",
+             setup=fifo("in/ds/train/a/p.png")),
+        Case("image that is /dev/zero", ds, "is a device file, not an image file",
+             setup=lambda t: [images(["a", "b"], ["a", "b"])(t), os.symlink("/dev/zero", t / "in" / "ds" / "test" / "a" / "z.png")]),
+        Case("cifar10 root is a file", ["--set", "data.name=cifar10", "--set", "data.root={tmp}/in/c10"], "is a file, not the folder",
+             setup=write("in/c10", "x")),
         Case("truncated tar.gz", ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds.tar.gz"],
              "damaged or truncated tar archive", setup=tar_of_images(truncate=True)),
         Case("file that is not a tar", ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds.tar.gz"],

@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,9 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
     if root is None:
         raise ValueError(f"dataset {name!r} needs data.root: the folder that holds (or will hold) its files")
     folder = Path(root).expanduser()
+    _refuse_special_file(folder, f"the folder of {name}'s files")
+    if folder.exists() and not folder.is_dir():  # also keeps the clean-up below from touching a user's file
+        raise ValueError(f"data path {str(folder)!r} is a file, not the folder of {name}'s files; set data.root")
     before = set(folder.iterdir()) if folder.is_dir() else None
     try:
         if name == "cifar10":
@@ -251,13 +255,23 @@ def _remove_new_entries(folder: Path, before: set | None) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
+def _refuse_special_file(path: Path, wanted: str) -> None:
+    """Raise ValueError when ``path`` is neither a folder nor a regular file: a device (/dev/zero reads
+    zeros forever, /dev/null nothing), a named pipe (opening it waits for a writer), a socket."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        kind = ("a device file" if path.is_char_device() or path.is_block_device() else
+                "a named pipe (FIFO)" if path.is_fifo() else "a socket" if path.is_socket() else "a special file")
+        raise ValueError(f"data path {str(path)!r} is {kind}, not {wanted}; set data.root")
+
+
 def _folder(root: str | None, image_size: int) -> ImageData:
     if root is None:
         raise ValueError("dataset 'folder' needs data.root: a folder with train/<class>/ and test/<class>/")
     path = Path(root).expanduser()
     if not path.exists():
         raise ValueError(f"data path {str(path)!r} does not exist")
-    if not path.is_file():
+    _refuse_special_file(path, "a folder with train/ and test/ or a tar archive of one")
+    if path.is_dir():
         return _decode_folder(path, image_size)
     path, undo = _extract_archive(path)
     try:
@@ -287,6 +301,10 @@ def _decode_folder(path: Path, image_size: int) -> ImageData:
     files = {s: sorted((c, f) for c in classes for f in (d / c).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
              for s, d in splits.items()}
     for split, items in files.items():
+        special = next((splits[split] / c / f.name for c, f in items if not f.is_file()), None)
+        if special is not None:  # a pipe would block the decoder, a device feed it forever
+            _refuse_special_file(special, "an image file")
+            raise ValueError(f"{str(special)!r} is not an image file (a folder?); remove it or rename it")
         if not items:
             raise ValueError(f"{str(splits[split])!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     cached = cache_dir() / "folders" / f"{_fingerprint(path, image_size, files)}.pt"
@@ -332,13 +350,22 @@ def _decode_all(paths: list[Path], image_size: int, what: str = "decoding images
                 if image.size != (image_size, image_size):
                     image = image.resize((image_size, image_size), Image.BILINEAR)
                 return np.asarray(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; either way the file is bad
+            # input (a warning would also be a second stderr line, and decoding it takes gigabytes).
+            raise ValueError(f"image {str(p)!r} is too large to decode ({_one_line(error)}); PIL refuses images of "
+                             f"more than {Image.MAX_IMAGE_PIXELS} pixels (Image.MAX_IMAGE_PIXELS): remove or shrink it"
+                             ) from None
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot decode image {str(p)!r}: {_one_line(error)}") from None
 
     if not paths:
         raise ValueError("an image folder split holds no images")
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    # The warning becomes an exception, caught above. Set here, in the thread that waits for the
+    # pool, so the filter holds while every decoding thread runs and is undone afterwards.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         arrays = list(progress(pool.map(decode, paths, chunksize=256), len(paths), what))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
