@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -279,6 +280,11 @@ def data_cases() -> list[Case]:
         Case("batch larger than the data", ["--set", "train.batch_size=5000"], "larger than the training set"),
         Case("good folder, bad tracking store", ds + ["--set", "tracking.tracking_uri=foo://bar"], "does not know",
              setup=images(["a", "b"], ["a", "b"], per_class=20)),
+        # Object stores whose bucket does not resolve (no network here): refused within the probe's bound.
+        *[Case(f"storage bucket {uri}", ["--set", f"scaling.storage_path={uri}"], f"run storage {uri}/mwt is not writable")
+          for uri in ("s3://no-such-bucket-xyz/x", "gs://no-such-bucket-xyz/x")],
+        Case("storage URI of an unknown scheme", ["--set", "scaling.storage_path=nosuch://bucket/x"],
+             "run storage nosuch://bucket/x/mwt is not writable"),
         Case("good folder, storage under a file", ds + ["--set", "scaling.storage_path={tmp}/in/blocker/s"], "run storage",
              setup=lambda t: [images(["a", "b"], ["a", "b"], per_class=20)(t), write("in/blocker", "x")(t)]),
         Case("good folder, 2 workers, server down", ds + ["--num-workers", "2", "--set",
@@ -318,6 +324,8 @@ def distributed_cases() -> list[Case]:
         Case("use_gpu with cpu device", two + ["--set", "scaling.use_gpu=true", "--set", "train.device=cpu"], "train.device=cpu"),
         Case("workers, storage under a file", two + ["--set", "scaling.storage_path={tmp}/in/blocker/s"], "run storage",
              setup=write("in/blocker", "x")),
+        Case("workers, storage bucket", two + ["--set", "scaling.storage_path=s3://no-such-bucket-xyz/x"],
+             "run storage s3://no-such-bucket-xyz/x/mwt is not writable"),
         Case("workers, tracking scheme", two + ["--set", "tracking.tracking_uri=foo://bar"], "does not know"),
         Case("workers, tracking folder", two + ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"], "is a folder",
              setup=folder("in/m.db")),
@@ -482,3 +490,21 @@ def test_cli_worker_killed_after_start_names_the_dead_worker(tmp_path):
     assert f"(pid {pid}) died" in line and "scaling.max_failures=0" in line
     log = next((tmp_path / "runs" / "mwt" / "jobs").glob("job-*/worker_stderr.log"))
     assert "Traceback" in log.read_text() and str(log) in line  # the tracebacks went to the log, not the terminal
+
+
+def test_storage_probe_is_bounded_in_time(tmp_path, monkeypatch):
+    """GCS's client retries for 16 minutes without a network; the write probe gives up at its bound
+    (lowered here), in one line, and runs in a child process that is gone afterwards."""
+    from mwt_ray.config import load_config
+    from mwt_ray.jobs import SetupError, check_destinations
+    from mwt_ray.jobs import storage
+
+    monkeypatch.setattr(storage, "REMOTE_PROBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(storage.RunStorage, "_probed", set())
+    cfg = load_config(None, [f"output_dir={tmp_path}/runs", "scaling.storage_path=gs://no-such-bucket-xyz/y"])
+    started = time.monotonic()
+    with pytest.raises(SetupError, match="gs://no-such-bucket-xyz/y/mwt is not writable .no answer within 2 s"):
+        check_destinations(cfg)
+    assert time.monotonic() - started < 10
+    children = subprocess.run(["pgrep", "-f", "no-such-bucket-xyz/y/mwt"], capture_output=True, text=True).stdout.split()
+    assert not children, children

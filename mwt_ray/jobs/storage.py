@@ -31,7 +31,7 @@ from ..core.checkpoint import check_architecture, check_weights
 from ..core.files import writable_folder_error
 from .setup import SetupError
 
-__all__ = ["RunStorage", "storage_root", "job_storage", "latest_training_state", "check_resume", "check_destinations", "JobPlan",
+__all__ = ["RunStorage", "REMOTE_PROBE_TIMEOUT_S", "storage_root", "job_storage", "latest_training_state", "check_resume", "check_destinations", "JobPlan",
            "plan_job", "start_job", "list_jobs", "new_job_id", "TRAINING_STATE", "RUN_FILE", "JOB_FILE",
            "KEEP_CHECKPOINTS"]
 
@@ -42,38 +42,98 @@ KEEP_CHECKPOINTS = 2
 _PARTIAL = ".partial-"
 
 
+# How long the write probe of an object-store URI may take. Without a network (or with a bucket name
+# that does not resolve) pyarrow's clients retry for a long time: S3 gave up after 6 s here, GCS
+# after 16 minutes. A 2-byte write to a reachable bucket takes well under a second.
+REMOTE_PROBE_TIMEOUT_S = 15.0
+
+# The probe runs in a child process: one stuck in pyarrow's retries is killed when the time is up
+# (a thread could only be abandoned, and pyarrow's S3 finalisation at exit would wait for it).
+_REMOTE_PROBE = """
+import os, sys, time
+import pyarrow.fs as pafs
+fs, path = pafs.FileSystem.from_uri(sys.argv[1])
+probe = f"{path.rstrip('/')}/.write_probe_{os.getpid()}_{time.time_ns()}"
+with fs.open_output_stream(probe) as stream:
+    stream.write(b"ok")
+fs.delete_file(probe)
+"""
+
+
+def _reason(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class RunStorage:
-    """The job's folder in the run storage: a local path or a pyarrow URI (s3://, gs://, ...)."""
+    """The job's folder in the run storage: a local path or a pyarrow URI (s3://, gs://, ...).
+
+    An object store is opened on first use (``fs``, ``path``), not when the object is made: opening an
+    S3 URI already asks the network for the bucket's region, and ``check_writable`` must be the first
+    to reach out, with a bound on the time it takes."""
+
+    _probed: set[str] = set()  # remote URIs this process found writable (the checks run more than once)
 
     def __init__(self, path_or_uri: str):
         import pyarrow.fs as pafs
 
         self._pafs = pafs
-        if "://" in path_or_uri:
-            self.fs, self.path = pafs.FileSystem.from_uri(path_or_uri)
-        else:
-            self.fs, self.path = pafs.LocalFileSystem(), str(Path(path_or_uri).expanduser().resolve())
         self.uri = path_or_uri
+        self.remote = "://" in path_or_uri
+        self._fs, self._path = (None, None) if self.remote else (
+            pafs.LocalFileSystem(), str(Path(path_or_uri).expanduser().resolve()))
+
+    def _open(self) -> None:
+        if self._fs is None:
+            try:
+                self._fs, self._path = self._pafs.FileSystem.from_uri(self.uri)
+            except Exception as error:  # an unknown scheme, a bucket that does not resolve, no credentials
+                raise SetupError(f"run storage {self.uri} cannot be opened ({_reason(error)}); set "
+                                 "scaling.storage_path to a writable folder or URI") from None
+
+    @property
+    def fs(self):
+        self._open()
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        self._open()
+        return self._path
 
     def _join(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}"
 
     def check_writable(self) -> None:
-        """Raise SetupError unless checkpoints can be written here; creates no folder on local disk."""
-        if isinstance(self.fs, self._pafs.LocalFileSystem):
+        """Raise SetupError unless checkpoints can be written here; creates no folder on local disk,
+        and gives an object store ``REMOTE_PROBE_TIMEOUT_S`` to answer."""
+        if not self.remote:
             reason = writable_folder_error(self.path)
+        elif self.uri in self._probed:
+            reason = None
         else:
-            probe = self._join(f".write_probe_{os.getpid()}_{time.time_ns()}")
-            try:
-                with self.fs.open_output_stream(probe) as stream:
-                    stream.write(b"ok")
-                self.fs.delete_file(probe)
-                reason = None
-            except Exception as error:  # cloud auth errors, missing buckets, ...
-                reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+            reason = self._probe_remote()
         if reason:
             raise SetupError(f"run storage {self.uri} is not writable ({reason}); set scaling.storage_path "
                              "to a writable folder or URI")
+
+    def _probe_remote(self) -> str | None:
+        """None when a file can be written and deleted at the URI, else why not (within the bound)."""
+        import subprocess
+        import sys
+
+        try:
+            result = subprocess.run([sys.executable, "-c", _REMOTE_PROBE, self.uri], capture_output=True, text=True,
+                                    timeout=REMOTE_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return (f"no answer within {REMOTE_PROBE_TIMEOUT_S:g} s: check the bucket name, the network and the "
+                    "credentials")
+        if result.returncode == 0:
+            self._probed.add(self.uri)
+            return None
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"the probe exited with status {result.returncode}"
+        # "OSError: When resolving region for bucket ...": the exception's message, not its class
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._join(name)).type != self._pafs.FileType.NotFound
