@@ -123,6 +123,14 @@ def fifo(relative: str) -> Callable[[Path], None]:
     return setup
 
 
+def deleted_experiment(tmp: Path) -> None:
+    """An sqlite store in in/m.db whose experiment 'mwt-ray' is deleted (not purged)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'in' / 'm.db'}")
+    client.delete_experiment(client.create_experiment("mwt-ray"))
+
+
 def three_class_folder_cached(tmp: Path) -> None:
     """A 3-class image folder, decoded (and so cached) before the case runs."""
     from mwt_ray.core.data import load_dataset
@@ -310,6 +318,10 @@ def place_cases() -> list[Case]:
              "not writable", setup=block),
         Case("tracking file store is a file", ["--set", "tracking.tracking_uri={tmp}/in/blocker"], "is a file, not a folder",
              setup=block),
+        Case("tracking experiment deleted", ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"],
+             "MLflow experiment 'mwt-ray' is deleted", setup=deleted_experiment),
+        Case("tracking experiment deleted, 2 workers", ["--num-workers", "2", "--set",
+             "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"], "MLflow experiment 'mwt-ray' is deleted", setup=deleted_experiment),
         Case("tracking server down", ["--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], "does not answer"),
         Case("device cuda without GPU", ["--set", "train.device=cuda"], "no CUDA GPU", skip="" if NO_GPU else "a GPU is here"),
         Case("device cuda:7", ["--set", "train.device=cuda:7"], "cuda:7", skip="" if NO_GPU else "a GPU is here"),

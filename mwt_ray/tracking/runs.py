@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import tempfile
 import time
 import urllib.error
@@ -291,19 +292,26 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
 @contextlib.contextmanager
 def _store_setup_lock(uri: str):
-    """Hold an exclusive lock on ``<db>.lock`` while an sqlite store is opened and the experiment
-    found or made: MLflow builds a new database with schema migrations, and two jobs doing that at
-    once break it (seen with two ``mwt_ray.train`` jobs started together on a new store)."""
+    """Hold an exclusive lock while an sqlite store is opened and the experiment found or made: MLflow
+    builds a new database with schema migrations, and two jobs doing that at once break it (seen with
+    two ``mwt_ray.train`` jobs started together on a new store).
+
+    The lock is on the database's folder itself (flock works on a directory's descriptor), not on a
+    lock file beside the database: a lock file is left behind by a job refused here (a deleted
+    experiment), and removing it afterwards would let two jobs lock two different files."""
     db = _sqlite_path(uri)
     if db is None:
         yield
         return
-    with open(db.with_name(db.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    descriptor = os.open(db.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = None,
