@@ -240,3 +240,59 @@ def test_jobs_starting_together_on_a_new_sqlite_store(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.fixture(scope="module")
+def tracked_checkpoint(tmp_path_factory):
+    """A finished tiny modular job tracked in store ``a/mlflow.db``: (its checkpoint.pt, its run id, store URI)."""
+    tmp = tmp_path_factory.mktemp("tracked") / "a"
+    cfg = tiny_config(tmp, "away", epochs=1)
+    summary = run(cfg)
+    return cfg.run_dir / "checkpoint.pt", summary["mlflow_run_id"], f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+REUSE_QUICK = ["--set", "reuse.num_actors=0", "--set", "reuse.sizes=[2]", "--set", "reuse.per_size=1",
+               "--set", "reuse.epochs=0", "--set", "reuse.latency_batch_sizes=[]"]
+
+
+def test_reuse_of_a_checkpoint_copied_away_from_its_store_logs_to_a_new_run(tracked_checkpoint, tmp_path, capsys):
+    """Issue 15, section 5: the checkpoint names a run the store here does not hold; reuse says so in
+    one line before evaluating and logs the tables to a new run (before: exit 1 after evaluating)."""
+    import shutil
+
+    from mwt_ray.reuse import main
+
+    source, run_id, home = tracked_checkpoint
+    (tmp_path / "copy").mkdir()
+    shutil.copy2(source, tmp_path / "copy" / "checkpoint.pt")
+    capsys.readouterr()  # the store here (b/mlflow.db) does not exist yet
+    assert main(["--modular", str(tmp_path / "copy" / "checkpoint.pt"), *REUSE_QUICK,
+                 "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'b' / 'mlflow.db'}"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    notice = [i for i, line in enumerate(lines) if f"run {run_id} of the checkpoint is not in" in line]
+    first_row = next(i for i, line in enumerate(lines) if line.startswith("[1/1]"))
+    assert len(notice) == 1 and notice[0] < first_row and "new run" in lines[notice[0]], out.out
+    assert not out.err.strip(), out.err
+    client = client_for(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    (new,) = runs_of(client)
+    assert new.info.run_name == "away-reuse" and new.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(new.info.run_id, "reuse")} >= {"reuse/reuse_settings.json"}
+    assert "reuse_subtasks" not in client_for(home).get_run(run_id).data.tags  # the original store is untouched
+
+
+def test_reuse_refuses_an_explicit_run_that_is_not_in_the_store_before_evaluating(tracked_checkpoint, tmp_path,
+                                                                                   monkeypatch):
+    from mwt_ray.cluster import reuse_pool
+    from mwt_ray.jobs import SetupError
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated although the run to log to does not exist")
+
+    monkeypatch.setattr(reuse_pool, "SubtaskEvaluator", never)
+    store = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SetupError, match=f"MLflow run to log to {'f' * 32} is not in"):
+        reuse_pool.evaluate_reuse(str(tracked_checkpoint[0]), mlflow_run={"tracking_uri": store, "run_id": "f" * 32},
+                                  overrides=REUSE_QUICK[1::2], log=None)
+    assert not any((tmp_path / "b").iterdir())  # looking did not create a database

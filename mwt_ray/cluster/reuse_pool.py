@@ -148,11 +148,18 @@ def _run_in_process(plan: ReusePlan, log) -> list[dict]:
     return rows
 
 
-def _target_run(plan: ReusePlan, mlflow_run):
+def _target_run(plan: ReusePlan, mlflow_run, log: Callable[[str], None] = lambda line: None):
     """The MLflow run the results go to: ``mlflow_run`` (an MlflowRun, its info dict, or a run id in
-    the config's store), else the run evaluated, else None (a new run is opened later)."""
-    from ..tracking import MlflowRun, check_store
+    the config's store), else the run evaluated, else None (a new run is opened later).
 
+    Checked here, before anything is evaluated, that the run is in its store: a checkpoint copied
+    away from its MLflow store names a run the store does not hold, and that failed only after the
+    whole evaluation. Such a run (the checkpoint's, found by default) means a new run, said in one
+    line; a run given explicitly that is not there is bad input (SetupError)."""
+    from ..tracking import MlflowRun, check_store
+    from ..tracking.runs import run_exists
+
+    explicit = mlflow_run is not None
     if mlflow_run is None:
         if plan.mlflow_run is None or not plan.cfg.tracking.enabled:
             return None
@@ -167,7 +174,14 @@ def _target_run(plan: ReusePlan, mlflow_run):
             raise SetupError(f"MLflow run to log to {mlflow_run!r} is not a run id")
         target = MlflowRun.from_info(spec["mlflow"])
     check_store(target.tracking_uri)
-    return target
+    if run_exists(target.tracking_uri, target.run_id):
+        return target
+    if explicit:
+        raise SetupError(f"MLflow run to log to {target.run_id} is not in {target.tracking_uri} (or it is deleted); "
+                         "pass a run of that store or set tracking.tracking_uri")
+    log(f"MLflow: run {target.run_id} of the checkpoint is not in {target.tracking_uri} (a checkpoint copied from "
+        "another store?); the results will go to a new run")
+    return None
 
 
 def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = None, cfg: Config | None = None,
@@ -187,7 +201,7 @@ def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = No
     """
     log = log or (lambda line: None)
     plan = plan_reuse(modular_checkpoint, standard_checkpoint, cfg, overrides, tau=tau)
-    target = _target_run(plan, mlflow_run)
+    target = _target_run(plan, mlflow_run, log)
     if target is None and plan.cfg.tracking.enabled:
         from ..tracking import check_store, resolve_tracking_uri
 

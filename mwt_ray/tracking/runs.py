@@ -49,7 +49,7 @@ from typing import Any, Callable
 from ..core.files import writable_folder_error
 
 __all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
-           "check_server", "check_store", "fail_if_running", "flatten_params", "ARTIFACTS"]
+           "check_server", "check_store", "fail_if_running", "run_exists", "flatten_params", "ARTIFACTS"]
 
 ARTIFACTS = ("checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png")
 # The metric that marks an epoch as logged (every epoch's batch of metrics holds it).
@@ -146,6 +146,29 @@ def check_store(uri: str) -> None:
         if reason:
             raise TrackingError(f"MLflow store {uri} is not writable ({reason}); "
                                 "set tracking.tracking_uri or tracking.enabled=false")
+
+
+def run_exists(uri: str, run_id: str) -> bool:
+    """Whether the store at ``uri`` holds run ``run_id`` (not deleted). Reads only: an sqlite file that
+    does not exist is not created (MLflow's client would build a new database to look)."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return False
+    _quiet_mlflow_logs()
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise TrackingError(f"MLflow store {uri} cannot be read ({_first_line(error)})") from None
+    return run.info.lifecycle_stage != "deleted"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def fail_if_running(uri: str, run_id: str) -> bool:
