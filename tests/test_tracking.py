@@ -296,3 +296,28 @@ def test_reuse_refuses_an_explicit_run_that_is_not_in_the_store_before_evaluatin
         reuse_pool.evaluate_reuse(str(tracked_checkpoint[0]), mlflow_run={"tracking_uri": store, "run_id": "f" * 32},
                                   overrides=REUSE_QUICK[1::2], log=None)
     assert not any((tmp_path / "b").iterdir())  # looking did not create a database
+
+
+def test_experiment_is_marked_as_model_training(tmp_path):
+    """Issue 15, section 6: MLflow 3 opens an experiment on its GenAI overview unless it is marked as
+    machine learning. The mark (the tag the UI's kind selector writes) is set when the project makes
+    the experiment, added to one an earlier version made, and a kind set by hand is kept; the line
+    that names the run gives the address that opens the training runs in MLflow 3.17's UI."""
+    from mwt_ray.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    assert (EXPERIMENT_KIND_TAG, EXPERIMENT_KIND) == ("mlflow.experimentKind", "custom_model_development")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines = []
+    open_run(tiny_config(tmp_path, "new"), log=lines.append).end()
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name("mwt-ray")
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    address = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert any(address in line and f"mlflow ui --backend-store-uri {uri}" in line for line in lines), lines
+
+    old = client.create_experiment("made-before")  # as an earlier version made it: no kind
+    open_run(tiny_config(tmp_path, "x", "tracking.experiment=made-before"), log=None).end()
+    assert client.get_experiment(old).tags.get("mlflow.experimentKind") == "custom_model_development"
+    mine = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    open_run(tiny_config(tmp_path, "y", "tracking.experiment=chosen"), log=None).end()
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"

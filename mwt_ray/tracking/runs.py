@@ -49,7 +49,8 @@ from typing import Any, Callable
 from ..core.files import writable_folder_error
 
 __all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
-           "check_server", "check_store", "fail_if_running", "run_exists", "flatten_params", "ARTIFACTS"]
+           "check_server", "check_store", "fail_if_running", "run_exists", "ui_address",
+           "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "flatten_params", "ARTIFACTS"]
 
 ARTIFACTS = ("checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png")
 # The metric that marks an epoch as logged (every epoch's batch of metrics holds it).
@@ -293,11 +294,35 @@ class MlflowRun:
         self.end("FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
 
 
+# MLflow 3's experiment "kind": its UI shows an experiment as "GenAI apps & agents" (overview, traces,
+# sessions) or as "Machine learning" / "Model training" (runs). The tag and its values are the ones
+# the UI's kind selector writes (server/js: setExperimentTag key "mlflow.experimentKind", values
+# genai_development, custom_model_development, ...), and MLflow 3 UIs that decide by the experiment
+# read it. MLflow 3.17's UI does not: a build flag makes it decide by the *workflow type* alone, the
+# sidebar's GenAI / Model training switch, kept in the browser (localStorage "mlflow.workflowType",
+# default genai) and overridden by the query ?workflowType=machine_learning. Nothing in the store
+# changes that, so the project also prints the address with that query (``ui_address``).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "?workflowType=machine_learning"
+
+
+def ui_address(uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows this experiment's training runs: the server's own page for an HTTP
+    store, else ``mlflow ui``'s default address."""
+    path = f"/#/experiments/{experiment_id}{UI_QUERY}"
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + path
+    return f"http://127.0.0.1:5000{path} after mlflow ui --backend-store-uri {uri}"
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted in {uri}; restore it or set tracking.experiment")
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier version; a kind set by hand stays
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     db = _sqlite_path(uri)
     # Keep an sqlite store's artifacts next to the database, as an absolute location, so runs
@@ -305,7 +330,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     location = (db.parent / "mlruns" / slug).resolve().as_uri() if db is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -383,7 +408,8 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
             run_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         run_id = client.create_run(experiment_id, tags=run_tags, run_name=cfg.name).info.run_id
         if log:
-            log(f"MLflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+            log(f"MLflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}; training runs shown at "
+                f"{ui_address(uri, experiment_id)}")
     changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
     if changed and log:
         log("MLflow: params keep their first values; changed since: "
