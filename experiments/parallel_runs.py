@@ -13,6 +13,10 @@ the plan's order, ``--parallel`` at a time; a job still running at ``--deadline`
 and reported as unfinished, and ``--resume`` continues it later from its last finished epoch. Writes
 ``<out>/runs/<name>/`` (the job's usual results) and ``<out>/<name>.log``, then prints one line per
 job: its accuracy, KRR and time.
+
+Bad input (a plan, config or argument that cannot work, an ``--out`` that cannot be written) stops
+with one ``error:`` line on stderr and exit status 2 before anything is written; exit 1 means a job
+was stopped or failed.
 """
 from __future__ import annotations
 
@@ -23,6 +27,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an argument error is one ``error:`` line and exit 2 like every other bad input,
+    not the usage block argparse prints (``--help`` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())}\n")
 
 
 def read_plan(path: Path) -> list[tuple[str, str, list[str]]]:
@@ -60,10 +72,18 @@ def run_one(name: str, config: str, overrides: list[str], out: Path, extra: list
 
 def run_plan(args) -> bool:
     """Every job of the plan; True when all of them finished."""
+    from mwt_ray.core.files import writable_folder_error
     from mwt_ray.jobs.setup import load_data
 
     if args.parallel < 1:
         raise ValueError(f"--parallel is {args.parallel}; it must be at least 1")
+    if not args.deadline > 0:  # also NaN: a deadline that has passed at the start would run no job at all
+        raise ValueError(f"--deadline is {args.deadline:g}; it must be a positive number of seconds")
+    # Checked here, before any job is planned: mkdir below would otherwise fail with an OSError, which
+    # reads as a failed run (exit 1), not as the bad input it is. The probe leaves nothing behind.
+    reason = writable_folder_error(args.out)
+    if reason:
+        raise ValueError(f"--out {str(args.out)!r} cannot be written ({reason})")
     jobs = read_plan(args.plan)
     loaded = set()  # every config is checked up front; each distinct data section is loaded (and cached) once
     for number, (name, config, overrides) in enumerate(jobs, 1):
@@ -117,7 +137,7 @@ def run_plan(args) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", type=Path, nargs="?")
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (default 2)")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="stop unfinished jobs after this many seconds")

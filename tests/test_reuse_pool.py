@@ -9,8 +9,11 @@ import torch
 
 from mwt_ray.config import load_config
 from mwt_ray.core.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mwt_ray.core.files import atomic_torch_save
+from mwt_ray.core.modularize import KernelUsage, module_masks
 from mwt_ray.core.models import create_model
 from mwt_ray.jobs import JobFailed, load_data, train_in_process
+from mwt_ray.jobs.reuse_job import load_reference
 from mwt_ray.tracking.reuse_report import REPORT_FILES
 
 TINY = ["data.name=digits", "model.width=0.125", "data.train_limit=200", "train.batch_size=32",
@@ -31,6 +34,45 @@ def ray_cluster():
         ray.shutdown()
 
 
+def distinct_module_masks(layer_sizes: list[int], num_classes: int) -> torch.Tensor:
+    """(classes, kernels) module masks that certainly differ, whatever training did: in each masked
+    layer the first half of the kernels is dealt out among the classes (kernel k belongs to class
+    k % num_classes alone) and the second half is shared by all, so every module keeps kernels in
+    every layer, and in each layer of at least 2 * num_classes kernels every class owns some that
+    no other class keeps: a mix of M < num_classes modules lacks those of the classes left out."""
+    layers = []
+    for size in layer_sizes:
+        kernel = torch.arange(size)
+        own = (kernel[None, :] % num_classes == torch.arange(num_classes)[:, None]) & (kernel < size // 2)
+        layers.append(own | (kernel >= size // 2))
+    return torch.cat(layers, dim=1)
+
+
+def force_module_masks(checkpoint: Path, tracking_uri: str, run_id: str) -> None:
+    """Replace a trained modular checkpoint's kernel usage and module masks by ``distinct_module_masks``,
+    in the file and in its MLflow run's checkpoint.pt artifact (what an actor loads for a run id).
+
+    A 2-epoch training of this tiny model may keep every kernel for every class (it did on an
+    AVX-512 CPU, not on AVX2 ones), and then no module is smaller than the model. The counts are
+    written so that every class uses its kernels in all of its samples and the others in none:
+    ``module_masks`` rebuilds exactly these masks from them at any tau in (0, 1]."""
+    from mlflow import MlflowClient
+
+    state = load_checkpoint(checkpoint)
+    usage = KernelUsage.from_state_dict(state["kernel_usage"])
+    assert max(usage.layer_sizes) >= 2 * len(usage.class_sizes), "no layer is wide enough for kernels of each class's own"
+    masks = distinct_module_masks(usage.layer_sizes, len(usage.class_sizes))
+    usage.counts = masks.to(torch.int64) * usage.class_sizes[:, None]
+    state["kernel_usage"], state["module_masks"] = usage.state_dict(), masks
+    atomic_torch_save(state, checkpoint)
+    MlflowClient(tracking_uri=tracking_uri).log_artifact(run_id, str(checkpoint))
+    # What the pool will see: the run's artifact holds the forced masks, at the config's tau and at the ends.
+    stored = load_reference({"mlflow": {"tracking_uri": tracking_uri, "run_id": run_id}})
+    assert torch.equal(stored["module_masks"], masks)
+    for tau in (state["config"]["modularize"]["tau"], 1e-6, 1.0):
+        assert torch.equal(module_masks(KernelUsage.from_state_dict(stored["kernel_usage"]), tau), masks)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A modular and a standard run, both tracked in an sqlite MLflow store, plus two standard
@@ -39,6 +81,8 @@ def trained(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = TINY + [f"output_dir={root / 'runs'}", f"tracking.tracking_uri={uri}"]
     modular = train_in_process(load_config(None, common + ["name=mod", "train.epochs=2"]), log=None)
+    mod_ckpt = root / "runs" / "mod" / "checkpoint.pt"
+    force_module_masks(mod_ckpt, uri, modular["mlflow_run_id"])
     standard = train_in_process(load_config(None, common + ["name=std", "train.epochs=2", "train.modular=false"]),
                                 log=None)
     wrong = {}
@@ -48,7 +92,7 @@ def trained(tmp_path_factory):
         save_checkpoint(path, model, {"name": arch, "width": 0.125, "num_classes": classes, "modular": False,
                                       "classes": [str(c) for c in range(classes)]})
         wrong[name] = str(path)
-    return {"root": root, "uri": uri, "mod_ckpt": str(root / "runs" / "mod" / "checkpoint.pt"),
+    return {"root": root, "uri": uri, "mod_ckpt": str(mod_ckpt),
             "std_ckpt": str(root / "runs" / "std" / "checkpoint.pt"), "mod_run": modular["mlflow_run_id"],
             "std_run": standard["mlflow_run_id"], **wrong}
 
@@ -79,8 +123,11 @@ def test_pool_evaluates_every_sampled_subtask_once(trained, ray_cluster, tmp_pat
     for col in ("module_accuracy", "standard_accuracy", "zero_ft_accuracy", "krr", "val_accuracy"):
         assert rows[col].between(0, 1).all(), col
     assert (rows["accuracy_loss"] == rows["standard_accuracy"] - rows["module_accuracy"]).all()
-    smaller = rows[rows["m"] < 10]
-    assert (smaller["module_flops"] < smaller["model_flops"]).all() and (rows["module_flops"] <= rows["model_flops"]).all()
+    # The fixture's modules each own kernels (distinct_module_masks): a mix of fewer than all 10 lacks
+    # some and must cost fewer FLOPs; all 10 together keep every kernel, the whole model's cost.
+    smaller, whole = rows[rows["m"] < 10], rows[rows["m"] == 10]
+    assert (smaller["module_flops"] < smaller["model_flops"]).all()
+    assert (whole["module_flops"] == whole["model_flops"]).all() and (whole["krr"] == 1).all()
     assert (rows["latency_ratio_b16"] > 0).all() and (rows["module_ms_b1"] > 0).all()
     # Independent truth: KRR from the stored module masks, M-ACC from the standard model itself.
     state = load_checkpoint(trained["mod_ckpt"])
