@@ -3,7 +3,8 @@
 Exit 2: bad input (``ValueError``: ``ConfigError``, ``SetupError``, ``TrackingError``, ...) found
 before anything was trained or written. Exit 1: a job that started and could not finish
 (``JobFailed``, a non-finite loss, an I/O error, or any other error: set ``MWT_RAY_TRACEBACK=1``
-to see its traceback). Exit 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; the job's MLflow run
+to see its traceback); a full disk (ENOSPC, wherever it was hit) is exit 1 with a line that starts
+``disk full (ENOSPC)`` and says what is kept (``interrupted_hint``), also when it came as bad input. Exit 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; the job's MLflow run
 is marked KILLED and its checkpoints are kept.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import traceback
 from typing import Callable
 
+from .core.files import is_disk_full
 from .jobs import JobFailed
 
 __all__ = ["run_command", "Terminated", "one_line", "MAX_ERROR_CHARS"]
@@ -41,7 +43,14 @@ def one_line(text: str) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    return one_line(str(error)) or type(error).__name__
+    """The error's message and its notes (``add_note``: e.g. that its MLflow run could not be ended)."""
+    text = "; ".join([str(error), *getattr(error, "__notes__", ())]) if str(error) else ""
+    return one_line(text) or type(error).__name__
+
+
+def _disk_full_line(error: BaseException) -> str:
+    line = _one_line(error)
+    return line if line.startswith("disk full") else f"disk full (ENOSPC): {line}"
 
 
 _sigterm_received = False
@@ -55,29 +64,33 @@ def _on_sigterm(signum, frame):
 
 
 def run_command(action: Callable[[], object], interrupted_hint: str = "") -> int:
-    """Run ``action`` and turn its failure into one line and an exit status (0 when it succeeds)."""
+    """Run ``action`` and turn its failure into one line and an exit status (0 when it succeeds).
+    ``interrupted_hint`` ends the line of a job stopped part-way (Ctrl-C, SIGTERM, a full disk)."""
     global _sigterm_received
     _sigterm_received = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         action()
-    except ValueError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except (JobFailed, FloatingPointError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+    except Exception as error:
+        if is_disk_full(error):  # whatever raised it (a copy, torch.save, SQLite under MLflow): say what it is
+            print(f"error: {_disk_full_line(error)}{interrupted_hint}", file=sys.stderr)
+            return 1
+        if isinstance(error, ValueError):
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        if isinstance(error, (JobFailed, FloatingPointError, OSError)):
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return 1
+        if os.environ.get("MWT_RAY_TRACEBACK"):  # a bug or an unforeseen failure: still one line
+            traceback.print_exc()
+        print(f"error: {type(error).__name__}: {_one_line(error)} (set MWT_RAY_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:
         terminated = isinstance(error, Terminated) or _sigterm_received
         print(f"error: stopped by {'SIGTERM' if terminated else 'SIGINT (Ctrl-C)'}{interrupted_hint}", file=sys.stderr)
         return 143 if terminated else 130
-    except Exception as error:  # a bug or an unforeseen failure: still one line
-        if os.environ.get("MWT_RAY_TRACEBACK"):
-            traceback.print_exc()
-        print(f"error: {type(error).__name__}: {_one_line(error)} (set MWT_RAY_TRACEBACK=1 for the traceback)",
-              file=sys.stderr)
-        return 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -139,3 +139,140 @@ def test_sigterm_of_a_data_parallel_job(tmp_path):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), stderr[-3000:]
     assert only_run(mlflow_client(tmp_path)).info.status == "KILLED"
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def mount_small_disk(folder: Path, size: str) -> None:
+    """A tmpfs of ``size`` at ``folder``: a disk that fills up (output folder and MLflow store on it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (mount -t tmpfs)")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {result.stderr.strip()}")
+
+
+def unmount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    mount_small_disk(disk, "3m")  # the MLflow store fits, a checkpoint of the tiny model (~2.4 MB) does not
+    yield disk
+    unmount(disk)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into ``folder`` until its disk is full; the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 65536)
+                stream.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def disk_command(disk: Path, name: str, epochs: int, *more: str) -> list[str]:
+    return [sys.executable, "-m", "mwt_ray.train", "--set", f"name={name}", "--set", f"output_dir={disk / 'runs'}",
+            "--set", f"train.epochs={epochs}", "--set", "data.train_limit=100", "--set", "model.width=0.125",
+            "--set", "train.batch_size=32", "--set", "modularize.cohesion_samples_per_class=10",
+            "--set", f"tracking.tracking_uri=sqlite:///{disk / 'mlflow.db'}", *more]
+
+
+def store_runs(disk: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{disk / 'mlflow.db'}")
+    return client, client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])
+
+
+@pytest.mark.parametrize("scratch_on_disk", [False, True], ids=["scratch elsewhere", "scratch on the full disk"])
+def test_full_disk_is_one_line_leaves_no_partial_checkpoint_and_ends_the_run(small_disk, tmp_path, scratch_on_disk):
+    """Issue 15, section 5: a full disk printed 125 lines (MLflow's logged tracebacks), left a
+    .partial-checkpoint folder and its run RUNNING. Now: one line that says the disk is full (ENOSPC),
+    exit 1, no partial copy, and the run FAILED, or the line says it could not be marked. With room
+    again, --resume continues in the same run. The checkpoint's scratch folder (TMPDIR) is either on
+    another disk or on the full one (torch.save then fails without an errno)."""
+    env = {**environment(tmp_path), "TMPDIR": str(small_disk / "tmp") if scratch_on_disk else str(tmp_path)}
+    (small_disk / "tmp").mkdir()
+    result = subprocess.run(disk_command(small_disk, "full", 2), cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: disk full (ENOSPC): no space left on the device of "), lines[:5]
+    assert "--resume" in lines[0]
+    assert not [p for p in small_disk.rglob(".partial-*")], sorted(small_disk.rglob("*"))
+    _, (run,) = store_runs(small_disk)
+    if "could not be marked FAILED" in lines[0]:  # the store shares the full disk: said, and it stays RUNNING
+        assert run.info.status == "RUNNING" and f"MLflow run {run.info.run_id}" in lines[0] and "stays RUNNING" in lines[0]
+    else:
+        assert run.info.status == "FAILED"
+    if not scratch_on_disk:  # the copy failed, its partial folder was removed: the store was writable again
+        assert run.info.status == "FAILED", lines[0]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = subprocess.run(disk_command(small_disk, "full", 2, "--resume"), cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, (again,) = store_runs(small_disk)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")) == [1, 2]
+
+
+def test_store_filling_up_mid_job_says_the_run_could_not_be_ended(small_disk, tmp_path, monkeypatch, capsys):
+    """The disk fills up after the first checkpoint (another program writes to it): logging the epoch
+    to MLflow fails, and so does marking the run FAILED. One line says both; nothing half-written stays;
+    with the space back, --resume logs the missing epoch once and finishes the run."""
+    import torch
+
+    from mwt_ray.jobs.training_job import LocalSession
+    from mwt_ray.train import main
+
+    store_folder = small_disk / "store"
+    store_folder.mkdir()
+    original = LocalSession.persist
+    filled = []
+
+    def persist_then_fill(self, folder, name, metrics):
+        original(self, folder, name, metrics)
+        if name == "checkpoint_epoch_0001" and not filled:
+            filled.append(fill(small_disk))
+
+    monkeypatch.setattr(LocalSession, "persist", persist_then_fill)
+    monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in disk_command(small_disk, "mid", 2)[3:]]
+    argv[argv.index(f"tracking.tracking_uri=sqlite:///{small_disk / 'mlflow.db'}")] = \
+        f"tracking.tracking_uri=sqlite:///{store_folder / 'mlflow.db'}"
+    argv[argv.index(f"output_dir={small_disk / 'runs'}")] = f"output_dir={tmp_path / 'runs'}"  # checkpoints fit elsewhere
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capsys.readouterr()
+        assert main(argv) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1, lines[:5]
+        assert lines[0].startswith(f"error: disk full (ENOSPC): the MLflow store sqlite:///{store_folder / 'mlflow.db'} "
+                                   "cannot be written (metrics of epoch 1)"), lines[0]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{store_folder / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])
+        assert run.info.status == "RUNNING"
+        assert f"the MLflow run {run.info.run_id} could not be marked FAILED and stays RUNNING (its store" in lines[0]
+        assert not list(small_disk.rglob(".partial-*")) and not list((tmp_path / "runs").rglob(".partial-*"))
+
+        filled[0].unlink()  # the space is back
+        assert main(argv + ["--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")) == [1, 2]

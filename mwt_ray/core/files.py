@@ -1,4 +1,5 @@
-"""Files written so that a crash never leaves half of one behind, and one probe for "can I write here".
+"""Files written so that a crash never leaves half of one behind, one probe for "can I write here",
+and one way to say that the disk is full (``DiskFull``, ``is_disk_full``).
 
 Atomic writes go to a temporary file in the same folder, then a rename: a crash, or two processes
 writing the same path, never leave a half-written file. ``writable_folder_error`` tries to create
@@ -6,13 +7,62 @@ and delete a file, because ``os.access`` answers yes for root even on read-only 
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_torch_save", "writable_folder_error"]
+__all__ = ["atomic_write_text", "atomic_torch_save", "writable_folder_error", "DiskFull", "is_disk_full",
+           "full_disk_message"]
+
+# What a full disk says when the error is not an OSError with its errno: shutil.copytree's list of
+# failures, SQLite's error through MLflow, pyarrow's messages.
+_FULL_DISK_TEXT = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+# torch.save says only "unexpected pos ..." when its write fails; below this much free space after
+# such a failure, the disk was full.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+class DiskFull(OSError):
+    """No space left on the device (ENOSPC) where a file was written; ``str()`` is one line saying so."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is a full disk (or quota)."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(current)[:20000]
+        if any(phrase in text for phrase in _FULL_DISK_TEXT):
+            return True
+        stack += [current.__cause__, current.__context__]
+    return False
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < _NEARLY_FULL_BYTES
+
+
+def full_disk_message(what: str | Path, folder: str | Path) -> str:
+    return f"disk full (ENOSPC): no space left on the device of {folder} to write {what}"
 
 
 def _temporary(path: Path) -> Path:
@@ -26,6 +76,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         temporary.write_text(text)
         temporary.replace(path)
+    except OSError as error:
+        if is_disk_full(error):
+            raise DiskFull(full_disk_message(path.name, path.parent)) from error
+        raise
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -36,6 +90,11 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     try:
         torch.save(obj, temporary)
         temporary.replace(path)
+    except (OSError, RuntimeError) as error:
+        # Checked before the half-written temporary file is removed (that frees the space again).
+        if is_disk_full(error) or _nearly_full(temporary.parent):
+            raise DiskFull(full_disk_message(path.name, path.parent)) from error
+        raise
     finally:
         temporary.unlink(missing_ok=True)
 

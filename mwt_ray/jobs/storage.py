@@ -28,7 +28,7 @@ import torch
 
 from ..config import Config
 from ..core.checkpoint import check_architecture, check_weights
-from ..core.files import writable_folder_error
+from ..core.files import DiskFull, full_disk_message, is_disk_full, writable_folder_error
 from .setup import SetupError
 
 __all__ = ["RunStorage", "REMOTE_PROBE_TIMEOUT_S", "storage_root", "job_storage", "latest_training_state", "check_resume", "check_destinations", "JobPlan",
@@ -146,8 +146,17 @@ class RunStorage:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.fs.create_dir(self.path, recursive=True)
-        with self.fs.open_output_stream(self._join(name)) as stream:
-            stream.write(data)
+        try:
+            with self.fs.open_output_stream(self._join(name)) as stream:
+                stream.write(data)
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            try:  # a half-written record is worse than none
+                self.fs.delete_file(self._join(name))
+            except Exception:
+                pass
+            raise DiskFull(full_disk_message(name, self.uri)) from None
 
     def checkpoint_dirs(self) -> list[tuple[float, str]]:
         """(mtime of training_state.pt, folder name) of every checkpoint folder, oldest first."""
@@ -172,7 +181,13 @@ class RunStorage:
             for leftover in Path(self.path).glob(f"{_PARTIAL}*"):  # from a process killed while copying
                 shutil.rmtree(leftover, ignore_errors=True)
             partial = Path(self.path) / f"{_PARTIAL}{name}"
-            shutil.copytree(local_dir, partial)
+            try:
+                shutil.copytree(local_dir, partial)
+            except BaseException as error:  # a full disk, Ctrl-C: no half copy stays (a SIGKILL's is removed next time)
+                shutil.rmtree(partial, ignore_errors=True)
+                if isinstance(error, Exception) and is_disk_full(error):
+                    raise DiskFull(full_disk_message(f"checkpoint {name}", self.path)) from None
+                raise
             target = Path(self.path) / name
             if target.exists():
                 shutil.rmtree(target)
@@ -293,9 +308,9 @@ class JobPlan:
 
 def plan_job(cfg: Config, resume: bool, num_classes: int | None = None, log=print) -> JobPlan:
     """Decide the job, reading only: a new one, or with ``resume`` the latest job of ``cfg.name``
-    (a new one when there is none). Raises SetupError when the storage cannot be written or the
-    checkpoint to resume does not fit the config (another model, width or class count)."""
-    RunStorage(storage_root(cfg)).check_writable()
+    (a new one when there is none). Raises SetupError when the
+    checkpoint to resume does not fit the config (another model, width or class count). That the
+    storage can be written is ``check_destinations``' part of the preflight."""
     jobs = list_jobs(cfg) if resume else []
     if resume and not jobs and log:
         log(f"--resume: no earlier job named {cfg.name!r} in {storage_root(cfg)}; starting a new job")

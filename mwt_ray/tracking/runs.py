@@ -46,7 +46,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.files import writable_folder_error
+from ..core.files import DiskFull, is_disk_full, writable_folder_error
 
 __all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
            "check_server", "check_store", "fail_if_running", "run_exists", "ui_address",
@@ -200,8 +200,22 @@ def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _quiet_mlflow_logs() -> None:
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
+    for name in ("alembic", "mlflow.tracking._tracking_service.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs every database error with its traceback (a full disk: over 100 lines on stderr) and then
+    # raises it as an MlflowException, which the command reports in its one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _writing(uri: str, what: str):
+    """A write to the store at ``uri``; a full disk under it becomes one ``DiskFull`` line."""
+    try:
+        yield
+    except Exception as error:
+        if is_disk_full(error):
+            raise DiskFull(f"disk full (ENOSPC): the MLflow store {uri} cannot be written ({what})") from None
+        raise
 
 
 class MlflowRun:
@@ -245,7 +259,8 @@ class MlflowRun:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()
                  if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        with _writing(self.tracking_uri, f"metrics of epoch {epoch}"):
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
         self._logged.add(epoch)
         return True
 
@@ -280,18 +295,30 @@ class MlflowRun:
             for name in ARTIFACTS:
                 path = run_dir / name if (run_dir / name).exists() else scratch / name
                 if path.exists():
-                    self.client.log_artifact(self.run_id, str(path))
+                    with _writing(self.tracking_uri, f"artifact {name}"):
+                        self.client.log_artifact(self.run_id, str(path))
                     uploaded.append(name)
         return uploaded
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        with _writing(self.tracking_uri, f"to mark run {self.run_id} {status}"):
+            self.client.set_terminated(self.run_id, status)
 
     def __enter__(self) -> "MlflowRun":
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        self.end("FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        if error is None:
+            self.end(status)
+            return
+        try:
+            self.end(status)
+        except Exception as failure:  # e.g. the store is on the disk that is full: the job's own error stays the one raised
+            reason = (f"its store {self.tracking_uri} is on a full disk too" if isinstance(failure, DiskFull)
+                      else _first_line(failure))
+            error.add_note(f"the MLflow run {self.run_id} could not be marked {status} and stays RUNNING ({reason}); "
+                           "a new job of the same name marks it FAILED")
 
 
 # MLflow 3's experiment "kind": its UI shows an experiment as "GenAI apps & agents" (overview, traces,
