@@ -332,7 +332,7 @@ def distributed_cases() -> list[Case]:
     two = ["--num-workers", "2"]
     return [
         Case("batch not divisible by workers", ["--num-workers", "3"], "not divisible by scaling.num_workers 3"),
-        Case("workers but cuda device", two + ["--set", "train.device=cuda"], "no CUDA GPU" if NO_GPU else "use_gpu=false"),
+        Case("workers but cuda device", two + ["--set", "train.device=cuda"], "scaling.use_gpu=false"),
         Case("use_gpu with cpu device", two + ["--set", "scaling.use_gpu=true", "--set", "train.device=cpu"], "train.device=cpu"),
         Case("workers, storage under a file", two + ["--set", "scaling.storage_path={tmp}/in/blocker/s"], "run storage",
              setup=write("in/blocker", "x")),

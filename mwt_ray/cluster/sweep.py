@@ -35,7 +35,7 @@ from typing import Callable
 
 from ..config import Config, apply_overrides, flatten_space, validate_config
 from ..core.files import atomic_write_text
-from ..jobs import JobFailed, SetupError, absolute_paths, check_job, load_data, resolve_device
+from ..jobs import JobFailed, SetupError, check_inputs, load_data, resolve_device
 from ..jobs.objective import best_tau, scan_checkpoint
 from ..jobs.reuse_job import plan_subtasks
 from .ray_session import ray_session
@@ -265,20 +265,13 @@ class _Progress:
 
 def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
     """Every check that needs no Ray, before anything is written; returns the dataset's class count."""
-    cfg = absolute_paths(cfg)
     if not cfg.train.modular:
         raise SetupError("a sweep trains modular models: train.modular must be true")
     _check_space(cfg)
+    cfg, data = check_inputs(cfg)  # absolute paths and tracking URI: trials run in other working directories
     sizes = cfg.sweep.subtask_sizes
-    data = check_job(cfg)
     if any(m > data.num_classes for m in sizes):
         raise SetupError(f"sweep.subtask_sizes {sizes} exceed the dataset's {data.num_classes} classes")
-    if cfg.tracking.enabled:
-        from ..tracking import check_store, resolve_tracking_uri
-
-        # Absolute: trials run in Ray workers whose working directory is not this one.
-        cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        check_store(cfg.tracking.tracking_uri)
     folder = sweep_folder(cfg, resume)
     if resume and not trust_folder:  # before Ray, the parent run or sweep.json: a refusal writes nothing
         verify_sweep(folder / "tune")

@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Config
-from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, absolute_paths, check_destinations, check_job, plan_job,
-                    start_job, storage_root, train_in_process)
+from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, preflight_training, start_job, storage_root,
+                    train_in_process)
 from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage
 from .ray_session import ray_session
 from .worker import loop_config, train_loop_per_worker
@@ -101,30 +101,16 @@ def worker_runtime_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def preflight(cfg: Config, sync_batchnorm: bool = False, resume: bool = False, num_classes: int | None = None,
+def preflight(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
               log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
-    """Every check that needs no Ray cluster, before anything is written; returns the config with
-    absolute paths and the job to run (a new one, or with ``resume`` the latest job of the name,
-    whose checkpoint must fit the config: model, width, ``num_classes``)."""
-    cfg = absolute_paths(cfg)
-    workers = cfg.scaling.num_workers
-    if workers < 1:
+    """``jobs.preflight_training`` for Ray Train workers: every check that needs no Ray cluster,
+    before anything is written; returns the config with absolute paths and the job to run (a new
+    one, or with ``resume`` the latest job of the name, whose checkpoint must fit the config)."""
+    if cfg.scaling.num_workers < 1:
         raise SetupError("scaling.num_workers must be >= 1 for distributed training")
-    if cfg.train.batch_size % workers:
-        raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by scaling.num_workers {workers}: "
-                         "every worker must get the same share of the global batch")
     if sync_batchnorm and not cfg.scaling.use_gpu:
         raise SetupError("SyncBatchNorm needs GPUs (PyTorch has no CPU implementation); set scaling.use_gpu=true")
-    if cfg.scaling.use_gpu and cfg.train.device == "cpu":
-        raise SetupError("scaling.use_gpu=true but train.device=cpu; set train.device=auto")
-    if not cfg.scaling.use_gpu and cfg.train.device.startswith("cuda"):
-        raise SetupError(f"train.device={cfg.train.device} but scaling.use_gpu=false: Ray Train workers get no GPU; "
-                         "set scaling.use_gpu=true")
-    plan = plan_job(cfg, resume, num_classes, log=log)
-    if cfg.tracking.enabled:
-        from ..tracking import check_store, resolve_tracking_uri
-
-        check_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    cfg, _, plan = preflight_training(cfg, resume, log)
     return cfg, plan
 
 
@@ -218,7 +204,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, sync_batchnorm: bool = False,
-                    callbacks: list | None = None, resume: bool = False, num_classes: int | None = None) -> dict:
+                    callbacks: list | None = None, resume: bool = False) -> dict:
     """Train on ``cfg.scaling.num_workers`` Ray Train workers as a new job of ``cfg.name`` (with
     ``resume``: the latest job of that name continues); returns the summary of ``finish_run``.
 
@@ -226,7 +212,7 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     named by ``RAY_ADDRESS`` or starts a local one, shut down again at the end).
     """
     log = log or (lambda line: None)
-    cfg, plan = preflight(cfg, sync_batchnorm, resume, num_classes, log)
+    cfg, plan = preflight(cfg, sync_batchnorm, resume, log)
     local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
     stderr_log = Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
     # The redirect lasts until Ray is shut down: Ray forwards the workers' lines asynchronously, and
@@ -307,9 +293,7 @@ def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None
     (its checkpoint and MLflow run). ``train_callbacks``: Ray Train run callbacks (a sweep trial
     forwards reports to Tune)."""
     if cfg.scaling.num_workers > 0:
-        check_destinations(absolute_paths(cfg))
-        data = check_job(cfg)
-        return run_distributed(cfg, log, callbacks=train_callbacks, resume=resume, num_classes=data.num_classes)
+        return run_distributed(cfg, log, callbacks=train_callbacks, resume=resume)
     return train_in_process(cfg, resume=resume, log=log, report=report)
 
 

@@ -13,12 +13,13 @@ from .setup import (RESULT_FILES, JobFailed, SetupError, absolute_paths, archite
                     resolve_device, seed_everything)
 from .storage import (RUN_FILE, JobPlan, RunStorage, check_destinations, job_storage, latest_training_state, list_jobs,
                       plan_job, start_job, storage_root)
+from .preflight import check_inputs, preflight_training
 from .training_job import LocalSession, TrainingJob, finish_run, modularize_model
 
 __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data", "architecture",
            "check_job", "absolute_paths", "RunStorage", "job_storage", "latest_training_state", "storage_root",
            "JobPlan", "plan_job", "start_job", "list_jobs", "check_destinations", "LocalSession", "TrainingJob", "finish_run",
-           "modularize_model", "reuse_from_checkpoints", "train_in_process"]
+           "modularize_model", "reuse_from_checkpoints", "train_in_process", "check_inputs", "preflight_training"]
 
 
 def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=None) -> dict:
@@ -27,17 +28,9 @@ def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=Non
     latest job of that name (its checkpoint and its MLflow run; a new job when there is none);
     ``report(metrics)`` is called after every epoch.
 
-    Every check on the input runs before anything is written (data, device, output folder, run
-    storage, the checkpoint to resume, the MLflow store)."""
-    check_destinations(cfg)
-    data = check_job(cfg)
-    plan = plan_job(cfg, resume, data.num_classes, log=log)
-    uri = None
-    if cfg.tracking.enabled:
-        from ..tracking import check_store, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        check_store(uri)
+    Every check on the input runs before anything is written (``jobs.preflight``)."""
+    cfg, _, plan = preflight_training(cfg, resume, log)
+    uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
     session = LocalSession(plan.storage, cfg.train.device, resume=plan.resumed, report=report)
     if log:
         log(f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} (checkpoints in {plan.storage.uri})"

@@ -14,7 +14,6 @@ import torch
 
 from ..config import Config
 from ..core.data import ImageData, load_dataset
-from ..core.files import writable_folder_error
 
 __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data",
            "architecture", "check_job", "absolute_paths"]
@@ -61,11 +60,8 @@ def architecture(cfg: Config, data: ImageData) -> dict:
 
 
 def check_job(cfg: Config) -> ImageData:
-    """Every check on the input that needs no training, before anything is written: the data
-    (loaded, decoded and cached here, once), the device, the batch size, the output folder."""
-    reason = writable_folder_error(cfg.run_dir)  # first: a failing check must not leave a decoded cache behind
-    if reason:
-        raise SetupError(f"output_dir {cfg.output_dir!r} cannot be written ({reason}); set output_dir to a writable folder")
+    """The device and the data (loaded, decoded and cached here, once) against the batch size; part
+    of ``jobs.preflight``, which first checks where the job writes."""
     if not cfg.scaling.use_gpu or cfg.scaling.num_workers == 0:
         resolve_device(cfg.train.device)
     data = load_data(cfg)

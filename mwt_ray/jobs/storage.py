@@ -308,9 +308,9 @@ class JobPlan:
 
 def plan_job(cfg: Config, resume: bool, num_classes: int | None = None, log=print) -> JobPlan:
     """Decide the job, reading only: a new one, or with ``resume`` the latest job of ``cfg.name``
-    (a new one when there is none). Raises SetupError when the
-    checkpoint to resume does not fit the config (another model, width or class count). That the
-    storage can be written is ``check_destinations``' part of the preflight."""
+    (a new one when there is none). Raises SetupError when the checkpoint to resume does not fit
+    the config (another model, width or class count); that the storage can be written is
+    ``check_destinations``' part of the preflight (``jobs.preflight``)."""
     jobs = list_jobs(cfg) if resume else []
     if resume and not jobs and log:
         log(f"--resume: no earlier job named {cfg.name!r} in {storage_root(cfg)}; starting a new job")
