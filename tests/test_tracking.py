@@ -125,6 +125,21 @@ def test_continued_run_logs_each_epoch_once(tmp_path):
     assert other.run_id != first.run_id and len(runs_of(client)) == 2
 
 
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (ValueError, "FAILED"),
+                                           (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")])
+def test_a_run_ends_in_the_state_its_job_ended_in(tmp_path, raised, status):
+    """SystemExit is how Tune ends a trial ASHA stopped (sys.exit(0) in tune.report): KILLED, not FAILED."""
+    cfg = tiny_config(tmp_path, "ends")
+    run = open_run(cfg, log=None)
+    try:
+        with run:
+            if raised is not None:
+                raise raised()
+    except BaseException as error:
+        assert type(error) is raised
+    assert client_for(run.tracking_uri).get_run(run.run_id).info.status == status
+
+
 def test_tracking_disabled_writes_no_store(tmp_path):
     cfg = tiny_config(tmp_path, "untracked", "tracking.enabled=false", epochs=1)
     run(cfg)

@@ -308,7 +308,9 @@ class MlflowRun:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        # SystemExit: Tune ends a trial it stops early (ASHA) with sys.exit(0) inside tune.report.
+        status = ("FINISHED" if kind is None else "KILLED" if issubclass(kind, (KeyboardInterrupt, SystemExit))
+                  else "FAILED")
         if error is None:
             self.end(status)
             return
