@@ -17,29 +17,15 @@ import traceback
 from typing import Callable
 
 from .core.files import is_disk_full
+from .core.messages import one_line
 from .jobs import JobFailed
 
-__all__ = ["run_command", "Terminated", "one_line", "MAX_ERROR_CHARS"]
+__all__ = ["run_command", "Terminated"]
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that every ``with``
     block (the MLflow run, temporary folders) ends on the way out."""
-
-
-# The longest error line a command prints. Messages quote what was given (a path, a value), and
-# what was given can be huge: a YAML alias bomb's value made an 8 MB line. Every error line of
-# every command goes through ``one_line``, so this is the one place the cap lives.
-MAX_ERROR_CHARS = 2000
-
-
-def one_line(text: str) -> str:
-    """``text`` on one line (whitespace runs become one space), cut to ``MAX_ERROR_CHARS``."""
-    head = text[:MAX_ERROR_CHARS * 4]  # never split megabytes only to keep a few thousand characters
-    line = " ".join(head.split())
-    if len(line) > MAX_ERROR_CHARS or len(text) > len(head):
-        line = f"{line[:MAX_ERROR_CHARS - 50]}... (cut short: the message has {len(text)} characters)"
-    return line
 
 
 def _one_line(error: BaseException) -> str:

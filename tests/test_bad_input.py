@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port
-from mwt_ray.cli import MAX_ERROR_CHARS
+from mwt_ray.core.messages import MAX_ERROR_CHARS
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick, so that a case that wrongly trains still ends soon (and then fails its checks).
@@ -231,7 +231,7 @@ def cli_cases() -> list[Case]:
              "expand to more than 100000 values", setup=write("in/bomb.yaml", alias_bomb("train.lr", levels=5))),
         Case("config recursive alias", ["--config", "{tmp}/in/c.yaml"], "a structure that holds itself",
              setup=write("in/c.yaml", "reuse:\n  subtasks: &a [[0, 1], *a]\n")),
-        # An error line quotes what it was given; a long path is cut at the one cap (cli.MAX_ERROR_CHARS).
+        # An error line quotes what it was given; a long path is cut at the one cap (core.messages.MAX_ERROR_CHARS).
         Case("config file missing, very long path", ["--config", "{tmp}/in/" + "/".join(["d" * 200] * 15) + "/c.yaml"],
              "cut short: the message has"),
     ]

@@ -22,6 +22,7 @@ from ..core.data import DATASETS
 from ..core.models import create_model, list_models
 from ..core.reuse import FineTuneSettings
 from ..core.training import OptimSettings
+from ..core.messages import one_line
 from .base import Section, shown, taus_in_range
 from .sweep import SEARCHABLE_SECTIONS, SearchRange, SweepConfig, flatten_space
 
@@ -359,8 +360,6 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage mistakes end like every other bad input: one ``error:`` line, exit status 2."""
 
     def error(self, message: str):
-        from ..cli import one_line  # here: mwt_ray.cli imports the jobs, which import this module
-
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.files import atomic_write_text
+from ..core.messages import one_line
 from .runs import MlflowRun, open_run
 
 __all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front", "plot_pareto", "close_child_runs",
@@ -83,8 +84,7 @@ def results_table(cfg, grid, standard: dict | None):
 def error_line(error) -> str:
     """A trial's error as one line: the exception's own last line (Ray wraps it in a traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[-1] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    return one_line(lines[-1]) if lines else type(error).__name__
 
 
 def pareto_front(table) -> list[bool]:
