@@ -383,7 +383,7 @@ BAD = [
     (["--set", "sweep.points=[{train.alpha: 5, train.beta: 1}]"], "point 1 gives train.alpha=5, outside the searched"),
     (["--set", "sweep.points=[{train.alpha: -1, train.beta: 1}]"], "outside the searched range [0.1, 3]"),
     (["--set", "sweep.points=[{train.alpha: abc, train.beta: 1}]"], "train.alpha='abc', not a number"),
-    (["--set", "sweep.points=[{train.alpha: true, train.beta: 1}]"], "train.alpha=True, not a number"),
+    (["--set", "sweep.points=[{train.alpha: true, train.beta: 1}]"], "train.alpha=true: true/false is not a number"),
     (["--set", "sweep.tau_range={low: 0.5, high: 1}", "--set", "sweep.points=[{train.alpha: 0.5, train.beta: 1, tau: 0.2}]"],
      "tau=0.2, outside"),
     (["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {choices: [vgg16, alexnet]}}"],

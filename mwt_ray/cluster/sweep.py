@@ -184,7 +184,7 @@ def _outside(dimension, value) -> str | None:
     """Why a reference point's value lies outside its search dimension (None when it is inside)."""
     if dimension.choices is not None:
         return None if value in dimension.choices else f"not one of the choices {dimension.choices}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or not math.isfinite(value):  # booleans: refused by the config
         return f"not a number in [{dimension.low:g}, {dimension.high:g}]"
     if dimension.integer and value != int(value):
         return f"not a whole number in [{dimension.low:g}, {dimension.high:g}]"
