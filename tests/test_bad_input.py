@@ -475,7 +475,12 @@ def test_there_are_at_least_100_cases():
 
 # ----------------------------------------------------------------------------- across the process boundary
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+# Only a hang guard: each case's outcome is its exit status and its lines. A data-parallel job's worker
+# group alone took 4 minutes to start on this 2-core machine with both cores busy (240 s cut it off).
+HANG_GUARD_S = 1200
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MWT_RAY_CACHE": str(cwd / "cache"), "RAY_DEDUP_LOGS": "0"}
     return subprocess.run([sys.executable, "-m", "mwt_ray.train", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
