@@ -55,7 +55,7 @@ def bench_loop(config: dict) -> None:
 
     from mwt_ray.core.data import iterate_batches, load_dataset
     from mwt_ray.cluster.worker import wrap_model
-    from mwt_ray.core.losses import modular_objective
+    from mwt_ray.core.losses import LayerMasks, modular_objective
     from mwt_ray.core.metrics import batch_modularity
     from mwt_ray.core.models import create_model
     from mwt_ray.config import TrainConfig
@@ -107,7 +107,7 @@ def bench_loop(config: dict) -> None:
         all_masks, all_labels = gather_global_batch(masks, labels)
         sync()
         g1 = time.perf_counter()
-        all_masks = [_Stamp.apply(m, arrive) for m in all_masks]
+        all_masks = LayerMasks(_Stamp.apply(all_masks.values, arrive), all_masks.columns)
         loss, _ = modular_objective(logits, labels, all_masks, all_labels, 0.5, 1.5)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,8 +1,11 @@
-"""Model registry, kernel counts, and the in-place mask op against plain autograd."""
+"""Model registry, kernel counts, and the single-node generator + mask op against plain autograd."""
+import itertools
+
 import pytest
 import torch
 
-from mwt_ray.core.models import _ApplyMask, conv_units, create_model, masked_units
+import mwt_ray.core.models as models
+from mwt_ray.core.models import MaskGenerator, conv_units, create_model, masked_units
 
 
 def test_kernel_counts_match_the_paper():
@@ -29,21 +32,39 @@ def test_registry_rejects_bad_input(bad):
         create_model(**bad)
 
 
-@pytest.mark.parametrize("relu", [True, False])
-def test_in_place_mask_matches_autograd(relu):
-    y = torch.randn(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(6, 5, dtype=torch.float64)
-    mask[mask < 0.3] = 0
-    mask.requires_grad_()
-    grad = torch.randn(6, 5, 3, 3, dtype=torch.float64)
-    reference = (torch.relu(y) if relu else y) * mask[:, :, None, None]
-    ref_grads = torch.autograd.grad(reference, [y, mask], grad)
-    out = _ApplyMask.apply(y.clone(), mask, relu)
-    grads = torch.autograd.grad(out, [y, mask], grad)
-    torch.testing.assert_close(out, reference)
-    torch.testing.assert_close(grads[0], ref_grads[0])
-    # Where the mask is 0 its gradient is irrelevant (relu(tanh) has zero slope there).
-    torch.testing.assert_close(grads[1] * (mask > 0), ref_grads[1] * (mask > 0))
+@pytest.mark.parametrize("relu, detach, sliced, mask_used", list(itertools.product([True, False], repeat=4)))
+def test_masked_activation_matches_autograd(relu, detach, sliced, mask_used, monkeypatch):
+    """The eager node (generator + mask in one, output overwriting its input) gives what autograd
+    gives for ``act(y) * generator(x)``: outputs and the gradients of y, x and the generator's
+    weights, with masks that are exactly 0 for some kernels, whether or not the loss also uses the
+    mask itself (as the objective does), on the CPU's sliced path and the one-pass (GPU) path."""
+    if sliced:  # slices of 2 samples: the batch of 8 is walked in 4 slices
+        monkeypatch.setattr(models, "_CHUNK_ELEMENTS", 2 * 5 * 3 * 3)
+    torch.manual_seed(0)
+    generator = MaskGenerator(6, 5).double()
+    with torch.no_grad():
+        generator.fc2.bias.uniform_(-1, 1)  # about half the mask values are exactly 0
+    generator.detach_input = detach
+    x = torch.randn(8, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(8, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_out, grad_mask = torch.randn(8, 5, 3, 3, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+
+    def outputs_and_grads(fused: bool):
+        y_copy = y.clone()  # the node overwrites its input
+        if fused:
+            out, mask = generator.masked(y_copy, x, relu)
+        else:
+            mask = torch.relu(torch.tanh(generator.fc2(torch.relu(generator.fc1(
+                (x.detach() if detach else x).mean(dim=(2, 3)))))))
+            out = (torch.relu(y_copy) if relu else y_copy) * mask[:, :, None, None]
+        loss = (out * grad_out).sum() + ((mask * grad_mask).sum() if mask_used else 0)
+        inputs = [y] + ([] if detach else [x]) + list(generator.parameters())
+        return [out, mask, *torch.autograd.grad(loss, inputs)]
+
+    reference = outputs_and_grads(fused=False)
+    assert 0.2 < (reference[1] == 0).double().mean() < 0.8
+    for got, expected in zip(outputs_and_grads(fused=True), reference):
+        torch.testing.assert_close(got, expected)
 
 
 def test_simcnn_and_rescnn_layouts():
@@ -74,22 +95,3 @@ def test_modular_forward_equals_naive_masking(name):
     for unit in conv_units(model):
         unit.forward = lambda inp, masks_out=None, unit=unit: naive(unit, inp)
     torch.testing.assert_close(model(x), logits)
-
-
-def test_generator_gradients_match_plain_autograd():
-    """The custom spatial mean (broadcast-view backward) gives autograd's gradients."""
-    from mwt_ray.core.models import MaskGenerator
-
-    torch.manual_seed(0)
-    generator = MaskGenerator(6, 5).double()
-    x = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(4, 5, dtype=torch.float64)
-    (generator(x) * weights).sum().backward()
-    fast = [x.grad.clone()] + [p.grad.clone() for p in generator.parameters()]
-    x.grad = None
-    generator.zero_grad()
-    hidden = torch.relu(generator.fc1(x.mean(dim=(2, 3))))
-    (torch.relu(torch.tanh(generator.fc2(hidden))) * weights).sum().backward()
-    reference = [x.grad] + [p.grad for p in generator.parameters()]
-    for a, b in zip(fast, reference):
-        torch.testing.assert_close(a, b)

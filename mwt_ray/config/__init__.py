@@ -78,6 +78,9 @@ class DataConfig(Section):
     train_limit: int | None = Field(None, ge=2, description="class-balanced cap on training samples")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's training samples held out of "
                                 "training as a validation set (val_accuracy per epoch; the sweep's objective)")
+    device_resident: bool | Literal["auto"] = Field(
+        "auto", description="keep the uint8 images on the training device (batches, normalisation and augmentation "
+        "there, no host copy per step); auto = yes on a CPU, and on a GPU whose free memory holds them twice")
 
     @field_validator("name")
     @classmethod
@@ -109,6 +112,13 @@ class TrainConfig(Section):
     augment: bool = True
     seed: int = 0
     device: str = Field("auto", description="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    # GPU speed options (issue 16); the defaults keep fp32 eager numerics.
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 autocast (masks and pair losses stay fp32); fp16 autocast with a grad scaler")
+    channels_last: bool = Field(False, description="NHWC activations and weights (faster convs on tensor cores)")
+    compile: bool = Field(False, description="torch.compile the model, the objective and the per-step metrics")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; reduce-overhead uses CUDA graphs")
 
     @field_validator("device")
     @classmethod

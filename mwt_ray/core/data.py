@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .files import atomic_torch_save
 
-__all__ = ["ImageData", "load_dataset", "iterate_batches", "DATASETS", "cache_dir"]
+__all__ = ["ImageData", "load_dataset", "iterate_batches", "place_data", "DATASETS", "cache_dir"]
 
 DATASETS = ("digits", "cifar10", "svhn", "folder")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff"}
@@ -120,6 +120,22 @@ class ImageData:
                          move(self.val_images), move(self.val_labels))
 
 
+def place_data(data: ImageData, device: torch.device, resident: bool | str = "auto") -> ImageData:
+    """The data where training reads it: on ``device`` (``resident``), so batches, normalisation and
+    augmentation run there and no step copies images from the host; or in host memory, each batch
+    copied to the device by the step. ``"auto"``: on the device when it is a CPU, or a GPU whose free
+    memory holds the uint8 images twice over. Batches are the same either way (same CPU generator)."""
+    if resident not in (True, False, "auto"):
+        raise ValueError(f"device_resident must be true, false or auto, got {resident!r}")
+    if resident == "auto":
+        resident = True
+        if device.type == "cuda":
+            tensors = [data.train_images, data.test_images, data.val_images]
+            needed = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            resident = 2 * needed <= torch.cuda.mem_get_info(device)[0]
+    return data.to(device if resident else torch.device("cpu"))
+
+
 def validate_classes(classes: list[int], num_classes: int) -> None:
     bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < num_classes)]
     if bad:
@@ -141,17 +157,21 @@ def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
-        count = len(index)
-        if augment:
-            offsets = torch.randint(0, 9, (count, 2), generator=generator)
-            flips = torch.rand(count, generator=generator) < 0.5
-        lo, hi = rank * count // world_size, (rank + 1) * count // world_size
-        index = index[lo:hi].to(images.device)
+    starts = range(0, stop, batch_size)
+    if augment:  # drawn batch by batch, in the order earlier versions drew them, then moved at once
+        draws = [(torch.randint(0, 9, (min(batch_size, n - i), 2), generator=generator),
+                  torch.rand(min(batch_size, n - i), generator=generator) < 0.5) for i in starts]
+        offsets = torch.cat([o for o, _ in draws]).to(images.device) if draws else None
+        flips = torch.cat([f for _, f in draws]).to(images.device) if draws else None
+    # One host-to-device copy per epoch, not one per batch (each a sync on a GPU).
+    order = order.to(images.device)
+    for start in starts:
+        count = min(batch_size, n - start)
+        lo, hi = start + rank * count // world_size, start + (rank + 1) * count // world_size
+        index = order[lo:hi]
         x = images[index].to(torch.float32).div_(255)
         if augment:
-            x = _crop_and_flip(x, offsets[lo:hi].to(x.device), flips[lo:hi].to(x.device))
+            x = _crop_and_flip(x, offsets[lo:hi], flips[lo:hi])
         x = (x - mean[:, None, None]) / std[:, None, None]
         yield x, labels[index]
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .losses import LayerMasks, class_onehot
+
 __all__ = [
     "jaccard_matrix",
     "class_cohesion",
@@ -154,23 +156,28 @@ def kernel_rate(kernel_sets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def batch_modularity(masks: list[torch.Tensor], labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Per-iteration cohesion, coupling and kernel rate of Fig. 5 (no tau filtering).
+def batch_modularity(masks: "list[torch.Tensor] | LayerMasks", labels: torch.Tensor,
+                     num_classes: int) -> dict[str, torch.Tensor]:
+    """Per-iteration cohesion, coupling and kernel rate of Fig. 5 (no tau filtering), as 0-dim
+    tensors on the masks' device: the training step logs them every step without waiting for the
+    GPU (classes are left out by weight, not by indexing), and reads them once per epoch.
 
     Each class's module in the batch is the union of its samples' kernel sets. Keys:
-    ``batch_cohesion`` (Eq. 2 on raw sets), ``batch_coupling`` and ``kernel_rate``.
+    ``batch_cohesion`` (Eq. 2 on raw sets; NaN if no class has two samples), ``batch_coupling``
+    (Eq. 3 over the classes present; NaN if fewer than two) and ``kernel_rate``.
     """
-    kernel_sets = torch.cat([m > 0 for m in masks], dim=1).to(torch.float32)
-    onehot = torch.nn.functional.one_hot(labels, num_classes).to(torch.float32)
+    kernel_sets = (LayerMasks.of(masks).values > 0).to(torch.float32)
+    onehot = class_onehot(labels, num_classes, torch.float32)
     counts = onehot.sum(0)
-    jaccard = jaccard_matrix(kernel_sets)
-    pair_sums = onehot.T @ (jaccard - torch.eye(len(labels), device=jaccard.device)) @ onehot
-    has_pairs = counts > 1
-    per_class = pair_sums.diagonal()[has_pairs] / (counts[has_pairs] * (counts[has_pairs] - 1))
-    present = counts > 0
-    unions = (onehot.T @ kernel_sets)[present] > 0
-    return {
-        "batch_cohesion": per_class.mean().item() if has_pairs.any() else float("nan"),
-        "batch_coupling": coupling(unions),
-        "kernel_rate": kernel_sets.mean().item(),
-    }
+    # Block sums of the Jaccard matrix over class pairs; each sample's Jaccard with itself is 1.
+    pair_sums = onehot.t().mm(jaccard_matrix(kernel_sets)).mm(onehot).diagonal() - counts
+    has_pairs = (counts > 1).to(torch.float32)
+    per_class = pair_sums / (counts * (counts - 1)).clamp_min(1) * has_pairs
+    cohesion_value = per_class.sum() / has_pairs.sum()  # 0 / 0 = NaN without a pair
+
+    present = (counts > 0).to(torch.float32)
+    unions = (onehot.t().mm(kernel_sets) > 0).to(torch.float32)
+    between = jaccard_matrix(unions) * torch.outer(present, present)
+    modules = present.sum()
+    coupling_value = (between.sum() - between.diagonal().sum()) / (modules * (modules - 1))  # NaN below 2
+    return {"batch_cohesion": cohesion_value, "batch_coupling": coupling_value, "kernel_rate": kernel_sets.mean()}

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, iterate_batches
-from .losses import modular_objective
+from .losses import LayerMasks, modular_objective
 from .metrics import batch_modularity
 
-__all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "train_epoch", "evaluate", "fit",
+__all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "prepare_model", "TrainingStep", "step_value_names",
+           "train_epoch", "evaluate", "fit",
            "gather_global_batch", "world", "unwrap_ddp",
            "loss_weight_ramp"]
 
@@ -45,6 +46,10 @@ class OptimSettings:
     warmup_shape: str = "linear"  # linear, cosine or step: see loss_weight_ramp
     sparsity: float = 0.0  # weight of the mean mask value in the objective (0: the paper's Eq. 6)
     generator_lr_scale: float = 1.0  # mask generators' learning rate relative to lr
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast and a grad scaler)
+    channels_last: bool = False  # NHWC activations (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile the model, the objective and the step's metrics
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
 
 
 def world() -> tuple[int, int]:
@@ -72,16 +77,16 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def gather_global_batch(masks: list[torch.Tensor], labels: torch.Tensor):
+def gather_global_batch(masks: "list[torch.Tensor] | LayerMasks",
+                        labels: torch.Tensor) -> tuple[LayerMasks, torch.Tensor]:
     """Masks and labels of the whole global batch; gradients flow back to each rank's slice."""
+    masks = LayerMasks.of(masks)
     _, world_size = world()
     if world_size == 1:
         return masks, labels
-    sizes = [m.shape[1] for m in masks]
-    flat = _all_gather_with_grad(torch.cat(masks, dim=1))
     gathered_labels = [torch.empty_like(labels) for _ in range(world_size)]
     dist.all_gather(gathered_labels, labels)
-    return list(torch.split(flat, sizes, dim=1)), torch.cat(gathered_labels)
+    return LayerMasks(_all_gather_with_grad(masks.values), masks.columns), torch.cat(gathered_labels)
 
 
 def make_optimizer(model: nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
@@ -118,55 +123,116 @@ def loss_weight_ramp(s: OptimSettings, epoch_progress: float) -> float:
     return done
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def prepare_model(model: nn.Module, s: OptimSettings) -> nn.Module:
+    """Apply the step's model options in place: channels-last weights, then ``torch.compile``.
+
+    Call it on the model as training will run it, after any DDP wrapping (PyTorch's advice for
+    compiling DDP). ``nn.Module.compile`` compiles in place, so ``state_dict`` keys stay those of
+    the plain model (no ``_orig_mod.``): checkpoints load into an uncompiled model."""
+    if s.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if s.compile:
+        model.compile(mode=s.compile_mode)
+    return model
+
+
+class TrainingStep:
+    """One optimizer step on one batch, as ``train_epoch`` runs it; returns its row of step values.
+
+    The row (names in ``step_value_names``) stays on the device: nothing in a step waits for the
+    GPU (no ``.item()``, no branch on a tensor), so the host can queue the next step while this
+    one runs. ``train_epoch`` stacks the rows and reads them once per epoch. The exception is fp16,
+    whose grad scaler checks for infinite gradients on the host every step (bf16 needs no scaler).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, s: OptimSettings,
+                 num_classes: int, device: torch.device):
+        if s.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"unknown precision {s.precision!r}; use {', '.join(AUTOCAST_DTYPES)}")
+        self.model, self.optimizer, self.s, self.num_classes, self.device = model, optimizer, s, num_classes, device
+        self.autocast_dtype = AUTOCAST_DTYPES[s.precision]
+        self.scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+        self.objective, self.metrics = modular_objective, batch_modularity
+        if s.compile:
+            self.objective = torch.compile(modular_objective, mode=s.compile_mode)
+            self.metrics = torch.compile(batch_modularity, mode=s.compile_mode)
+        self.cuda_graphs = s.compile and s.compile_mode == "reduce-overhead"
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, ramp: float) -> torch.Tensor:
+        s, model = self.s, self.model
+        if self.cuda_graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        if s.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            if s.modular:
+                logits, masks = model(images, return_masks=True)
+                all_masks, all_labels = gather_global_batch(masks, labels)
+                loss, parts = self.objective(logits, labels, all_masks, all_labels, s.alpha * ramp,
+                                             s.beta * ramp, sparsity=s.sparsity * ramp)
+            else:
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+                parts = {"ce_loss": loss.detach()}
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with torch.no_grad():
+            values = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum()]
+            if s.modular:
+                fig5 = self.metrics(all_masks, all_labels, self.num_classes)
+                values += [parts["cohesion_loss"], parts["coupling_loss"], fig5["batch_cohesion"],
+                           fig5["batch_coupling"], fig5["kernel_rate"]]
+            return torch.stack([v.to(torch.float32) for v in values])
+
+
+def step_value_names(modular: bool) -> list[str]:
+    """Names of a ``TrainingStep`` row: a batch's losses and metrics, and its correct predictions."""
+    return ["loss", "ce_loss", "correct"] + (
+        ["cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate"] if modular else [])
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, s: OptimSettings,
-                epoch: int, device: torch.device) -> dict[str, float]:
-    """One epoch; returns epoch means of losses, train accuracy and (modular) Fig. 5 metrics."""
+                epoch: int, device: torch.device, step: TrainingStep | None = None) -> dict[str, float]:
+    """One epoch; returns epoch means of losses, train accuracy and (modular) Fig. 5 metrics.
+
+    Batches come from wherever ``data`` lives (on the device: no host copy per step)."""
     rank, world_size = world()
     model.train()
-    num_classes = data.num_classes
+    step = step or TrainingStep(model, optimizer, s, data.num_classes, device)
     steps = len(data.train_labels) // s.batch_size
     if steps == 0:
         raise ValueError(f"batch_size {s.batch_size} is larger than the training set ({len(data.train_labels)} samples)")
-    names = ["loss", "ce_loss", "correct", "samples"] + (
-        ["cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate"] if s.modular else [])
-    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
-    # Steps that defined each value: a batch without a same-class pair has no cohesion (NaN).
-    defined = torch.zeros(len(names), dtype=torch.float64, device=device)
     start = time.perf_counter()
     batches = iterate_batches(data.train_images, data.train_labels, s.batch_size, mean=data.mean,
                               std=data.std, shuffle=True, augment=s.augment, seed=s.seed * 100_003 + epoch,
                               drop_last=True, rank=rank, world_size=world_size)
-    for step, (images, labels) in enumerate(batches):
+    rows, samples = [], 0
+    for index, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if s.modular:
-            logits, masks = model(images, return_masks=True)
-            all_masks, all_labels = gather_global_batch(masks, labels)
-            ramp = loss_weight_ramp(s, epoch + step / steps)
-            loss, parts = modular_objective(logits, labels, all_masks, all_labels, s.alpha * ramp, s.beta * ramp,
-                                            sparsity=s.sparsity * ramp)
-        else:
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            parts = {"ce_loss": loss.detach()}
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            row = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum(), labels.new_tensor(len(labels))]
-            if s.modular:
-                fig5 = batch_modularity(all_masks, all_labels, num_classes)
-                row += [parts["cohesion_loss"], parts["coupling_loss"], fig5["batch_cohesion"], fig5["batch_coupling"],
-                        fig5["kernel_rate"]]
-            row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
-            totals += torch.nan_to_num(row, nan=0.0)
-            defined += ~row.isnan()
-    if world_size > 1:  # per-rank step means average out; correct/samples are plain sums
+        rows.append(step(images, labels, loss_weight_ramp(s, epoch + index / steps)))
+        samples += len(labels)
+    # The epoch's one read of the device. A value is NaN in a step that does not define it (a
+    # batch without a same-class pair has no cohesion): its mean is over the steps that do.
+    rows = torch.stack(rows).to(torch.float64)
+    defined = (~rows.isnan()).sum(0).to(torch.float64)
+    totals = torch.cat([rows.nan_to_num(0.0).sum(0), rows.new_tensor([samples])])
+    if world_size > 1:  # per-rank step means average out; correct and samples are plain sums
         dist.all_reduce(totals)
         dist.all_reduce(defined)
-    values = dict(zip(names, (totals / defined.clamp_min(1)).tolist()))
-    values.update({name: float("nan") for name, n in zip(names, defined.tolist()) if n == 0})
-    result = {name: values[name] for name in names if name not in ("correct", "samples")}
-    result["train_accuracy"] = totals[2].item() / totals[3].item()
+    names = step_value_names(s.modular)
+    sums, defined = totals.tolist(), defined.tolist()
+    result = {name: sums[i] / defined[i] if defined[i] else float("nan")
+              for i, name in enumerate(names) if name != "correct"}
+    result["train_accuracy"] = sums[names.index("correct")] / sums[-1]
     result["epoch_time_s"] = time.perf_counter() - start
     return result
 
@@ -212,10 +278,11 @@ def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.devic
     optimizer = optimizer or make_optimizer(model, s)
     scheduler = scheduler or make_scheduler(optimizer, s)
     rank, _ = world()
+    step = TrainingStep(model, optimizer, s, data.num_classes, device)
     history = []
     for epoch in range(start_epoch, s.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        metrics = train_epoch(model, optimizer, data, s, epoch, device)
+        metrics = train_epoch(model, optimizer, data, s, epoch, device, step)
         scheduler.step()
         if dist.is_available() and dist.is_initialized():
             for buffer in unwrap_ddp(model).buffers():  # score rank 0's model (the one checkpointed)

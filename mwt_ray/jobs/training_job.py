@@ -30,11 +30,11 @@ import torch
 
 from ..config import Config
 from ..core.checkpoint import load_weights, save_checkpoint
-from ..core.data import ImageData, iterate_batches
+from ..core.data import ImageData, iterate_batches, place_data
 from ..core.files import atomic_write_text
 from ..core.models import conv_units, create_model, detach_generator_inputs, init_mask_bias
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
-from ..core.training import fit, make_optimizer, make_scheduler, unwrap_ddp
+from ..core.training import fit, make_optimizer, make_scheduler, prepare_model, unwrap_ddp
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
 from .storage import KEEP_CHECKPOINTS, TRAINING_STATE, RunStorage, check_resume, latest_training_state
 
@@ -153,7 +153,7 @@ class TrainingJob:
         cfg, session = self.cfg, self.session
         if cfg.train.batch_size % session.world_size:
             raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by {session.world_size} workers")
-        self.data = load_data(cfg).to(session.device)
+        self.data = place_data(load_data(cfg), session.device, cfg.data.device_resident)
         seed_everything(cfg.train.seed)
         self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(session.device)
         init_mask_bias(self.model, cfg.train.mask_bias_init)
@@ -162,7 +162,7 @@ class TrainingJob:
         self.optimizer = make_optimizer(self.model, self.settings)
         self.scheduler = make_scheduler(self.optimizer, self.settings)
         self.resume(session.latest_state())
-        self.model = session.wrap(self.model)
+        self.model = prepare_model(session.wrap(self.model), self.settings)
         self.open_tracking()
         if cfg.scaling.fail_at_epoch and session.rank == 0:
             steps = len(self.data.train_labels) // cfg.train.batch_size
