@@ -177,6 +177,12 @@ def config_cases() -> list[Case]:
         ("train.detach_generator_input=sometimes", "train.detach_generator_input"),
         ("train.device=tpu", "unknown device 'tpu'"), ("train.device=cuda:x", "unknown device"),
         ("train.modular=perhaps", "train.modular"), ("modularize.tau=0", "modularize.tau"),
+        # The GPU step's options (issue 16).
+        ("train.precision=fp8", "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("train.precision=true", "train.precision"), ("train.compile=sometimes", "train.compile"),
+        ("train.compile_mode=fast", "train.compile_mode: Input should be 'default', 'reduce-overhead' or 'max-autotune'"),
+        ("train.channels_last=2", "train.channels_last"), ("data.device_resident=sometimes", "data.device_resident: use true, false or auto"),
+        ("data.device_resident=1", "data.device_resident: use true, false or auto"),
         ("modularize.tau=1.5", "modularize.tau"), ("modularize.cohesion_samples_per_class=-1", "cohesion_samples_per_class"),
         ("scaling.num_workers=-1", "scaling.num_workers"), ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker"),
         ("scaling.max_failures=-2", "scaling.max_failures"), ("scaling.fail_at_epoch=0", "scaling.fail_at_epoch"),

@@ -82,6 +82,13 @@ class DataConfig(Section):
         "auto", description="keep the uint8 images on the training device (batches, normalisation and augmentation "
         "there, no host copy per step); auto = yes on a CPU, and on a GPU whose free memory holds them twice")
 
+    @field_validator("device_resident", mode="before")
+    @classmethod
+    def _resident(cls, value):
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("use true, false or auto")
+
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
