@@ -55,14 +55,10 @@ def resolve_reference(ref: str, tracking_uri: str | None, what: str = "modular m
         raise SetupError(f"{what} {ref!r} is neither a checkpoint file, a run folder with checkpoint.pt, "
                          "nor an MLflow run id (32 hex digits)")
     from ..tracking import resolve_tracking_uri
+    from ..tracking.runs import run_exists
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
-    try:
-        run = client.get_run(ref)
-    except Exception:
-        run = None
-    if run is None or run.info.lifecycle_stage == "deleted":
+    if not run_exists(uri, ref):  # reads only: an sqlite store that is not there is not created to look
         raise SetupError(f"{what}: MLflow run {ref!r} does not exist in {uri} (set tracking.tracking_uri)")
     return {"mlflow": {"tracking_uri": uri, "run_id": ref}}
 
