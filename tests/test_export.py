@@ -228,3 +228,27 @@ def test_fine_tuned_module_by_class_order_and_its_reported_accuracy(trained):
         predicted = program(sub.test_images.to(torch.float32) / 255).argmax(1)
     assert summary["accuracy"]["module"] == pytest.approx((predicted == sub.test_labels).float().mean().item())
     assert summary["accuracy"]["test_images"] == len(sub.test_labels)
+
+
+def test_tau_defaults_to_the_sweep_trials_choice(trained, tmp_path):
+    """--tau's default: a sweep trial's tau (trial_result.json beside its checkpoint, or the metric
+    sweep.tau on its MLflow run), else the run's modularize.tau; --tau wins over both."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from mwt_ray.jobs.export_job import plan_export
+
+    store = [f"tracking.tracking_uri={trained['uri']}"]
+    trial = tmp_path / "trial"
+    shutil.copytree(trained["modular"], trial)
+    plan = plan_export(str(trial), "3,5", tmp_path / "out", overrides=store)
+    assert (plan.tau, plan.tau_from) == (0.9, "the run's modularize.tau")
+    (trial / "trial_result.json").write_text(json.dumps({"result": {"tau": 0.7}, "tau_scan": []}))
+    plan = plan_export(str(trial), "3,5", tmp_path / "out", overrides=store)
+    assert plan.tau == 0.7 and "trial_result.json" in plan.tau_from
+    assert plan_export(str(trial), "3,5", tmp_path / "out", tau=0.95, overrides=store).tau == 0.95
+    MlflowClient(tracking_uri=trained["uri"]).log_metric(trained["run_id"], "sweep.tau", 0.8)
+    plan = plan_export(trained["run_id"], "5,3", tmp_path / "out", overrides=store)
+    assert plan.tau == 0.8 and "sweep.tau" in plan.tau_from and plan.classes == [5, 3]
+    assert not (tmp_path / "out").exists()  # planning writes nothing
