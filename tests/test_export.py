@@ -252,3 +252,28 @@ def test_tau_defaults_to_the_sweep_trials_choice(trained, tmp_path):
     plan = plan_export(trained["run_id"], "5,3", tmp_path / "out", overrides=store)
     assert plan.tau == 0.8 and "sweep.tau" in plan.tau_from and plan.classes == [5, 3]
     assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_sweep_last_stage_registers_the_best_trials_modules(trained, tmp_path):
+    """``sweep.register_modules`` (cluster.sweep's last stage, on a sweep folder laid out as a sweep
+    leaves it): each class set exported from the best trial at its tau, registered as <name>-<classes>."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from mwt_ray.cluster.sweep import _register_modules
+    from mwt_ray.config import load_config
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(trained["modular"], folder / "trials" / "trial-b")
+    shutil.copytree(trained["standard"], folder / "standard")
+    cfg = load_config(None, ["name=tiny", f"tracking.tracking_uri={trained['uri']}", "sweep.register_modules=[[6, 2]]",
+                             "reuse.epochs=0", "reuse.latency_batch_sizes=[1]", "reuse.latency_repeats=1"])
+    (summary,) = _register_modules(cfg, folder, {"best": {"trial": "b", "tau": 0.8}}, log=lambda line: None)
+    assert summary["tau"] == 0.8 and [c["index"] for c in summary["classes"]] == [6, 2]
+    assert "standard" in summary["accuracy"]
+    assert json.loads((folder / "modules" / "6-2" / "module.json").read_text())["krr"] == summary["krr"]
+    client = MlflowClient(tracking_uri=trained["uri"])
+    version = client.get_model_version("tiny-6-2", "1")
+    assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == trained["run_id"]
+    assert json.loads(version.tags["classes"]) == ["6", "2"]
