@@ -237,7 +237,7 @@ def export_module(plan: ExportPlan, log=print) -> dict:
             "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
             "onnx_check": {"test_images": len(test_images), "max_difference": difference, "largest_score": largest,
                            "tolerance": f"{SCORE_TOLERANCE:g} x max(1, largest score)"},
-            "latency_ms": _latency(saved, session, module, whole, size, cfg),
+            "latency_ms": _latency(saved, session, module, whole, test_images.shape[1:], cfg),
             "files": {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")},
             "versions": {p: _version(p) for p in ("torch", "mwt-ray", "onnx", "onnxruntime", "mlflow")},
         }
@@ -262,12 +262,12 @@ def export_module(plan: ExportPlan, log=print) -> dict:
     return summary
 
 
-def _latency(program, session, module, whole, size: int, cfg: Config) -> dict:
+def _latency(program, session, module, whole, image_shape: torch.Size, cfg: Config) -> dict:
     """Milliseconds of one forward pass at each ``reuse.latency_batch_sizes``: the .pt2 program, ONNX
     Runtime and the module in PyTorch, against the full model in PyTorch (timed in turn)."""
     result = {}
     for batch in cfg.reuse.latency_batch_sizes:
-        images = torch.rand(batch, 3, size, size)
+        images = torch.rand(batch, *image_shape)
         with torch.no_grad():
             times = fastest_calls([program, lambda x: onnx_scores(session, x), module, whole], images,
                                   cfg.reuse.latency_repeats)
