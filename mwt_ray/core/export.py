@@ -37,11 +37,13 @@ class ImagesToScores(nn.Module):
     def __init__(self, module: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.module = module
-        self.register_buffer("mean", mean.detach().to(torch.float32).reshape(1, -1, 1, 1).clone())
-        self.register_buffer("std", std.detach().to(torch.float32).reshape(1, -1, 1, 1).clone())
+        # Not "mean" / "std": the ONNX exporter also names the output of ResNet's average pooling
+        # "mean", and a file with the name twice does not load ("Duplicate definition of name").
+        self.register_buffer("pixel_mean", mean.detach().to(torch.float32).reshape(1, -1, 1, 1).clone())
+        self.register_buffer("pixel_std", std.detach().to(torch.float32).reshape(1, -1, 1, 1).clone())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module((images - self.mean) / self.std)
+        return self.module((images - self.pixel_mean) / self.pixel_std)
 
 
 def export_program(module: nn.Module, image_size: int, channels: int = 3) -> torch.export.ExportedProgram:
