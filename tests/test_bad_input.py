@@ -388,7 +388,72 @@ def reuse_cases() -> list[Case]:
     ]
 
 
-CASES = config_cases() + cli_cases() + data_cases() + place_cases() + distributed_cases() + resume_cases() + reuse_cases()
+def forged_checkpoint(change: Callable[[dict], None], name: str = "forged.pt") -> Callable[[Path], None]:
+    """The finished job's checkpoint, changed, as in/<name>."""
+    def setup(tmp: Path) -> None:
+        state = torch.load(tmp / "runs" / "base" / "checkpoint.pt", weights_only=True)
+        change(state)
+        torch.save(state, tmp / "in" / name)
+    return setup
+
+
+def as_standard(state: dict) -> None:
+    """What a standard run of the same settings saves: a plain network's weights, no module masks."""
+    from mwt_ray.core.models import create_model
+
+    arch = state["architecture"]
+    for key in ("kernel_usage", "module_masks", "tau"):
+        state.pop(key, None)
+    arch["modular"] = False
+    state["config"]["train"]["modular"] = False
+    state["model_state"] = create_model(arch["name"], arch["num_classes"], arch["width"], modular=False).state_dict()
+
+
+def export_cases() -> list[Case]:
+    """``python -m mwt_ray.export`` (issue 18): classes, references, the output folder, the registry."""
+    base = ["--run", "{tmp}/runs/base/checkpoint.pt", "--out", "{tmp}/out"]
+    store = ["--set", "tracking.enabled=true", "--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"]
+
+    def case(name: str, args: list[str], expected: str, **more) -> Case:
+        return Case(f"export {name}", args, expected, command="export", needs="job", **more)
+    return [
+        case("classes out of range", base + ["--classes", "3,12"], "target classes [12] are out of range: classes are 0..9"),
+        case("negative class", base + ["--classes=-1,2"], "target classes [-1] are out of range"),
+        case("unknown class names", base + ["--classes", "cat,dog"], "'cat' is neither a class name (0, 1, 2"),
+        case("a repeated class", base + ["--classes", "3,3"], "repeat a class"),
+        case("a single class", base + ["--classes", "3"], "a sub-task needs at least 2 classes"),
+        case("empty classes", base + ["--classes", ","], "--classes is empty"),
+        case("no --classes", base, "the following arguments are required: --classes"),
+        case("standard checkpoint as the run", ["--run", "{tmp}/in/std.pt", "--out", "{tmp}/out", "--classes", "3,5"],
+             "has no module masks", setup=forged_checkpoint(as_standard, "std.pt")),
+        case("modular checkpoint as the standard", base + ["--classes", "3,5", "--standard", "{tmp}/runs/base"],
+             "is a modular model; pass a standard"),
+        case("checkpoint of another architecture than its run", ["--run", "{tmp}/in/forged.pt", "--out", "{tmp}/out",
+             "--classes", "3,5"], "records architecture resnet18 but was trained as vgg16",
+             setup=forged_checkpoint(lambda s: s["architecture"].update(name="resnet18"))),
+        case("checkpoint whose weights are of another width", ["--run", "{tmp}/in/forged.pt", "--out", "{tmp}/out",
+             "--classes", "3,5"], "weights do not fit the model it describes",
+             setup=forged_checkpoint(lambda s: s["architecture"].update(width=0.25))),
+        case("--out in /proc", ["--run", "{tmp}/runs/base", "--out", "/proc/x", "--classes", "3,5"],
+             "--out '/proc/x' cannot be written"),
+        case("--out under a file", ["--run", "{tmp}/runs/base", "--out", "{tmp}/in/blocker/out", "--classes", "3,5"],
+             "is not a folder", setup=write("in/blocker", "x")),
+        case("registry name with a slash", base + ["--classes", "3,5", "--register", "digits/3-5"] + store,
+             "MLflow refuses this registered model name (Invalid model name 'digits/3-5'"),
+        case("registry name with a colon", base + ["--classes", "3,5", "--register", "a:b"] + store, "MLflow refuses"),
+        case("blank registry name", base + ["--classes", "3,5", "--register", " "] + store, "MLflow refuses"),
+        case("--register with tracking off", base + ["--classes", "3,5", "--register", "m"], "needs MLflow: tracking.enabled is false"),
+        case("--tau out of range", base + ["--classes", "3,5", "--tau", "1.5"], "--tau 1.5 is outside (0, 1]"),
+        case("run id not in the store", ["--run", "0" * 32, "--out", "{tmp}/out", "--classes", "3,5"] + store,
+             "does not exist in sqlite:///"),
+        case("tracking store is not a database", base + ["--classes", "3,5", "--set", "tracking.enabled=true", "--set",
+             "tracking.tracking_uri=sqlite:///{tmp}/in/notes.db"], "is not an sqlite database",
+             setup=write("in/notes.db", "hello\n")),
+    ]
+
+
+CASES = (config_cases() + cli_cases() + data_cases() + place_cases() + distributed_cases() + resume_cases()
+         + reuse_cases() + export_cases())
 
 
 # ----------------------------------------------------------------------------- running a case
@@ -463,6 +528,8 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request):
     args = expand((COMMON if case.command == "train" and case.common else []) + case.args, tmp_path, free_port())
     if case.command == "train":
         from mwt_ray.train import main
+    elif case.command == "export":
+        from mwt_ray.export import main
     else:
         from mwt_ray.reuse import main
     try:

@@ -155,3 +155,86 @@ def test_evaluate_subtask_reports_zero_fine_tune_loss_and_latency():
     for b in (1, 8):
         assert row[f"latency_ratio_b{b}"] == pytest.approx(row[f"module_ms_b{b}"] / row[f"model_ms_b{b}"])
     assert row["fine_tune_s"] > 0 and row["latency_s"] > 0
+
+
+def _trained_plain(data, epochs=3):
+    """A modular VGG16/8 trained as a plain network (hard masks of ones: generators off), so that
+    its extracted module with every kernel computes what was trained."""
+    from mwt_ray.core.data import iterate_batches
+    from mwt_ray.core.models import set_kernel_masks
+
+    model = create_model("vgg16", num_classes=data.num_classes, width=0.125)
+    sizes = [u.num_kernels for u in masked_units(model)]
+    set_kernel_masks(model, [torch.ones(k) for k in sizes])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for epoch in range(epochs):
+        for x, y in iterate_batches(data.train_images, data.train_labels, 32, mean=data.mean, std=data.std,
+                                    shuffle=True, seed=epoch):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    set_kernel_masks(model, None)
+    return model.eval(), torch.ones(data.num_classes, sum(sizes), dtype=torch.bool)
+
+
+def test_a_collapsing_fine_tune_hands_back_the_module_without_fine_tuning():
+    """Issue 18, part 4: fine-tuning that makes the module worse (here a learning rate that blows the
+    weights up) loses the held-out choice to the module without fine-tuning, which is returned."""
+    from mwt_ray.core.reuse import RestrictedLogits, accuracy_without_fine_tuning, reuse_module
+
+    data = separable_data(n=240)
+    model, masks = _trained_plain(data)
+    classes = [3, 1]
+    assert accuracy_without_fine_tuning(model, masks, data, classes, torch.device("cpu")) >= 0.9
+    collapsing = FineTuneSettings(epochs=2, lr=50.0, batch_size=16, momentum=0.9, weight_decay=0, val_fraction=0.25, seed=0)
+    module, info = reuse_module(model, masks, data, classes, collapsing, torch.device("cpu"))
+    assert max(h["val_accuracy"] for h in info["history"]) < info["baseline_val_accuracy"]  # it did collapse
+    assert isinstance(module, RestrictedLogits) and info["best_epoch"] == 0 and info["chosen"] == "no fine-tuning"
+    sub = data.subset(classes)
+    assert evaluate(module, sub.test_images, sub.test_labels, sub, torch.device("cpu")) == pytest.approx(
+        accuracy_without_fine_tuning(model, masks, data, classes, torch.device("cpu")))
+    row = evaluate_subtask(model, masks, data, classes, collapsing, torch.device("cpu"))
+    assert row["chosen"] == "no fine-tuning" and row["fine_tune_won"] is False and row["best_epoch"] == 0
+    # A fine-tune that helps wins: an untrained model's restricted logits are near chance.
+    helpful = FineTuneSettings(epochs=2, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.25, seed=0)
+    untrained = create_model("vgg16", num_classes=4, width=0.125)
+    module, info = reuse_module(untrained, masks, data, classes, helpful, torch.device("cpu"))
+    assert info["best_epoch"] >= 1 and info["val_accuracy"] > info["baseline_val_accuracy"]
+    assert not isinstance(module, RestrictedLogits) and info["chosen"] == f"fine-tuned epoch {info['best_epoch']}"
+
+
+def test_batchnorm_statistics_are_recomputed_on_the_given_images():
+    """The running mean and variance of the first BN equal the statistics of its input, the first
+    conv's output, computed directly over every image (what fine-tuning sets after each epoch):
+    exactly with one batch, as the mean of the batches' statistics with several."""
+    from mwt_ray.core.reuse import recompute_batchnorm_statistics
+
+    data = separable_data(n=90)
+    model = create_model("vgg16", num_classes=4, width=0.125, modular=False).eval()
+    first = model.units[0]
+    with torch.no_grad():
+        x = (data.train_images.float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
+        y = first.conv(x)
+    recompute_batchnorm_statistics(model, data.train_images, data, torch.device("cpu"), batch_size=90)
+    torch.testing.assert_close(first.bn.running_mean, y.mean(dim=(0, 2, 3)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(first.bn.running_var, y.var(dim=(0, 2, 3), unbiased=True), atol=1e-6, rtol=1e-5)
+    recompute_batchnorm_statistics(model, data.train_images, data, torch.device("cpu"), batch_size=32)
+    batches = torch.split(y, 32)
+    torch.testing.assert_close(first.bn.running_mean, torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(first.bn.running_var, torch.stack([b.var(dim=(0, 2, 3)) for b in batches]).mean(0),
+                               atol=1e-6, rtol=1e-5)
+    assert not model.training and first.bn.momentum == 0.1
+
+
+def test_the_new_head_starts_as_the_restricted_logits():
+    from mwt_ray.core.reuse import RestrictedLogits, ReusedModel
+
+    module = create_model("vgg16", num_classes=4, width=0.125, modular=False).eval()
+    x = torch.randn(5, 3, 32, 32)
+    reused = ReusedModel(module, 4, 2, [3, 0]).eval()
+    restricted = RestrictedLogits(module, [3, 0])
+    torch.testing.assert_close(restricted(x), module(x)[:, [3, 0]])
+    torch.testing.assert_close(reused(x), torch.relu(restricted(x)))

@@ -116,7 +116,7 @@ def run_sweep_cli(config: Path, *args: str, timeout: int = 900, **popen):
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
-    config = sweep_yaml(tmp_path, reuse=True)
+    config = sweep_yaml(tmp_path, reuse=True, register_modules=[[0, 1]])
     tree = yaml.safe_load(config.read_text())  # a tiny last stage: two 2-class sub-tasks on one actor
     tree["reuse"] = {"sizes": [2], "per_size": 2, "epochs": 1, "num_actors": 1, "latency_batch_sizes": [1],
                      "latency_repeats": 1}
@@ -165,6 +165,24 @@ def test_sweep_ends_by_reusing_the_best_trials_modules(finished_sweep):
     client, runs = mlflow_runs(tmp_path)
     (best_run,) = [r for r in runs if r.info.run_name == f"trial-{best['trial']}"]
     assert "reuse/reuse_summary.csv" in {a.path for a in client.list_artifacts(best_run.info.run_id, "reuse")}
+
+
+def test_sweep_registers_the_best_trials_module(finished_sweep):
+    """sweep.register_modules: the best trial's module of classes 0 and 1, at its tau, exported into
+    the sweep folder and registered as <sweep name>-<classes>, its run nested under the trial's."""
+    import pandas as pd
+
+    tmp_path, result, _ = finished_sweep
+    (folder,) = (tmp_path / "runs" / "tiny").iterdir()
+    best = pd.read_csv(folder / "results.csv", dtype={"trial": str}).iloc[0]
+    summary = json.loads((folder / "modules" / "0-1" / "module.json").read_text())
+    assert [c["index"] for c in summary["classes"]] == [0, 1] and summary["tau"] == pytest.approx(best["tau"])
+    assert "standard" in summary["accuracy"]  # against the sweep's standard baseline
+    client, runs = mlflow_runs(tmp_path)
+    (trial_run,) = [r for r in runs if r.info.run_name == f"trial-{best['trial']}"]
+    version = client.get_model_version("tiny-0-1", "1")
+    assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == trial_run.info.run_id
+    assert json.loads(version.tags["classes"]) == ["0", "1"] and "registered model 'tiny-0-1'" in result.stdout
 
 
 def test_sweep_mlflow_parent_and_children(finished_sweep):
@@ -394,6 +412,12 @@ BAD = [
     (["--set", "sweep.reuse=true", "--set", "reuse.cpus_per_actor=64"], "no room for one reuse actor"),
     (["--set", "sweep.reuse=true", "--set", "reuse.gpus_per_actor=1"], "no room for one reuse actor"),
     (["--set", "sweep.reuse=true", "--set", "reuse.num_actors=9"], "reuse.num_actors 9"),
+    (["--set", "sweep.register_modules=[[0, 12]]"], "sweep.register_modules [0, 12] 0,12: target classes [12] are out of range"),
+    (["--set", "sweep.register_modules=[[cat, 1]]"], "sweep.register_modules ['cat', 1]: 'cat' is neither a class name"),
+    (["--set", "sweep.register_modules=[[3, 3]]"], "repeat a class"),
+    (["--set", "sweep.register_modules=[[3]]"], "a sub-task needs at least 2 classes"),
+    (["--set", "sweep.register_modules=[[0, 1]]", "--set", "tracking.enabled=false"], "tracking.enabled is false"),
+    (["--set", "sweep.register_modules=[[0, true]]"], "sweep.register_modules: true/false is not a number"),
 ]
 
 

@@ -272,15 +272,53 @@ def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[C
     sizes = cfg.sweep.subtask_sizes
     if any(m > data.num_classes for m in sizes):
         raise SetupError(f"sweep.subtask_sizes {sizes} exceed the dataset's {data.num_classes} classes")
+    _check_registered_modules(cfg, list(data.classes))
     folder = sweep_folder(cfg, resume)
     if resume and not trust_folder:  # before Ray, the parent run or sweep.json: a refusal writes nothing
         verify_sweep(folder / "tune")
     return cfg, folder, data.num_classes
 
 
+def _check_registered_modules(cfg: Config, class_names: list[str]) -> None:
+    """``sweep.register_modules``: classes the dataset has, names MLflow's registry takes, tracking on."""
+    from ..jobs.export_job import check_registry_name, parse_classes
+
+    if cfg.sweep.register_modules and not cfg.tracking.enabled:
+        raise SetupError("sweep.register_modules registers modules in MLflow: tracking.enabled is false")
+    for classes in cfg.sweep.register_modules:
+        text = ",".join(str(c) for c in classes)
+        indices = parse_classes(text, class_names, what=f"sweep.register_modules {classes}")
+        check_registry_name(registered_name(cfg.name, [class_names[c] for c in indices]))
+
+
+def registered_name(sweep_name: str, class_names: list[str]) -> str:
+    """The registered model of a sweep's module: ``<sweep name>-<class names joined by ->``."""
+    return "-".join([sweep_name, *class_names])
+
+
+def _register_modules(cfg: Config, folder: Path, outcome: dict, log) -> list[dict]:
+    """The last stage's end: each of ``sweep.register_modules`` exported from the best trial at its tau
+    (against the standard baseline) into ``modules/<classes>/`` and registered as ``registered_name``."""
+    from ..jobs.export_job import check_registry_name, export_module, plan_export
+
+    best = outcome["best"]
+    trial = folder / "trials" / f"trial-{best['trial']}" / "checkpoint.pt"
+    standard = folder / "standard" / "checkpoint.pt"
+    summaries = []
+    for classes in cfg.sweep.register_modules:
+        text = ",".join(str(c) for c in classes)
+        plan = plan_export(str(trial), text, folder / "modules" / text.replace(",", "-"),
+                           standard_ref=str(standard) if standard.exists() else None, tau=float(best["tau"]), cfg=cfg)
+        plan.register = registered_name(cfg.name, plan.class_names)
+        check_registry_name(plan.register)
+        summaries.append(export_module(plan, log=log))
+    return summaries
+
+
 def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
               log: Callable[[str], None] = print) -> dict:
-    """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard", "reuse"}.
+    """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard", "reuse",
+    "modules" (the summaries of ``sweep.register_modules``' exports)}.
 
     Raises ``JobFailed`` when no trial completed. However it ends, the parent run and every child
     run (trials, baseline) end in a state that says how: FINISHED, FAILED (an error), KILLED
@@ -386,6 +424,7 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_fo
                f"{failed.iloc[0]['error']}") if len(failed) else f"all {len(table)} were stopped early"
         raise JobFailed(f"no trial of sweep {cfg.name!r} completed ({why}); the table is in {folder / 'results.csv'}")
     outcome["reuse"] = _reuse_best(cfg, folder, outcome, log) if cfg.sweep.reuse else None
+    outcome["modules"] = _register_modules(cfg, folder, outcome, log)
     return outcome
 
 

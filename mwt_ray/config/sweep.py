@@ -87,6 +87,9 @@ class SweepConfig(Section):
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of a one-process trial (a fraction shares one GPU)")
     standard_baseline: bool = Field(True, description="also train a standard model with the same settings")
     reuse: bool = Field(True, description="evaluate the best trial's modules on sampled sub-tasks at the end")
+    register_modules: list[list[int | str]] = Field(
+        default_factory=list, description="class sets (indices or names) whose module of the best trial is exported "
+        "(python -m mwt_ray.export) and registered in MLflow as <name>-<classes> at the end, e.g. [[4, 6]]")
 
     @field_validator("space", mode="before")
     @classmethod

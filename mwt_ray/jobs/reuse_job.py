@@ -35,7 +35,7 @@ from ..core.models import create_model
 from ..core.reuse import evaluate_subtask, sample_subtasks
 from .setup import SetupError, absolute_paths, load_data, resolve_device
 
-__all__ = ["ReusePlan", "SubtaskEvaluator", "plan_reuse", "plan_subtasks", "resolve_reference", "load_reference",
+__all__ = ["ReusePlan", "ReuseSources", "SubtaskEvaluator", "load_sources", "plan_reuse", "plan_subtasks", "resolve_reference", "load_reference",
            "reuse_from_checkpoints", "format_row"]
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -55,14 +55,10 @@ def resolve_reference(ref: str, tracking_uri: str | None, what: str = "modular m
         raise SetupError(f"{what} {ref!r} is neither a checkpoint file, a run folder with checkpoint.pt, "
                          "nor an MLflow run id (32 hex digits)")
     from ..tracking import resolve_tracking_uri
+    from ..tracking.runs import run_exists
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
-    try:
-        run = client.get_run(ref)
-    except Exception:
-        run = None
-    if run is None or run.info.lifecycle_stage == "deleted":
+    if not run_exists(uri, ref):  # reads only: an sqlite store that is not there is not created to look
         raise SetupError(f"{what}: MLflow run {ref!r} does not exist in {uri} (set tracking.tracking_uri)")
     return {"mlflow": {"tracking_uri": uri, "run_id": ref}}
 
@@ -164,13 +160,37 @@ def plan_subtasks(cfg: Config, num_classes: int) -> list[list[int]]:
     return tasks
 
 
-def plan_reuse(modular_ref: str, standard_ref: str | None = None, cfg: Config | None = None,
-               overrides: list[str] | None = None, *, tau: float | None = None) -> ReusePlan:
-    """Check every input and sample the sub-tasks; nothing is written. Raises SetupError / ConfigError.
+@dataclass
+class ReuseSources:
+    """The checked inputs of reuse and export: the modular model (source spec and checkpoint), its
+    settings and data, and the standard model when one is given."""
+    cfg: Config
+    modular: dict
+    state: dict
+    data: "ImageData"  # noqa: F821
+    standard: dict | None = None
+    standard_state: dict | None = None
 
-    Settings: the modular checkpoint's config, with ``cfg``'s data / reuse / tracking / output
-    sections when given, then ``overrides`` (``reuse.*``, ``data.*``, ``modularize.tau``, ...), then
-    ``tau``. The data is loaded once here to check it against the checkpoint."""
+    @property
+    def where(self) -> str:
+        return _describe(self.modular)
+
+    def source_run(self) -> dict | None:
+        """{"tracking_uri", "run_id"} of the MLflow run that trained the modular model, when known."""
+        if "mlflow" in self.modular:
+            return dict(self.modular["mlflow"])
+        from ..tracking import resolve_tracking_uri
+
+        run_id = self.state.get("mlflow_run_id")
+        return {"tracking_uri": resolve_tracking_uri(self.cfg.tracking.tracking_uri), "run_id": run_id} if run_id else None
+
+
+def load_sources(modular_ref: str, standard_ref: str | None = None, cfg: Config | None = None,
+                 overrides: list[str] | None = None, *, tau: float | None = None) -> ReuseSources:
+    """Resolve and check the modular model (a modular checkpoint whose classes are the data's) and
+    the standard model (same architecture and classes, not modular); nothing is written. Settings:
+    the modular checkpoint's config, with ``cfg``'s data / reuse / tracking / output sections when
+    given, then ``overrides``, then ``tau``. Raises SetupError / ConfigError."""
     overrides = list(overrides or [])
     uri = _tracking_uri(cfg, overrides)
     modular_source = resolve_reference(modular_ref, uri, "modular model")
@@ -185,29 +205,36 @@ def plan_reuse(modular_ref: str, standard_ref: str | None = None, cfg: Config | 
         raise SetupError(f"{where} has {arch['num_classes']} classes but dataset {cfg.data.name!r} has {data.num_classes}")
     if arch.get("classes") and list(arch["classes"]) != list(data.classes):
         raise SetupError(f"{where} classes {arch['classes']} differ from the dataset's {data.classes}")
-    standard_source = None
+    sources = ReuseSources(cfg, modular_source, state, data)
     if standard_ref:
-        standard_source = resolve_reference(standard_ref, cfg.tracking.tracking_uri, "standard model")
-        check_standard(load_reference(standard_source, "standard model"), arch, _describe(standard_source))
-    tasks = plan_subtasks(cfg, data.num_classes)
+        sources.standard = resolve_reference(standard_ref, cfg.tracking.tracking_uri, "standard model")
+        sources.standard_state = load_reference(sources.standard, "standard model")
+        check_standard(sources.standard_state, arch, _describe(sources.standard))
+    return sources
+
+
+def plan_reuse(modular_ref: str, standard_ref: str | None = None, cfg: Config | None = None,
+               overrides: list[str] | None = None, *, tau: float | None = None) -> ReusePlan:
+    """Check every input and sample the sub-tasks; nothing is written. Raises SetupError / ConfigError.
+
+    Settings as in ``load_sources``. The data is loaded once here to check it against the checkpoint."""
+    sources = load_sources(modular_ref, standard_ref, cfg, overrides, tau=tau)
+    cfg, modular_source, arch = sources.cfg, sources.modular, sources.state["architecture"]
+    tasks = plan_subtasks(cfg, sources.data.num_classes)
     if cfg.reuse.num_actors == 0:
         resolve_device(cfg.train.device)
+    evaluated = sources.source_run()
     if "path" in modular_source:
-        from ..tracking import resolve_tracking_uri
-
-        run_id = state.get("mlflow_run_id")
-        evaluated = {"tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri), "run_id": run_id} if run_id else None
         default_out = Path(modular_source["path"]).parent / "reuse"
     else:
-        evaluated = dict(modular_source["mlflow"])
         default_out = Path(cfg.output_dir) / f"reuse-{evaluated['run_id'][:8]}"
     out_dir = Path(cfg.reuse.output_dir).expanduser().resolve() if cfg.reuse.output_dir else default_out
     reason = writable_folder_error(out_dir)
     if reason:
         raise SetupError(f"reuse output folder {str(out_dir)!r} cannot be written ({reason})")
-    spec = {"config": cfg.model_dump(mode="json"), "modular": modular_source, "standard": standard_source,
+    spec = {"config": cfg.model_dump(mode="json"), "modular": modular_source, "standard": sources.standard,
             "architecture": dict(arch)}
-    return ReusePlan(spec, tasks, cfg, out_dir, evaluated, list(data.classes))
+    return ReusePlan(spec, tasks, cfg, out_dir, evaluated, list(sources.data.classes))
 
 
 def _tracking_uri(cfg: Config | None, overrides: list[str]) -> str | None:
@@ -279,6 +306,8 @@ def format_row(row: dict, done: int | None = None, total: int | None = None) -> 
         line += f"  M-ACC {row['standard_accuracy']:.2%}  loss {row['accuracy_loss'] * 100:+.2f} pp"
     if "zero_ft_accuracy" in row:
         line += f"  zero-fine-tune {row['zero_ft_accuracy']:.2%}"
+    if "chosen" in row:
+        line += f"  chosen: {row['chosen']}"
     ratios = [f"b{k[len('latency_ratio_b'):]} x{v:.2f}" for k, v in row.items() if k.startswith("latency_ratio_b")]
     if ratios:
         line += "  latency " + " ".join(ratios)

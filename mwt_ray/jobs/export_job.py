@@ -1,0 +1,289 @@
+"""Export one reused module as files that run without mwt_ray (``python -m mwt_ray.export``).
+
+    plan = plan_export("runs/q/checkpoint.pt", "cat,dog", "modules/cat-dog", standard_ref="runs/std")
+    summary = export_module(plan)      # module.pt2, module.onnx, module.json in modules/cat-dog
+
+``plan_export`` makes every check on the input and writes nothing (the references are those of
+``reuse``: an MLflow run id, a checkpoint or a run folder). ``export_module`` builds the module of
+the classes at tau (``reuse_module``: with ``reuse.epochs`` 0 the union of their modules with the
+original classifier's logits restricted to them, else the better of that and the paper's
+fine-tuned head on held-out training samples), writes the ``torch.export`` program and the ONNX
+file, checks ONNX Runtime against PyTorch on the sub-task's test images, measures FLOPs, latency
+and accuracy, logs the module in MLflow and registers it when asked (``tracking.modules``),
+and last writes ``module.json``. The files are made in a hidden folder inside the output folder
+and renamed into place at the end, so a failure leaves none of them behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..core.checkpoint import build_model
+from ..core.data import validate_classes
+from ..core.export import (ImagesToScores, export_program, fastest_calls, load_program, onnx_max_difference,
+                           onnx_scores, scores_agree, onnx_session, save_program, write_onnx)
+from ..core.files import atomic_write_text, writable_folder_error
+from ..core.flops import count_flops
+from ..core.modularize import KernelUsage, module_masks
+from ..core.models import create_model
+from ..core.reuse import mixed_module_mask, reuse_module
+from ..core.training import evaluate
+from .reuse_job import ReuseSources, load_sources
+from .setup import JobFailed, SetupError
+
+__all__ = ["ExportPlan", "plan_export", "export_module", "parse_classes", "EXPORT_FILES", "SCORE_TOLERANCE", "check_registry_name"]
+
+EXPORT_FILES = ("module.pt2", "module.onnx", "module.json")
+SCORE_TOLERANCE = 1e-4  # ONNX Runtime and the .pt2 program against PyTorch on the test images (core.export.scores_agree)
+_TRIAL_RESULT = "trial_result.json"  # a sweep trial's scan beside its checkpoint (cluster.sweep writes it)
+
+
+@dataclass
+class ExportPlan:
+    sources: ReuseSources
+    classes: list[int]
+    tau: float
+    tau_from: str  # where tau came from, in words
+    out_dir: Path
+    register: str | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return self.sources.cfg
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.sources.data.classes[c] for c in self.classes]
+
+
+def parse_classes(text: str, names: list[str], what: str = "--classes") -> list[int]:
+    """``"3,5"`` or ``"cat,dog"`` -> class indices, in the given order. A class's name wins over
+    reading it as an index (digits' classes are named "0".."9", the same indices). ``what`` names
+    the setting in the error line."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items):
+        raise SetupError(f"{what} is empty: give class indices or names, e.g. 3,5 or cat,dog")
+    indices = []
+    for item in items:
+        if item in names:
+            indices.append(names.index(item))
+        elif re.fullmatch(r"-?\d+", item):
+            indices.append(int(item))
+        else:
+            known = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise SetupError(f"{what}: {item!r} is neither a class name ({known}) nor an index 0..{len(names) - 1}")
+    try:
+        validate_classes(indices, len(names))
+    except ValueError as error:
+        raise SetupError(f"{what} {text}: {error}") from None
+    return indices
+
+
+def _chosen_tau(sources: ReuseSources) -> tuple[float, str]:
+    """The tau the run chose: a sweep trial's (``sweep.tau``: its trial_result.json beside the
+    checkpoint, or the metric on its MLflow run), else the run's own ``modularize.tau``."""
+    if "path" in sources.modular:
+        scan = Path(sources.modular["path"]).parent / _TRIAL_RESULT
+        if scan.is_file():
+            try:
+                return float(json.loads(scan.read_text())["result"]["tau"]), f"the sweep trial's choice ({scan.name})"
+            except (ValueError, KeyError, TypeError):
+                raise SetupError(f"{scan} cannot be read as a sweep trial's result; pass --tau") from None
+    else:
+        from mlflow import MlflowClient
+
+        run = sources.modular["mlflow"]
+        metrics = MlflowClient(tracking_uri=run["tracking_uri"]).get_run(run["run_id"]).data.metrics
+        if "sweep.tau" in metrics:
+            return float(metrics["sweep.tau"]), "the sweep trial's choice (metric sweep.tau)"
+    return float(sources.cfg.modularize.tau), "the run's modularize.tau"
+
+
+def check_registry_name(name: str) -> None:
+    """The name MLflow's registry would refuse, refused here before anything is written (MLflow's own
+    check: the registry raises the same error only after the model is logged)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as error:
+        raise SetupError(f"--register {name!r}: MLflow refuses this registered model name ({error.message})") from None
+
+
+def plan_export(run_ref: str, classes: str, out_dir: str | Path, *, standard_ref: str | None = None,
+                tau: float | None = None, register: str | None = None, overrides: list[str] | None = None,
+                cfg: Config | None = None) -> ExportPlan:
+    """Check every input; nothing is written. Raises SetupError / ConfigError (exit 2)."""
+    overrides = list(overrides or [])
+    if tau is not None and not 0 < tau <= 1:
+        raise SetupError(f"--tau {tau:g} is outside (0, 1]")
+    sources = load_sources(run_ref, standard_ref, cfg, overrides, tau=tau)
+    state = sources.state
+    arch = state["architecture"]
+    model_section = (state.get("config") or {}).get("model") or {}
+    if model_section.get("name") not in (None, arch["name"]):
+        raise SetupError(f"{sources.where} records architecture {arch['name']} but was trained as "
+                         f"{model_section['name']} (its config): the checkpoint is not the run's")
+    build_model(state)  # the weights must fit the architecture the checkpoint records (one line if not)
+    if sources.standard_state is not None:
+        build_model(sources.standard_state)
+    indices = parse_classes(classes, list(sources.data.classes))
+    if tau is not None:
+        chosen, tau_from = float(tau), "--tau"
+    else:
+        chosen, tau_from = _chosen_tau(sources)
+    if "kernel_usage" not in state and abs(float(state.get("tau") or sources.cfg.modularize.tau) - chosen) > 1e-9:
+        raise SetupError(f"{sources.where} holds module masks for tau {state.get('tau')} only (no kernel counts): "
+                         f"it cannot make modules at tau {chosen:g}")
+    out = Path(out_dir).expanduser().resolve()
+    reason = writable_folder_error(out)
+    if reason:
+        raise SetupError(f"--out {str(out)!r} cannot be written ({reason})")
+    if register is not None:
+        if not sources.cfg.tracking.enabled:
+            raise SetupError(f"--register {register!r} needs MLflow: tracking.enabled is false")
+        check_registry_name(register)
+    if sources.cfg.tracking.enabled:
+        from ..tracking import check_store, resolve_tracking_uri
+
+        check_store(resolve_tracking_uri(sources.cfg.tracking.tracking_uri))
+    return ExportPlan(sources, indices, chosen, tau_from, out, register)
+
+
+def _masks(plan: ExportPlan) -> torch.Tensor:
+    state = plan.sources.state
+    if "kernel_usage" in state:
+        return module_masks(KernelUsage.from_state_dict(state["kernel_usage"]), plan.tau)
+    return state["module_masks"]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def export_module(plan: ExportPlan, log=print) -> dict:
+    """Build, write, check and (with tracking on) log the module; returns what module.json holds."""
+    cfg, sources = plan.cfg, plan.sources
+    device = torch.device("cpu")  # the files are CPU programs; fine-tuning a small sub-task fits a CPU
+    data = sources.data
+    arch = sources.state["architecture"]
+    modular = build_model(sources.state).eval()
+    masks = _masks(plan)
+    classes, names = plan.classes, plan.class_names
+    size = data.train_images.shape[-1]
+    settings = cfg.reuse.fine_tune_settings(cfg.train.seed)
+    log(f"module of classes {classes} ({', '.join(names)}) at tau {plan.tau:g} ({plan.tau_from}); "
+        + ("no fine-tuning (reuse.epochs=0)" if settings.epochs == 0 else f"fine-tuning up to {settings.epochs} epochs"))
+    module, chosen = reuse_module(modular, masks, data, classes, settings, device)
+    portable = ImagesToScores(module, data.mean, data.std).eval()
+    standard = build_model(sources.standard_state).eval() if sources.standard_state is not None else None
+    whole = standard if standard is not None else create_model(arch["name"], arch["num_classes"], arch["width"],
+                                                               modular=False).eval()
+    sub = data.subset(classes)
+    test_images = sub.test_images.to(torch.float32) / 255
+    made = [p for p in (plan.out_dir, *plan.out_dir.parents) if not p.exists()]  # removed again if the export fails
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=plan.out_dir))
+    finished = False
+    try:
+        program = export_program(portable, size, data.train_images.shape[1])
+        save_program(program, staging / "module.pt2")
+        write_onnx(program, staging / "module.onnx")
+        session = onnx_session(staging / "module.onnx")
+        difference, largest = onnx_max_difference(session, portable, test_images)
+        if not scores_agree(difference, largest, SCORE_TOLERANCE):
+            raise JobFailed(f"module.onnx gives scores up to {difference:.3g} away from PyTorch's (largest score "
+                            f"{largest:.3g}) on the {len(test_images)} test images (tolerance {SCORE_TOLERANCE:g}); "
+                            "nothing was kept")
+        saved = load_program(staging / "module.pt2")
+        with torch.no_grad():
+            program_difference = (saved(test_images) - portable(test_images)).abs().max().item()
+        if not scores_agree(program_difference, largest, SCORE_TOLERANCE):
+            raise JobFailed(f"module.pt2 gives scores up to {program_difference:.3g} away from the module's")
+        keep = mixed_module_mask(masks, classes)
+        summary = {
+            "source": {"reference": sources.where, "checkpoint": sources.modular.get("path") or
+                       f"artifact checkpoint.pt of MLflow run {sources.modular['mlflow']['run_id']}",
+                       "mlflow_run": sources.source_run()},
+            "architecture": {k: arch[k] for k in ("name", "width", "num_classes") if k in arch},
+            "classes": [{"index": c, "name": n} for c, n in zip(classes, names)],
+            "tau": plan.tau, "tau_from": plan.tau_from,
+            "krr": keep.float().mean().item(), "kernels_kept": int(keep.sum()), "kernels_total": int(keep.numel()),
+            "flops": {"module": count_flops(module, size), "full_model": count_flops(whole, size)},
+            "parameters": {"module": _parameters(module), "full_model": _parameters(whole)},
+            "fine_tuning": {"epochs": settings.epochs, **{k: v for k, v in chosen.items() if k != "history"}},
+            "accuracy": {"test_images": len(test_images),
+                         "module": evaluate(module, sub.test_images, sub.test_labels, sub, device)},
+            "input": {"name": "images", "shape": ["batch", data.train_images.shape[1], size, size], "dtype": "float32",
+                      "colour": "RGB", "range": [0.0, 1.0],
+                      "normalisation": {"mean": data.mean.tolist(), "std": data.std.tolist(), "applied": "inside"}},
+            "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
+            "onnx_check": {"test_images": len(test_images), "max_difference": difference, "largest_score": largest,
+                           "tolerance": f"{SCORE_TOLERANCE:g} x max(1, largest score)"},
+            "latency_ms": _latency(saved, session, module, whole, test_images.shape[1:], cfg),
+            "files": {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")},
+            "versions": {p: _version(p) for p in ("torch", "mwt-ray", "onnx", "onnxruntime", "mlflow")},
+        }
+        if standard is not None:
+            summary["accuracy"]["standard"] = evaluate(standard, sub.test_images, sub.test_labels, sub, device,
+                                                       classes=list(classes))
+        if cfg.tracking.enabled:
+            from ..tracking.modules import log_module
+
+            summary["mlflow"] = log_module(cfg, staging, summary, test_images[:2], register=plan.register, log=log)
+        atomic_write_text(staging / "module.json", json.dumps(summary, indent=2))
+        for name in EXPORT_FILES:
+            (staging / name).replace(plan.out_dir / name)
+        finished = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not finished:
+            for folder in made:  # innermost first; a folder something else wrote into stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    log(_summary_line(summary, plan.out_dir))
+    return summary
+
+
+def _latency(program, session, module, whole, image_shape: torch.Size, cfg: Config) -> dict:
+    """Milliseconds of one forward pass at each ``reuse.latency_batch_sizes``: the .pt2 program, ONNX
+    Runtime and the module in PyTorch, against the full model in PyTorch (timed in turn)."""
+    result = {}
+    for batch in cfg.reuse.latency_batch_sizes:
+        images = torch.rand(batch, *image_shape)
+        with torch.no_grad():
+            times = fastest_calls([program, lambda x: onnx_scores(session, x), module, whole], images,
+                                  cfg.reuse.latency_repeats)
+        result[f"batch_{batch}"] = {name: seconds * 1e3 for name, seconds in
+                                    zip(("module_pt2", "module_onnxruntime", "module_pytorch", "full_model_pytorch"), times)}
+    return result
+
+
+def _summary_line(summary: dict, out: Path) -> str:
+    flops, acc = summary["flops"], summary["accuracy"]
+    line = (f"wrote {', '.join(EXPORT_FILES)} to {out}: KRR {summary['krr']:.3f}, FLOPs {flops['module'] / 1e6:.2f}M "
+            f"of {flops['full_model'] / 1e6:.2f}M, accuracy {acc['module']:.2%}")
+    if "standard" in acc:
+        line += f" (standard model {acc['standard']:.2%})"
+    line += f", {summary['fine_tuning']['chosen']}"
+    registered = (summary.get("mlflow") or {}).get("registered")
+    if registered:
+        line += f"; registered as models:/{registered['name']}/{registered['version']}"
+    return line
