@@ -56,3 +56,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def open_local(url, timeout: float):
+    """urlopen for a server these tests started on 127.0.0.1, never through a proxy. The bad-input
+    tests point the proxy variables at a dead port, and urlopen's global opener keeps the proxy
+    settings of its first use for the rest of the session."""
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout)

@@ -516,6 +516,11 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request):
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    from mwt_ray.jobs import storage
+
+    # An object store without a network answers nothing: give up after 3 s, not the default 15 s
+    # (test_storage_probe_is_bounded_in_time checks the bound itself).
+    monkeypatch.setattr(storage, "REMOTE_PROBE_TIMEOUT_S", 3.0)
     if case.needs == "ray":
         request.getfixturevalue("ray_cluster")
     if case.needs == "job":

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, tiny_config
+from conftest import free_port, open_local, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [3, 5]
@@ -176,7 +176,7 @@ def test_mlflow_run_is_nested_under_the_training_run_and_the_version_is_tagged(e
     assert artifacts == {"module_files/module.pt2", "module_files/module.json"}
 
 
-def test_served_model_answers_invocations_with_the_module_scores(exported):
+def test_served_model_answers_invocations_with_the_module_scores(exported, tmp_path):
     """``mlflow models serve -m models:/NAME/1 --env-manager local`` on 127.0.0.1, started and stopped here."""
     images = _test_images(CLASSES, count=5)
     expected = _expected_scores(exported, CLASSES, images)
@@ -184,25 +184,30 @@ def test_served_model_answers_invocations_with_the_module_scores(exported):
     # As in an activated environment: MLflow starts the server by the name uvicorn, found on the PATH.
     env = {**os.environ, "MLFLOW_TRACKING_URI": exported["uri"],
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{REGISTERED}/1",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # The server's log goes to a file: a pipe nobody reads fills up and blocks the server mid-start.
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                                   f"models:/{REGISTERED}/1", "--env-manager", "local", "-h", "127.0.0.1",
+                                   "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline, last_error = time.monotonic() + 300, None
         while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert server.poll() is None, log_path.read_text(errors="replace")[-3000:]
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+                with open_local(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
                     if answer.status == 200:
                         break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the model server did not answer /ping in 300 s"
+            except OSError as error:
+                last_error = error
+            assert time.monotonic() < deadline, f"no answer to /ping in 300 s ({last_error!r}); the server's log ends:\n" + \
+                log_path.read_text(errors="replace")[-3000:]
             time.sleep(1)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
                                          data=json.dumps({"inputs": images.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as answer:
+        with open_local(request, timeout=60) as answer:
             predictions = json.loads(answer.read())["predictions"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -60,21 +60,41 @@ def trained(tmp_path_factory):
     return cfg
 
 
-def test_best_tau_is_not_simply_the_largest(trained):
+def test_tau_scan_scores_a_real_checkpoint_by_the_documented_formula(trained):
+    """The scan on a real trained model: each row's score is module accuracy - krr_weight * KRR, a
+    higher tau keeps a subset of kernels (KRR falls), and the chosen row is the best-scoring one.
+    Where a short training lands (which tau loses accuracy) is not checked here: it differs between
+    CPUs; ``test_best_tau_trades_accuracy_against_krr`` checks the choice on rows it controls."""
     cfg = trained
     data = load_data(cfg)
     taus = [0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
     rows = scan_checkpoint(cfg.run_dir / "checkpoint.pt", data, cfg, taus, torch.device("cpu"))
-    for row in rows:  # the score is what the docs say it is
+    assert [row["tau"] for row in rows] == taus
+    for row in rows:
         assert row["score"] == pytest.approx(row["module_accuracy"] - cfg.sweep.krr_weight * row["krr"])
         assert 0 <= row["module_accuracy"] <= 1 and 0 < row["krr"] <= 1
     krr = [row["krr"] for row in rows]
-    assert krr == sorted(krr, reverse=True) and krr[-1] < krr[0]  # a higher tau keeps a subset of kernels
-    by_tau = {row["tau"]: row for row in rows}
-    # tau = 1 keeps only kernels every sample of a class uses: the modules lose accuracy, which the
-    # objective counts; its KRR is the lowest, so an objective on KRR alone would pick it.
-    assert by_tau[1.0]["module_accuracy"] < max(row["module_accuracy"] for row in rows)
-    assert best_tau(rows)["tau"] < 1.0
+    assert krr == sorted(krr, reverse=True) and krr[-1] < krr[0]
+    best = best_tau(rows)
+    assert best["score"] == max(row["score"] for row in rows)
+
+
+def test_best_tau_trades_accuracy_against_krr():
+    """An objective on KRR alone would always pick the largest tau. Here tau = 1 keeps the fewest
+    kernels but loses accuracy: the choice moves from the most accurate tau to the sparsest as
+    krr_weight grows, and ties go to the smaller KRR."""
+    accuracy = {0.6: 0.90, 0.8: 0.88, 0.9: 0.86, 1.0: 0.50}
+    krr = {0.6: 0.80, 0.8: 0.50, 0.9: 0.40, 1.0: 0.10}
+
+    def rows(weight):
+        return [{"tau": t, "module_accuracy": accuracy[t], "krr": krr[t], "score": accuracy[t] - weight * krr[t]}
+                for t in accuracy]
+
+    # Brute force: the tau of the highest accuracy - weight * KRR, for weights either side of each crossover.
+    for weight, expected in [(0.0, 0.6), (0.1, 0.8), (0.3, 0.9), (1.0, 0.9), (2.0, 1.0)]:
+        assert best_tau(rows(weight))["tau"] == expected, weight
+    tied = [{"tau": 0.6, "krr": 0.8, "score": 0.5}, {"tau": 0.9, "krr": 0.4, "score": 0.5}]
+    assert best_tau(tied)["tau"] == 0.9
 
 
 def test_scan_needs_held_out_samples(trained):
@@ -190,7 +210,11 @@ def test_sweep_mlflow_parent_and_children(finished_sweep):
     client, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 1 + len(children) and len(children) == 5  # 4 trials + the standard baseline
+    assert len(children) == 5  # 4 trials + the standard baseline
+    # and the registered module's run (sweep.register_modules), nested under its trial's run
+    modules = [r for r in runs if r.data.tags.get("mwt.kind") == "module"]
+    assert len(modules) == 1 and modules[0].data.tags["mlflow.parentRunId"] in {c.info.run_id for c in children}
+    assert len(runs) == 1 + len(children) + len(modules)
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "results.md", "pareto.png"}
     best = parent.data.tags["mwt.best_trial"]
@@ -331,7 +355,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
-    config = sweep_yaml(tmp_path, "resumable", trials=3, max_concurrent=1, scheduler="none")
+    config = sweep_yaml(tmp_path, "resumable", trials=2, max_concurrent=1, scheduler="none")
     driver = subprocess.Popen([sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
@@ -346,7 +370,7 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
         except ProcessLookupError:
             pass
     driver.wait()
-    assert any("[1/3] trial" in line for line in seen), "".join(seen)[-2000:]
+    assert any("[1/2] trial" in line for line in seen), "".join(seen)[-2000:]
     # SIGKILL left Tune's state unsigned: a plain --resume refuses it (it could have been planted) ...
     refused = run_sweep_cli(config, "--resume")
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
@@ -359,12 +383,12 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
     import pandas as pd
 
     table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
-    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert len(table) == 2 and (table["status"] == "completed").all()
     client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     names = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(names) == sorted({*names}) and len(names) == 4, names  # each trial and the baseline once
+    assert sorted(names) == sorted({*names}) and len(names) == 3, names  # each trial and the baseline once
     assert json.loads((folder / "sweep.json").read_text())["status"] == "FINISHED"
 
 

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from mwt_ray.tracking.plots import plot_convergence
 from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
 from mwt_ray.cluster import run_training as run
 
-from conftest import free_port, mlflow_client
+from conftest import free_port, mlflow_client, open_local
 from conftest import tiny_config as _tiny_config
 
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
@@ -207,8 +206,7 @@ def mlflow_server(tmp_path):
         deadline = time.monotonic() + 120
         while True:
             try:
-                # build_opener: urlopen's global opener keeps the (dead) proxy of a bad-input test that ran first
-                with urllib.request.build_opener().open(f"{uri}/health", timeout=2) as response:
+                with open_local(f"{uri}/health", timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
