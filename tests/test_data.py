@@ -82,6 +82,33 @@ def test_digits_is_embedded_and_32x32():
     assert len(data.train_labels) + len(data.test_labels) == 1797
 
 
+def test_digits_cache_holds_the_same_split_and_a_damaged_one_is_rebuilt(tmp_path, monkeypatch):
+    """The cached digits are the ones scikit-learn's stratified split gives (built here without the
+    cache), and a damaged or unwritable cache never breaks loading."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
+    built = load_dataset("digits", image_size=16)
+    (cached,) = (tmp_path / "cache").glob("digits-16-*.pt")
+    again = load_dataset("digits", image_size=16)
+    labels = load_digits().target
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels)
+    for data in (built, again):
+        assert data.train_labels.tolist() == labels[train_idx].tolist()
+        assert data.test_labels.tolist() == labels[test_idx].tolist()
+        assert data.train_images.shape == (len(train_idx), 3, 16, 16)
+    assert torch.equal(built.train_images, again.train_images) and torch.equal(built.test_images, again.test_images)
+    cached.write_bytes(b"not a tensor file")
+    assert torch.equal(load_dataset("digits", image_size=16).train_images, built.train_images)
+    assert cached.stat().st_size > 1000  # rebuilt
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MWT_RAY_CACHE", str(blocker / "cache"))  # a cache folder that cannot be made
+    assert torch.equal(load_dataset("digits", image_size=16).test_images, built.test_images)
+
+
 def test_image_folder_decodes_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

@@ -6,7 +6,8 @@ only indexes, augments (random crop with 4-pixel zero padding, horizontal flip) 
 whole batches, on the GPU when there is one. Sources:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, upscaled to 32x32 RGB: real data
-  that ships inside an installed package, the default for quick starts (no download).
+  that ships inside an installed package, the default for quick starts (no download); cached
+  after the first load like a folder.
 - ``cifar10`` / ``svhn``: torchvision's loaders from a local root (``download=True`` only when
   asked for and a network exists).
 - ``folder``: any image folder with ``train/<class>/*`` and ``test/<class>/*`` (or a .tar.gz
@@ -215,6 +216,19 @@ def _limit(data: ImageData, limit: int) -> ImageData:
 
 
 def _digits(image_size: int) -> ImageData:
+    """scikit-learn's digits at ``image_size``, split 80/20 by class (``random_state=0``).
+
+    Cached under ``cache_dir()`` after the first call: importing scikit-learn costs a second or
+    more, and every training process, Ray worker and sweep trial loads this dataset."""
+    from importlib.metadata import version
+
+    cached = cache_dir() / f"digits-{image_size}-sklearn-{version('scikit-learn')}.pt"
+    try:
+        state = torch.load(cached, weights_only=True)
+        return ImageData(state["train_images"], state["train_labels"], state["test_images"],
+                         state["test_labels"], [str(d) for d in range(10)])
+    except Exception:  # not made yet, from another version, or damaged: build it again
+        pass
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -226,8 +240,14 @@ def _digits(image_size: int) -> ImageData:
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
                                            stratify=labels.numpy())
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return ImageData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+    data = ImageData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                      [str(d) for d in range(10)])
+    try:
+        atomic_torch_save({"train_images": data.train_images, "train_labels": data.train_labels,
+                           "test_images": data.test_images, "test_labels": data.test_labels}, cached)
+    except OSError:  # a read-only or full cache folder: the data is still good, only not kept
+        pass
+    return data
 
 
 def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
