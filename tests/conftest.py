@@ -31,7 +31,35 @@ def random_masks(batch, layer_sizes, zero_fraction=0.3, generator=None):
     return masks
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def empty_store(path: Path) -> str:
+    """The ``sqlite:///`` URI of a new, empty MLflow store at ``path``, copied from one made once per
+    test session: MLflow makes a new sqlite store by running its schema migrations (about 4 s here,
+    in every process and test that starts one), and opens a copy in about 1 s. Tests of store
+    creation itself (concurrent first use, a bad path) make their own."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="mwt-store-template-")) / "mlflow.db"
+        code = "import sys\nfrom mlflow import MlflowClient\nMlflowClient(tracking_uri='sqlite:///' + sys.argv[1]).search_experiments()\n"
+        subprocess.run([sys.executable, "-c", code, str(template)], check=True, capture_output=True, timeout=300)
+        _STORE_TEMPLATE.append(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        shutil.copyfile(_STORE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
+
+
 def tiny_config(tmp_path: Path, name: str, *overrides: str, workers: int = 2, epochs: int = 2):
+    """A two-epoch VGG16/8 on 160 digits, tracked in an (empty) MLflow store in ``tmp_path`` unless
+    the overrides say otherwise about tracking."""
+    if not any(o.startswith("tracking.") for o in overrides):
+        empty_store(tmp_path / "mlflow.db")
     return load_config(None, [
         f"name={name}", f"output_dir={tmp_path / 'runs'}", "model.name=vgg16", "model.width=0.125",
         "data.name=digits", "data.train_limit=160", "train.batch_size=32", f"train.epochs={epochs}",

@@ -4,7 +4,9 @@ output folder, the MLflow store, the dataset cache ($MWT_RAY_CACHE) or the Ray r
 own temporary folders, under /tmp/ray, are exempt).
 
 Each case runs in a fresh folder that is also the working directory (where the default MLflow store
-``mlflow.db`` would go) and the dataset cache; the whole folder is compared before and after.
+``mlflow.db`` would go) and the dataset cache; the whole folder is compared before and after. The
+cache holds the embedded digits beforehand: any job that reads them keeps that decoded copy (written
+whole or not at all), so only what a case's job itself would write is looked for.
 Cases whose behaviour does not depend on the process boundary call the command's ``main(argv)`` in
 this process; the few that do (Ray's log lines on the driver's terminal, a worker killed after
 training started) run ``python -m mwt_ray.train``. Later features add their cases to ``CASES``.
@@ -484,6 +486,24 @@ def finished_job(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """A dataset cache that holds the embedded digits (what any job that reads them leaves there)."""
+    from mwt_ray.core.data import load_dataset
+
+    folder = tmp_path_factory.mktemp("digits-cache")
+    saved = os.environ.get("MWT_RAY_CACHE")
+    os.environ["MWT_RAY_CACHE"] = str(folder)
+    try:
+        load_dataset("digits")
+    finally:
+        if saved is None:
+            del os.environ["MWT_RAY_CACHE"]
+        else:
+            os.environ["MWT_RAY_CACHE"] = saved
+    return folder
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
@@ -507,10 +527,11 @@ def one_error_line(stderr: str, expected: str) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request):
+def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request, digits_cache):
     if case.skip:
         pytest.skip(case.skip)
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(digits_cache, tmp_path / "cache")
     monkeypatch.setenv("MWT_RAY_CACHE", str(tmp_path / "cache"))
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):  # downloads fail at once, network or not
         monkeypatch.setenv(name, "http://127.0.0.1:9")
@@ -575,9 +596,12 @@ def test_cli_impossible_resources_one_line_despite_ray_logging(tmp_path):
 
 def test_cli_worker_killed_after_start_names_the_dead_worker(tmp_path):
     """Issue item 1: a worker SIGKILLed with no failure budget: exit 1, one line that names the
-    killed worker (rank 0 and its pid), not the surviving worker's lost connection."""
+    killed worker (rank 0 and its pid), not the surviving worker's lost connection; its MLflow run FAILED."""
+    from conftest import mlflow_client, only_run
+
     result = run_cli(expand(COMMON + ["--num-workers", "2", "--set", "scaling.fail_at_epoch=1",
-                                      "--set", "data.train_limit=200"], tmp_path, 0), tmp_path)
+                                      "--set", "data.train_limit=200",
+                                      "--set", "tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"], tmp_path, 0), tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     line = one_error_line(result.stderr, "worker rank 0 (pid ")
     killed = next(l for l in result.stdout.splitlines() if "fault injection: killing worker pid" in l)
@@ -585,6 +609,7 @@ def test_cli_worker_killed_after_start_names_the_dead_worker(tmp_path):
     assert f"(pid {pid}) died" in line and "scaling.max_failures=0" in line
     log = next((tmp_path / "runs" / "mwt" / "jobs").glob("job-*/worker_stderr.log"))
     assert "Traceback" in log.read_text() and str(log) in line  # the tracebacks went to the log, not the terminal
+    assert only_run(mlflow_client(tmp_path)).info.status == "FAILED"
 
 
 def test_storage_probe_is_bounded_in_time(tmp_path, monkeypatch):

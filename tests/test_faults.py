@@ -19,7 +19,7 @@ import pytest
 
 from mwt_ray.core.checkpoint import load_checkpoint
 
-from conftest import mlflow_client, only_run
+from conftest import empty_store, mlflow_client, only_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,7 @@ def environment(tmp: Path) -> dict:
 
 
 def start(tmp: Path, name: str, epochs: int) -> subprocess.Popen:
+    empty_store(tmp / "mlflow.db")
     return subprocess.Popen(command(tmp, name, epochs), cwd=tmp, env=environment(tmp), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -130,6 +131,7 @@ def test_sigterm_and_sigint_end_in_one_line_and_a_killed_run(tmp_path, sig, stat
 def test_sigterm_of_a_data_parallel_job(tmp_path):
     """ray.init installs its own SIGTERM handler (a stack dump, then abort: exit 134); the command's
     handler is put back, so a data-parallel job ends like a single-process one."""
+    empty_store(tmp_path / "mlflow.db")
     process = subprocess.Popen(command(tmp_path, "d", 6, "--num-workers", "2"), cwd=tmp_path, env=environment(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_epoch(process, tmp_path, "d", 1, timeout=300)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import free_port
+from conftest import empty_store, free_port
 
 from mwt_ray.config import load_config
 from mwt_ray.jobs import load_data, train_in_process
@@ -24,8 +24,11 @@ from mwt_ray.jobs.objective import best_tau, scan_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sweep_yaml(tmp_path: Path, name: str = "tiny", **sweep) -> Path:
-    """A sweep small enough for this 2-core machine: VGG16 at 1/8 width on 300 digits, 3 epochs."""
+def sweep_yaml(tmp_path: Path, name: str = "tiny", *, store: bool = True, **sweep) -> Path:
+    """A sweep small enough for this 2-core machine: VGG16 at 1/8 width on 300 digits, 3 epochs,
+    tracked in an empty MLflow store in ``tmp_path`` (none with ``store=False``)."""
+    if store:
+        empty_store(tmp_path / "mlflow.db")
     tree = {"name": name, "output_dir": str(tmp_path / "runs"),
             "model": {"name": "vgg16", "width": 0.125},
             "data": {"name": "digits", "train_limit": 300},
@@ -234,11 +237,11 @@ def test_sweep_mlflow_parent_and_children(finished_sweep):
 
 
 def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
-    """Each trial on its own Ray Train worker group (Train V2 inside Tune), three trials of which two
-    fit at once, ASHA on: every trial ends, completed or stopped, and no trial waits forever for
-    resources an earlier one kept (ray-project/ray#54305 hung exactly this on a Ray without its
+    """Each trial on its own Ray Train worker group (Train V2 inside Tune), two trials one at a time,
+    ASHA on: every trial ends, completed or stopped, and the second does not wait forever for
+    resources the first kept (ray-project/ray#54305 hung exactly this on a Ray without its
     dashboard)."""
-    tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=3, standard_baseline=False,
+    tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=2, max_concurrent=1, standard_baseline=False,
                                      tau_range={"low": 0.5, "high": 1.0}).read_text())  # tau searched by Optuna
     tree["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.99}
     config = tmp_path / "workers.yaml"
@@ -249,11 +252,11 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
 
     (folder,) = (tmp_path / "runs" / "workers").iterdir()
     table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
-    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
+    assert len(table) == 2 and set(table["status"]) <= {"completed", "stopped early"}
     assert (table["status"] == "completed").any()
     _, runs = mlflow_runs(tmp_path)
     trial_runs = [r for r in runs if r.info.run_name.startswith("trial-")]
-    assert len(trial_runs) == 3 and all(r.data.params["scaling.num_workers"] == "1" for r in trial_runs)
+    assert len(trial_runs) == 2 and all(r.data.params["scaling.num_workers"] == "1" for r in trial_runs)
     done = table[table["status"] == "completed"]
     assert done["tau"].between(0.5, 1.0).all()  # each completed trial was scored at its sampled tau
 
@@ -419,8 +422,6 @@ BAD = [
     (["--set", "sweep.subtask_sizes=[2, 11]"], "exceed the dataset's 10 classes"),
     (["--set", "sweep.subtask_sizes=[1]"], "sizes must be >= 2"),
     (["--set", "train.modular=false"], "train.modular must be true"),
-    (["--set", "sweep.cpus_per_trial=64"], "a trial asks for 64 CPUs"),
-    (["--set", "sweep.gpus_per_trial=1"], "1 GPUs"),
     (["--resume"], "no unfinished sweep named 'tiny'"),
     (["--set", "sweep.points=[{train.alpha: 5, train.beta: 1}]"], "point 1 gives train.alpha=5, outside the searched"),
     (["--set", "sweep.points=[{train.alpha: -1, train.beta: 1}]"], "outside the searched range [0.1, 3]"),
@@ -431,11 +432,6 @@ BAD = [
     (["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {choices: [vgg16, alexnet]}}"],
      "the value 'alexnet' makes an invalid trial"),
     (["--set", "sweep.points=[]", "--set", "sweep.space={}"], "sweep.space is empty"),
-    (["--set", "sweep.reuse=true", "--set", "reuse.sizes=[2, 11]"], "reuse.sizes: M=11 is outside 2..10"),
-    (["--set", "sweep.reuse=true", "--set", "reuse.subtasks=[[0, 12]]"], "12"),
-    (["--set", "sweep.reuse=true", "--set", "reuse.cpus_per_actor=64"], "no room for one reuse actor"),
-    (["--set", "sweep.reuse=true", "--set", "reuse.gpus_per_actor=1"], "no room for one reuse actor"),
-    (["--set", "sweep.reuse=true", "--set", "reuse.num_actors=9"], "reuse.num_actors 9"),
     (["--set", "sweep.register_modules=[[0, 12]]"], "sweep.register_modules [0, 12] 0,12: target classes [12] are out of range"),
     (["--set", "sweep.register_modules=[[cat, 1]]"], "sweep.register_modules ['cat', 1]: 'cat' is neither a class name"),
     (["--set", "sweep.register_modules=[[3, 3]]"], "repeat a class"),
@@ -445,17 +441,52 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
-def test_bad_input_fails_before_any_trial(tmp_path, capsys, args, message):
+# Checked against the Ray cluster's resources (every stage before the first trial).
+BAD_FOR_THE_CLUSTER = [
+    (["--set", "sweep.cpus_per_trial=64"], "a trial asks for 64 CPUs"),
+    (["--set", "sweep.gpus_per_trial=1"], "1 GPUs"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.sizes=[2, 11]"], "reuse.sizes: M=11 is outside 2..10"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.subtasks=[[0, 12]]"], "12"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.cpus_per_actor=64"], "no room for one reuse actor"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.gpus_per_actor=1"], "no room for one reuse actor"),
+    (["--set", "sweep.reuse=true", "--set", "reuse.num_actors=9"], "reuse.num_actors 9"),
+]
+
+
+def assert_fails_before_any_trial(tmp_path, capsys, args, message):
     from mwt_ray.sweep import main
 
-    config = sweep_yaml(tmp_path)
+    config = sweep_yaml(tmp_path, store=False)
     assert main(["--config", str(config), *args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], lines
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_fails_before_any_trial(tmp_path, capsys, args, message):
+    assert_fails_before_any_trial(tmp_path, capsys, args, message)
+
+
+@pytest.fixture(scope="class")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestSettingsTheClusterCannotHold:
+    """On one local Ray of 2 CPUs for the whole class (the sweep joins a Ray its process is on),
+    instead of a Ray started and stopped per case."""
+
+    @pytest.mark.parametrize("args, message", BAD_FOR_THE_CLUSTER, ids=[" ".join(a)[:60] for a, _ in BAD_FOR_THE_CLUSTER])
+    def test_bad_input_fails_before_any_trial(self, tmp_path, capsys, args, message):
+        assert_fails_before_any_trial(tmp_path, capsys, args, message)
 
 
 # ----------------------------------------------------------------------------- a cluster

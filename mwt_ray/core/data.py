@@ -5,9 +5,8 @@ Small image datasets fit in memory (CIFAR-10 is 150 MB), so decoding happens onc
 only indexes, augments (random crop with 4-pixel zero padding, horizontal flip) and normalises
 whole batches, on the GPU when there is one. Sources:
 
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits, upscaled to 32x32 RGB: real data
-  that ships inside an installed package, the default for quick starts (no download); cached
-  after the first load like a folder.
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits, upscaled to 32x32 RGB and cached:
+  real data inside an installed package, the default for quick starts (no download).
 - ``cifar10`` / ``svhn``: torchvision's loaders from a local root (``download=True`` only when
   asked for and a network exists).
 - ``folder``: any image folder with ``train/<class>/*`` and ``test/<class>/*`` (or a .tar.gz
@@ -216,17 +215,15 @@ def _limit(data: ImageData, limit: int) -> ImageData:
 
 
 def _digits(image_size: int) -> ImageData:
-    """scikit-learn's digits at ``image_size``, split 80/20 by class (``random_state=0``).
-
-    Cached under ``cache_dir()`` after the first call: importing scikit-learn costs a second or
-    more, and every training process, Ray worker and sweep trial loads this dataset."""
+    """scikit-learn's digits at ``image_size``, split 80/20 by class, cached after the first call
+    (importing scikit-learn costs seconds in every training process, Ray worker and trial)."""
     from importlib.metadata import version
 
     cached = cache_dir() / f"digits-{image_size}-sklearn-{version('scikit-learn')}.pt"
     try:
         state = torch.load(cached, weights_only=True)
-        return ImageData(state["train_images"], state["train_labels"], state["test_images"],
-                         state["test_labels"], [str(d) for d in range(10)])
+        return ImageData(*(state[k] for k in ("train_images", "train_labels", "test_images", "test_labels")),
+                         [str(d) for d in range(10)])
     except Exception:  # not made yet, from another version, or damaged: build it again
         pass
     from sklearn.datasets import load_digits
