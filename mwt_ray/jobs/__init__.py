@@ -29,7 +29,7 @@ def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=Non
     ``report(metrics)`` is called after every epoch.
 
     Every check on the input runs before anything is written (``jobs.preflight``)."""
-    cfg, _, plan = preflight_training(cfg, resume, log)
+    cfg, data, plan = preflight_training(cfg, resume, log)
     uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
     session = LocalSession(plan.storage, cfg.train.device, resume=plan.resumed, report=report)
     if log:
@@ -37,11 +37,11 @@ def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=Non
             + (" - it had finished: writing its results again" if plan.finished else ""))
     if not cfg.tracking.enabled:
         start_job(cfg, plan, None, log)
-        return TrainingJob(cfg, session).run()
+        return TrainingJob(cfg, session, data=data).run()
     from ..tracking import open_run
 
     run_id = plan.run_info.get("run_id") if plan.run_info.get("tracking_uri") == uri else None
     with open_run(cfg, run_id, tags={"mwt.num_workers": "0", "mwt.job_id": plan.job_id}, log=log) as tracked:
         start_job(cfg, plan, uri, log)
         plan.storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
-        return TrainingJob(cfg, session, tracked.info()).run()
+        return TrainingJob(cfg, session, tracked.info(), data=data).run()

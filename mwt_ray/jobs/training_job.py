@@ -136,8 +136,10 @@ class LocalSession:
 class TrainingJob:
     """One job (or one rank of a data-parallel job). ``run()`` returns the summary on rank 0, else None."""
 
-    def __init__(self, cfg: Config, session, tracking: dict | None = None):
-        self.cfg, self.session, self.tracking = cfg, session, tracking
+    def __init__(self, cfg: Config, session, tracking: dict | None = None, data: ImageData | None = None):
+        """``data``: what the preflight already loaded in this process (else loaded here, as a Ray
+        worker must)."""
+        self.cfg, self.session, self.tracking, self.checked_data = cfg, session, tracking, data
         self.history: list[dict] = []
         self.resumes: list[int] = []  # the epochs this job was resumed from (after failures or re-runs)
         self.start_epoch = 0
@@ -153,7 +155,8 @@ class TrainingJob:
         cfg, session = self.cfg, self.session
         if cfg.train.batch_size % session.world_size:
             raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by {session.world_size} workers")
-        self.data = place_data(load_data(cfg), session.device, cfg.data.device_resident)
+        data = self.checked_data if self.checked_data is not None else load_data(cfg)
+        self.data = place_data(data, session.device, cfg.data.device_resident)
         seed_everything(cfg.train.seed)
         self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(session.device)
         init_mask_bias(self.model, cfg.train.mask_bias_init)
