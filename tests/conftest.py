@@ -21,6 +21,17 @@ def _private_config_dir(tmp_path_factory):
     os.environ["MWT_RAY_CONFIG_DIR"] = str(tmp_path_factory.mktemp("mwt-ray-config"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_local_ray():
+    """Every Ray these tests start is their own: ``ray.init()`` without an address would otherwise join
+    the newest ``ray start`` cluster on this machine (a user's, or the job-submission test's while
+    the suite runs in parallel, ``pytest -n 2``), and a test's ``ray.shutdown()`` or kill would reach
+    it. ``local`` makes Ray start a new local instance; tests of RAY_ADDRESS set their own."""
+    import os
+
+    os.environ["RAY_ADDRESS"] = "local"
+
+
 def random_masks(batch, layer_sizes, zero_fraction=0.3, generator=None):
     """Masks in [0, 1) with exact zeros, like relu(tanh(.)) produces."""
     masks = []
@@ -31,7 +42,12 @@ def random_masks(batch, layer_sizes, zero_fraction=0.3, generator=None):
     return masks
 
 
-_STORE_TEMPLATE: list[Path] = []
+_STORE_TEMPLATE_DIR: list[Path] = []  # set once per session by _store_template_dir
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _store_template_dir(tmp_path_factory):
+    _STORE_TEMPLATE_DIR.append(tmp_path_factory.mktemp("mlflow-store-template"))
 
 
 def empty_store(path: Path) -> str:
@@ -42,16 +58,14 @@ def empty_store(path: Path) -> str:
     import shutil
     import subprocess
     import sys
-    import tempfile
 
-    if not _STORE_TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="mwt-store-template-")) / "mlflow.db"
+    template = _STORE_TEMPLATE_DIR[0] / "mlflow.db"
+    if not template.exists():  # made in a subprocess: this one keeps no MLflow state from it
         code = "import sys\nfrom mlflow import MlflowClient\nMlflowClient(tracking_uri='sqlite:///' + sys.argv[1]).search_experiments()\n"
         subprocess.run([sys.executable, "-c", code, str(template)], check=True, capture_output=True, timeout=300)
-        _STORE_TEMPLATE.append(template)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        shutil.copyfile(_STORE_TEMPLATE[0], path)
+        shutil.copyfile(template, path)
     return f"sqlite:///{path}"
 
 

@@ -491,15 +491,9 @@ def digits_cache(tmp_path_factory):
     from mwt_ray.core.data import load_dataset
 
     folder = tmp_path_factory.mktemp("digits-cache")
-    saved = os.environ.get("MWT_RAY_CACHE")
-    os.environ["MWT_RAY_CACHE"] = str(folder)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MWT_RAY_CACHE", str(folder))
         load_dataset("digits")
-    finally:
-        if saved is None:
-            del os.environ["MWT_RAY_CACHE"]
-        else:
-            os.environ["MWT_RAY_CACHE"] = saved
     return folder
 
 

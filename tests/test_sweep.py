@@ -534,6 +534,7 @@ def test_job_submission_to_a_local_head(tmp_path):
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="mwt-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS")  # as a user runs it (the job's driver gets the head's address from Ray)
     ray_cli = str(Path(sys.executable).parent / "ray")  # the ray of this environment
     try:
         # Every fixed default port moved, so that another Ray on this machine does not collide with it.
