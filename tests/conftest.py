@@ -26,10 +26,15 @@ def _own_local_ray():
     """Every Ray these tests start is their own: ``ray.init()`` without an address would otherwise join
     the newest ``ray start`` cluster on this machine (a user's, or the job-submission test's while
     the suite runs in parallel, ``pytest -n 2``), and a test's ``ray.shutdown()`` or kill would reach
-    it. ``local`` makes Ray start a new local instance; tests of RAY_ADDRESS set their own."""
+    it. ``local`` makes Ray start a new local instance; tests of RAY_ADDRESS set their own.
+
+    Ray runs its workers at nice 15: with other work on the machine (CI's, or the two ``yes`` loops of
+    the loaded run) a trial then gets a few percent of a core, and a 2-minute sweep took 15. The
+    tests' workers run at the priority of everything else."""
     import os
 
     os.environ["RAY_ADDRESS"] = "local"
+    os.environ["RAY_worker_niceness"] = "0"
 
 
 def random_masks(batch, layer_sizes, zero_fraction=0.3, generator=None):
