@@ -36,9 +36,17 @@ def environment(tmp: Path) -> dict:
 
 
 def start(tmp: Path, name: str, epochs: int) -> subprocess.Popen:
+    """The job as a terminal starts it. A suite started in the background by a shell without job
+    control (``cmd &`` in a script) ignores SIGINT, and an ignored signal stays ignored in every
+    child: Ctrl-C would then never reach the job. A handler here (not SIG_IGN) gives the child
+    SIGINT's default, as a foreground job has."""
     empty_store(tmp / "mlflow.db")
-    return subprocess.Popen(command(tmp, name, epochs), cwd=tmp, env=environment(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command(tmp, name, epochs), cwd=tmp, env=environment(tmp), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def jobs(tmp: Path, name: str) -> list[Path]:
