@@ -1,0 +1,248 @@
+"""Modularizing a CNN from its traced graph (``core.graph``), checked against references built here.
+
+The CNN below is defined only in this test and holds each pattern the mechanism must handle: a
+residual addition, a depthwise conv, a squeeze-excitation scale, a concatenation followed by a BN,
+in-place activations after masked BNs and a parameter-free leaf (stochastic-depth-like). The
+reference for every masked output is the original model with a forward hook on each masked BN that
+multiplies its output by the mask: the literal conv -> BN -> x mask of the paper, in plain autograd.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mwt_ray.core.graph import GraphError, fixed_masks, mask_units, modularize
+
+
+class DropPath(nn.Module):
+    """Parameter-free and branching on ``self.training``, like torchvision's StochasticDepth."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1, 1, 1, generator=None) > 0.25).to(x.dtype)
+        return x * keep / 0.75
+
+
+class PatternNet(nn.Module):
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)          # first conv: never masked
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1, bias=False)             # masked, ReLU folded
+        self.a_bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, bias=False)             # masked, then a residual addition
+        self.b_bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)                              # one module, used twice
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)  # depthwise, masked
+        self.dw_bn = nn.BatchNorm2d(8)
+        self.act6 = nn.ReLU6(inplace=True)
+        self.se_reduce = nn.Conv2d(8, 4, 1)                            # SE: conv -> activation, not masked
+        self.se_expand = nn.Conv2d(4, 8, 1)
+        self.branch = nn.Conv2d(8, 4, 1, bias=False)                   # masked, then concatenated
+        self.branch_bn = nn.BatchNorm2d(4)
+        self.cat_bn = nn.BatchNorm2d(12)                               # follows a concatenation: not masked
+        self.proj = nn.Conv2d(12, 6, 1, bias=False)                    # masked, SiLU after the mask
+        self.proj_bn = nn.BatchNorm2d(6)
+        self.drop = DropPath()
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        y = self.relu(self.a_bn(self.a(x)))
+        x = self.relu(self.b_bn(self.b(y)) + x)
+        x = self.act6(self.dw_bn(self.dw(x)))
+        scale = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(F.adaptive_avg_pool2d(x, 1)))))
+        x = x * scale
+        c = F.hardswish(self.branch_bn(self.branch(x)), inplace=True)
+        x = F.relu(self.cat_bn(torch.cat([x, c], dim=1)), inplace=True)
+        x = F.silu(self.proj_bn(self.proj(x)))
+        x = self.drop(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MASKED = ["a", "b", "dw", "branch", "proj"]
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BN running statistics and affine parameters away from their defaults, so that an error in
+    which BN entries a unit uses shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def hooked_reference(model: nn.Module, masks_for: dict[str, callable]) -> list:
+    """Forward hooks on the masked BNs of ``model``: output * mask, the mask from ``masks_for[conv](conv_input)``."""
+    handles, inputs = [], {}
+    for conv, mask_of in masks_for.items():
+        conv_module, bn_module = model.get_submodule(conv), model.get_submodule(f"{conv}_bn")
+        handles.append(conv_module.register_forward_pre_hook(lambda m, args, c=conv: inputs.__setitem__(c, args[0])))
+        handles.append(bn_module.register_forward_hook(
+            lambda m, args, out, c=conv, f=mask_of: out * f(inputs[c]).to(out.dtype)[:, :, None, None]))
+    return handles
+
+
+def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
+    gm = modularize(PatternNet())
+    assert [u.conv for u in mask_units(gm)] == MASKED
+    assert [u.relu for u in mask_units(gm)] == [True, False, False, False, False]  # only a's BN goes into a ReLU alone
+    assert [u.num_kernels for u in mask_units(gm)] == [8, 8, 8, 4, 6]
+    assert all(u.generator.fc1.in_features == gm.get_submodule(u.conv).in_channels for u in mask_units(gm))
+
+
+def test_masks_come_in_the_order_their_convs_run():
+    model = PatternNet()
+    order = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n))
+    gm = modularize(model)
+    logits, masks = gm(torch.randn(3, 3, 16, 16), return_masks=True)
+    ran = [n for n in order if n in MASKED]
+    assert [u.conv for u in mask_units(gm)] == ran[: len(MASKED)]
+    assert [tuple(m.shape) for m in masks] == [(3, u.num_kernels) for u in mask_units(gm)]
+    assert logits.shape == (3, 5) and torch.is_tensor(gm(torch.randn(2, 3, 16, 16)))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_hard_masks_equal_the_hooked_original(training):
+    torch.manual_seed(0)
+    model = randomised(PatternNet())
+    plain, reference = copy.deepcopy(model), copy.deepcopy(model)
+    gm = modularize(model)
+    for m in (gm, plain, reference):
+        m.train(training)
+        m.get_submodule("drop").eval()  # DropPath's randomness aside
+    g = torch.Generator().manual_seed(1)
+    keep = [torch.rand(u.num_kernels, generator=g) < 0.6 for u in mask_units(gm)]
+    keep[1][:] = False  # one side of the addition keeps nothing
+    x = torch.randn(4, 3, 16, 16)
+    hooked_reference(reference, {c: (lambda inp, k=k: k.float().expand(inp.shape[0], -1)) for c, k in zip(MASKED, keep)})
+    with fixed_masks(gm, keep):
+        assert torch.allclose(gm(x), reference(x), rtol=1e-5, atol=1e-6)
+    with fixed_masks(gm, [torch.ones(u.num_kernels, dtype=torch.bool) for u in mask_units(gm)]):
+        assert torch.allclose(gm(x), plain(x), rtol=1e-5, atol=1e-6)  # all kept: the original network
+    assert all(type(u).__name__ == "MaskUnit" for u in mask_units(gm))  # the generators are back
+
+
+def test_generator_masks_and_gradients_equal_the_hooked_original():
+    """The eager mask op (one custom autograd node that overwrites the BN output) against the paper's
+    unit in plain autograd ops: logits, masks and every parameter's gradient."""
+    torch.manual_seed(0)
+    model = randomised(PatternNet()).eval()  # eval: BN statistics fixed, DropPath off, same in both
+    reference = copy.deepcopy(model)
+    gm = modularize(model).eval()
+    units = {u.conv: u.generator for u in mask_units(gm)}
+    seen = []
+    handles = hooked_reference(reference, {c: (lambda inp, g=g: seen.append(g(inp)) or seen[-1]) for c, g in units.items()})
+    x = torch.randn(4, 3, 16, 16)
+    logits, masks = gm(x, return_masks=True)
+    (logits.square().sum() + sum(m.sum() for m in masks)).backward()
+    got = {n: p.grad.clone() for n, p in gm.named_parameters()}
+    gm.zero_grad()
+    expected = reference(x)
+    (expected.square().sum() + sum(m.sum() for m in seen)).backward()
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    for m, r in zip(masks, seen):
+        assert torch.allclose(m, r, rtol=1e-5, atol=1e-7)
+    reference_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, grad in got.items():
+        if ".generator." in name:  # the generators are the same modules: the reference's backward filled them again
+            continue
+        assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-6), name
+    generator_grads = {n: p.grad for n, p in gm.named_parameters() if ".generator." in n}
+    assert generator_grads and all(g is not None and g.abs().sum() > 0 for g in generator_grads.values())
+    for h in handles:
+        h.remove()
+
+
+def test_a_leaf_keeps_the_training_flag_out_of_the_graph():
+    gm = modularize(PatternNet())
+    assert any(n.op == "call_module" and n.target == "drop" for n in gm.graph.nodes)
+    x = torch.randn(8, 3, 16, 16)
+    gm.eval()
+    assert torch.equal(gm(x), gm(x))  # DropPath off in eval, although traced in train mode
+
+
+class NoBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.c2(F.relu(self.c1(x))), 1).flatten(1))
+
+
+class DataDependent(NoBatchNorm):
+    def forward(self, x):
+        return super().forward(x) if x.sum() > 0 else super().forward(-x)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (NoBatchNorm(), "model NoBatchNorm cannot be modularized: no conv -> BatchNorm unit"),
+    (DataDependent(), "model DataDependent cannot be modularized: its forward does not trace"),
+])
+def test_what_cannot_be_modularized_says_so_in_one_line(model, expected):
+    with pytest.raises(GraphError) as error:
+        modularize(model)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+               "regnet_x_400mf", "vgg11_bn"]
+
+
+def conv_bn_units_by_running(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Independent truth: run the model with hooks and list, in call order, each conv whose output
+    tensor is the input of a BN and of no other module that ran, dropping the first conv that ran."""
+    outputs, readers, order = {}, {}, []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = []
+    for module in model.modules():
+        if next(module.children(), None) is not None:
+            continue
+        def pre(m, args):
+            for a in args:
+                if torch.is_tensor(a) and id(a) in outputs:
+                    readers.setdefault(id(a), []).append(m)
+        def post(m, args, out):
+            if isinstance(m, nn.Conv2d):
+                outputs[id(out)] = m
+                order.append((m, out))
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    units = [names[conv] for conv, out in order[1:]
+             if len(readers.get(id(out), [])) == 1 and isinstance(readers[id(out)][0], nn.BatchNorm2d)]
+    return units
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_are_masked_at_every_conv_bn_unit(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    expected = conv_bn_units_by_running(model, x)
+    gm = modularize(model, name)
+    assert [u.conv for u in mask_units(gm)] == expected
+    if name == "densenet121":
+        assert len(expected) == 6 + 12 + 24 + 16  # one bottleneck conv per dense layer
+    if name in ("resnet18", "mobilenet_v2"):  # in-place ReLU / ReLU6 after masked BNs: backward still works
+        logits, masks = gm.train()(x, return_masks=True)
+        (logits.sum() + sum(m.sum() for m in masks)).backward()
+        assert all(u.generator.fc2.weight.grad is not None for u in mask_units(gm))
