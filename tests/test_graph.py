@@ -2,7 +2,7 @@
 
 The CNN below is defined only in this test and holds each pattern the mechanism must handle: a
 residual addition, a depthwise conv, a squeeze-excitation scale, a concatenation followed by a BN,
-in-place activations after masked BNs and a parameter-free leaf (stochastic-depth-like). The
+a grouped conv, in-place activations after masked BNs and a parameter-free leaf (stochastic-depth-like). The
 reference for every masked output is the original model with a forward hook on each masked BN that
 multiplies its output by the mask: the literal conv -> BN -> x mask of the paper, in plain autograd.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mwt_ray.core.graph import GraphError, fixed_masks, mask_units, modularize
+from mwt_ray.core.graph import GraphError, MaskUnit, fixed_masks, mask_units, modularize
 
 
 class DropPath(nn.Module):
@@ -48,6 +48,8 @@ class PatternNet(nn.Module):
         self.cat_bn = nn.BatchNorm2d(12)                               # follows a concatenation: not masked
         self.proj = nn.Conv2d(12, 6, 1, bias=False)                    # masked, SiLU after the mask
         self.proj_bn = nn.BatchNorm2d(6)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=3, bias=False)  # grouped, masked
+        self.grouped_bn = nn.BatchNorm2d(6)
         self.drop = DropPath()
         self.fc = nn.Linear(6, classes)
 
@@ -61,11 +63,12 @@ class PatternNet(nn.Module):
         c = F.hardswish(self.branch_bn(self.branch(x)), inplace=True)
         x = F.relu(self.cat_bn(torch.cat([x, c], dim=1)), inplace=True)
         x = F.silu(self.proj_bn(self.proj(x)))
+        x = F.relu(self.grouped_bn(self.grouped(x)))
         x = self.drop(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-MASKED = ["a", "b", "dw", "branch", "proj"]
+MASKED = ["a", "b", "dw", "branch", "proj", "grouped"]
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -96,8 +99,8 @@ def hooked_reference(model: nn.Module, masks_for: dict[str, callable]) -> list:
 def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
     gm = modularize(PatternNet())
     assert [u.conv for u in mask_units(gm)] == MASKED
-    assert [u.relu for u in mask_units(gm)] == [True, False, False, False, False]  # only a's BN goes into a ReLU alone
-    assert [u.num_kernels for u in mask_units(gm)] == [8, 8, 8, 4, 6]
+    assert [u.relu for u in mask_units(gm)] == [True, False, False, False, False, True]  # only a's BN goes into a ReLU alone
+    assert [u.num_kernels for u in mask_units(gm)] == [8, 8, 8, 4, 6, 6]
     assert all(u.generator.fc1.in_features == gm.get_submodule(u.conv).in_channels for u in mask_units(gm))
 
 
@@ -246,3 +249,69 @@ def test_torchvision_models_are_masked_at_every_conv_bn_unit(name):
         logits, masks = gm.train()(x, return_masks=True)
         (logits.sum() + sum(m.sum() for m in masks)).backward()
         assert all(u.generator.fc2.weight.grad is not None for u in mask_units(gm))
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def random_keep(gm, seed: int, share: float = 0.5, empty_side: bool = False) -> list[torch.Tensor]:
+    """Random module masks with at least one kernel per unit (the floor a module keeps)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for u in mask_units(gm):
+        k = torch.rand(u.num_kernels, generator=g) < share
+        k[torch.randint(u.num_kernels, (1,), generator=g)] = True
+        if empty_side:  # nothing but the floor
+            k[:] = False
+            k[0] = True
+        keep.append(k)
+    return keep
+
+
+def conv_kernels(model: nn.Module) -> int:
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def check_extraction(gm, keep, size: int, batch: int = 3):
+    from mwt_ray.core.graph import extract_module
+
+    gm.eval()
+    x = torch.randn(batch, 3, size, size)
+    module = extract_module(gm, keep, x[:1]).eval()
+    with fixed_masks(gm, keep):
+        expected = gm(x)
+    got = module(x)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-4 * scale, float((got - expected).abs().max() / scale)
+    assert not any(isinstance(m, MaskUnit) for m in module.modules())
+    return module
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_extracted_pattern_net_equals_the_hard_masked_model(seed, size):
+    torch.manual_seed(seed)
+    gm = modularize(randomised(PatternNet(), seed))
+    keep = random_keep(gm, seed)
+    if seed == 2:
+        keep[1][:] = False
+        keep[1][3] = True  # one side of the addition keeps only the floor
+    module = check_extraction(gm, keep, size)
+    removed = sum(int((~k).sum()) for k in keep)
+    dw = mask_units(gm)[2]  # depthwise kernels whose input channel is gone are not computed (they read zeros)
+    assert conv_kernels(module) <= conv_kernels(gm) - removed
+    assert dw.conv == "dw"
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_modules_equal_the_hard_masked_model(name):
+    import torchvision
+    from fvcore.nn import FlopCountAnalysis
+
+    torch.manual_seed(0)
+    gm = modularize(randomised(getattr(torchvision.models, name)(num_classes=10)), name)
+    for size in (32, 64):
+        module = check_extraction(gm, random_keep(gm, size), size, batch=2)
+    floor = check_extraction(gm, random_keep(gm, 0, empty_side=True), 32, batch=2)
+    x = torch.zeros(1, 3, 32, 32)
+    flops = lambda m: FlopCountAnalysis(m.eval(), x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+    assert flops(floor) < flops(module) < flops(gm)
