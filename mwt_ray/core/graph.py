@@ -22,10 +22,18 @@ output for the backward pass.
 
 The result is a ``torch.fx.GraphModule`` whose ``forward(x, return_masks=False)`` returns the logits,
 or ``(logits, masks)`` with the masks in execution order (what the objective and the metrics read).
+``extract_module`` cuts a module out of it by propagating kept channels through the same graph
+(its docstring and ``_Extraction`` say the rule for each pattern).
+
+Why torch.fx and not a dependency graph such as torch-pruning's: that library prunes once and
+statically, with groups of coupled channels that must keep the same indices; MwT needs per-sample
+masks during training and, at an addition, the union of both sides' kept channels, which a
+rewrite of the traced graph expresses directly.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 
 import torch
@@ -41,34 +49,33 @@ class GraphError(ValueError):
     """A model that cannot be made modular: its graph does not trace, or it holds no maskable unit."""
 
 
-class MaskUnit(nn.Module):
-    """The inserted op: ``(act(y) * mask, mask)`` with ``mask = generator(conv_input)``, act ReLU or the
-    identity. ``conv`` and ``bn`` name the unit it masks (qualified names in the model)."""
-
-    def __init__(self, generator: MaskGenerator, conv: str, bn: str, relu: bool):
-        super().__init__()
-        self.generator = generator
-        self.conv, self.bn, self.relu = conv, bn, relu
+@dataclasses.dataclass(frozen=True)
+class MaskUnit:
+    """One masked unit of a modular graph: its generator (``name`` in the model), the conv whose kernels
+    it masks, the BN whose output it multiplies (qualified names) and whether a ReLU is folded in."""
+    name: str
+    generator: MaskGenerator
+    conv: str
+    bn: str
+    relu: bool
 
     @property
     def num_kernels(self) -> int:
         return self.generator.fc2.out_features
 
-    def forward(self, y: torch.Tensor, conv_input: torch.Tensor):
-        return self.generator.masked(y, conv_input, self.relu)
-
 
 class _FixedMask(nn.Module):
-    """A hard 0/1 mask in place of a unit's generator: the reference a module must match."""
+    """A hard 0/1 mask in place of a unit's generator (same ``masked`` contract): the reference a
+    module must match."""
 
-    def __init__(self, unit: MaskUnit, keep: torch.Tensor):
+    def __init__(self, keep: torch.Tensor):
         super().__init__()
-        self.unit, self.keep = unit, keep
+        self.keep = keep
 
-    def forward(self, y: torch.Tensor, conv_input: torch.Tensor):
+    def masked(self, y: torch.Tensor, conv_input: torch.Tensor, relu: bool):
         hard = self.keep.to(device=y.device, dtype=y.dtype)
         out = y * hard[None, :, None, None]
-        return (F.relu(out) if self.unit.relu else out), hard.expand(y.shape[0], -1)
+        return (F.relu(out) if relu else out), hard.expand(y.shape[0], -1)
 
 
 class _Tracer(fx.Tracer):
@@ -99,9 +106,8 @@ def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
         _module(gm, node).inplace = False  # shared modules (a block's one ReLU) lose nothing by it
     elif node.op == "call_function" and node.kwargs.get("inplace"):
         node.kwargs = {**node.kwargs, "inplace": False}
-    elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
-            and not node.target.endswith("__") and node.args and node.args[0] is not None:
-        node.target = node.target[:-1]
+    elif node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        node.target = node.target[:-1]  # x.relu_() -> x.relu(): torch's in-place methods end in one _
     elif node.op == "call_function" and node.target in (operator.iadd, operator.imul):
         node.target = operator.add if node.target is operator.iadd else operator.mul
 
@@ -140,16 +146,19 @@ def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
     if not units:
         raise GraphError(f"model {label} cannot be modularized: no conv -> BatchNorm unit after its first conv "
                          "(MwT masks a BN's output by kernels of the conv before it)")
-    masks = []
-    for conv, bn in units:
+    masks, pairs, units = [], units, {}
+    for conv, bn in pairs:
         conv_module: nn.Conv2d = _module(gm, conv)
         generator = MaskGenerator(conv_module.in_channels, conv_module.out_channels).to(conv_module.weight.device)
         fold = len(bn.users) == 1 and _is_relu(gm, next(iter(bn.users)))
         replaced = next(iter(bn.users)) if fold else bn
         unit_name = _generator_name(gm, conv.target)
-        gm.add_submodule(unit_name, MaskUnit(generator, conv.target, bn.target, relu=fold))
+        gm.add_submodule(unit_name, generator)
         with gm.graph.inserting_after(replaced):
-            masked = gm.graph.call_module(unit_name, (bn, conv.args[0]))
+            generator_node = gm.graph.get_attr(unit_name)
+        with gm.graph.inserting_after(generator_node):
+            masked = gm.graph.call_method("masked", (generator_node, bn, conv.args[0], fold))
+        units[masked] = {"name": unit_name, "conv": conv.target, "bn": bn.target, "relu": fold}
         with gm.graph.inserting_after(masked):
             output = gm.graph.call_function(operator.getitem, (masked, 0))
         with gm.graph.inserting_after(output):
@@ -172,13 +181,13 @@ def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
     out.args = (result,)
     gm.graph.lint()
     gm.recompile()
-    gm.meta["mask_units"] = [n.args[0].target for n in masks]  # meta: kept by deepcopy and pickle
+    gm.meta["mask_units"] = [units[n.args[0]] for n in masks]  # meta: kept by deepcopy and pickle
     return gm
 
 
 def mask_units(model: nn.Module) -> list[MaskUnit]:
     """The mask units of a graph-modularized model, in the order its masks are returned."""
-    return [model.get_submodule(name) for name in getattr(model, "meta", {}).get("mask_units", [])]
+    return [MaskUnit(generator=model.get_submodule(u["name"]), **u) for u in getattr(model, "meta", {}).get("mask_units", [])]
 
 
 class fixed_masks:
@@ -195,13 +204,13 @@ class fixed_masks:
         self.keep = keep
 
     def __enter__(self):
-        for name, unit, k in zip(self.gm.meta["mask_units"], self.units, self.keep):
-            self._swap(name, _FixedMask(unit, k.float()))
+        for unit, k in zip(self.units, self.keep):
+            self._swap(unit.name, _FixedMask(k.float()))
         return self.gm
 
     def __exit__(self, *exc):
-        for name, unit in zip(self.gm.meta["mask_units"], self.units):
-            self._swap(name, unit)
+        for unit in self.units:
+            self._swap(unit.name, unit.generator)
 
     def _swap(self, name: str, module: nn.Module) -> None:
         parent, _, attr = name.rpartition(".")
@@ -215,9 +224,15 @@ _PER_CHANNEL_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU
                         nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                         nn.AdaptiveMaxPool2d)
 _PER_CHANNEL_FUNCTIONS = {F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.dropout, torch.relu,
-                          torch.sigmoid, F.sigmoid, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                          F.adaptive_max_pool2d, torch.nn.functional.hardtanh}
+                          torch.sigmoid, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                          F.adaptive_max_pool2d, F.hardtanh}
 _PER_CHANNEL_METHODS = {"relu", "sigmoid", "contiguous", "clone"}
+
+
+def _attr(root: nn.Module, target: str):
+    for atom in target.split("."):
+        root = getattr(root, atom)
+    return root
 
 
 def _place(values: torch.Tensor, positions: torch.Tensor, channels: int) -> torch.Tensor:
@@ -260,9 +275,10 @@ class _Extraction:
         from torch.fx.passes.shape_prop import ShapeProp
 
         self.gm, self.label = gm, label
-        self.keep = {name: torch.nonzero(k.to(torch.bool).cpu()).flatten() for name, k in zip(gm.meta["mask_units"], keep)}
-        self.unit_of_conv = {gm.get_submodule(name).conv: name for name in gm.meta["mask_units"]}
-        self.masked_bns = {gm.get_submodule(name).bn for name in gm.meta["mask_units"]}
+        units = mask_units(gm)
+        self.keep = {u.conv: torch.nonzero(k.to(torch.bool).cpu()).flatten() for u, k in zip(units, keep)}
+        self.masked_bns = {u.bn for u in units}
+        self.generators = {u.name for u in units}
         ShapeProp(gm).propagate(example)
         self.graph, self.modules, self.env, self.sets = fx.Graph(), {}, {}, {}
         self.constants = 0
@@ -305,19 +321,25 @@ class _Extraction:
         if op == "output":
             (result,) = node.args
             return self.graph.output(self.env[result.args[0]])  # _model_output(logits, return_masks, masks)
+        if op == "get_attr" and node.target in self.generators:
+            return None  # a module has no generators
         if op == "get_attr":
-            self.modules[node.target] = getattr(gm, node.target)
+            value = _attr(gm, node.target)
+            self.modules[node.target] = copy.deepcopy(value) if isinstance(value, nn.Module) else value
             return self.graph.get_attr(node.target)
+        if op == "call_method" and node.target == "masked" and node.args[0].target in self.generators:
+            # The BN output of the kept channels, where the hard mask is 1 on every one.
+            y, relu = node.args[1], node.args[3]
+            self.sets[node] = self.sets[y]
+            return self.graph.call_function(F.relu, (self.env[y],)) if relu else self.env[y]
         if op == "call_module":
             return self.call_module(node, gm.get_submodule(node.target))
         if op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
-                and node.args[0].op == "call_module" and isinstance(gm.get_submodule(node.args[0].target), MaskUnit):
+                and node.args[0].op == "call_method" and node.args[0].target == "masked":
             if node.args[1] == 1:
                 return None  # the mask: a module has none
-            unit = gm.get_submodule(node.args[0].target)
             self.sets[node] = self.sets[node.args[0]]
-            value = self.env[node.args[0]]
-            return self.graph.call_function(F.relu, (value,)) if unit.relu else value
+            return self.env[node.args[0]]
         if op == "call_function" and node.target is _model_output:
             return None
         return self.call_function(node)
@@ -326,9 +348,6 @@ class _Extraction:
         source = node.args[0] if node.args else None
         inputs = self.channels(source)
         x = self.env[source] if isinstance(source, fx.Node) else None
-        if isinstance(module, MaskUnit):
-            self.sets[node] = self.sets[node.args[0]]
-            return self.env[node.args[0]]  # BN output of the kept channels: the hard mask is 1 on all of them
         if isinstance(module, nn.Conv2d):
             return self.conv(node, module, x, inputs)
         if isinstance(module, nn.BatchNorm2d) and node.target not in self.masked_bns:
@@ -374,8 +393,7 @@ class _Extraction:
 
     def conv(self, node, module: nn.Conv2d, x, inputs):
         full_out = module.out_channels
-        unit = self.unit_of_conv.get(node.target)
-        outputs = self.keep[unit] if unit is not None else torch.arange(full_out)
+        outputs = self.keep.get(node.target, torch.arange(full_out))
         groups = module.groups
         if groups == 1:
             weight = module.weight[outputs][:, inputs]
