@@ -119,13 +119,14 @@ def shaped_latency(repeats: int, threads: list[int]) -> list[dict]:
 
     from mwt_ray.core.extract import extract_module
     from mwt_ray.core.flops import count_flops
-    from mwt_ray.core.models import create_model, masked_units
+    from mwt_ray.core.graph import mask_units
+    from mwt_ray.core.models import create_model
     from mwt_ray.core.reuse import compare_latency
 
     torch.manual_seed(0)
     modular = create_model("vgg16", 10, 0.25, modular=True).eval()
     plain = create_model("vgg16", 10, 0.25, modular=False).eval()
-    sizes = [u.num_kernels for u in masked_units(modular)]
+    sizes = [u.num_kernels for u in mask_units(modular)]
     profiles = {"CIFAR-10 module profile": CIFAR_MODULE_PROFILE,
                 "two-module union of it": [1 - (1 - p) ** 2 for p in CIFAR_MODULE_PROFILE],
                 **{f"uniform {p:.2f}": [p] * len(sizes) for p in (0.25, 0.5, 0.75)}}

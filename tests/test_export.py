@@ -3,7 +3,7 @@ scores, and its MLflow model loads, registers and serves.
 
 The truth the files are checked against is computed here independently: with ``reuse.epochs=0``
 the module is the modular model with its generators off and every kernel outside the classes'
-modules forced to zero (``set_kernel_masks``), its logits restricted to the classes, on images
+modules forced to zero (``graph.fixed_masks``), its logits restricted to the classes, on images
 normalised with the training set's statistics.
 """
 from __future__ import annotations
@@ -96,14 +96,13 @@ def _expected_scores(trained, classes: list[int], images: torch.Tensor) -> torch
     from mwt_ray.core.checkpoint import build_model, load_checkpoint
     from mwt_ray.core.data import load_dataset
     from mwt_ray.core.modularize import KernelUsage, module_masks
-    from mwt_ray.core.models import masked_units, set_kernel_masks
+    from mwt_ray.core.graph import fixed_masks
 
     state = load_checkpoint(trained["modular"] / "checkpoint.pt")
     model = build_model(state).eval()
     keep = module_masks(KernelUsage.from_state_dict(state["kernel_usage"]), 0.9)[classes].any(0)
-    set_kernel_masks(model, list(torch.split(keep.float(), [u.num_kernels for u in masked_units(model)])))
     data = load_dataset("digits", train_limit=500)  # the runs' data.train_limit: their normalisation
-    with torch.no_grad():
+    with torch.no_grad(), fixed_masks(model, keep):
         return model((images - data.mean[:, None, None]) / data.std[:, None, None])[:, classes]
 
 

@@ -7,7 +7,8 @@ import torch
 from mwt_ray.core.export import (ImagesToScores, export_program, load_program, onnx_max_difference, onnx_session,
                                  save_program, scores_agree, write_onnx)
 from mwt_ray.core.extract import extract_module
-from mwt_ray.core.models import create_model, masked_units
+from mwt_ray.core.graph import mask_units
+from mwt_ray.core.models import create_model
 from mwt_ray.core.reuse import RestrictedLogits
 
 
@@ -15,7 +16,7 @@ from mwt_ray.core.reuse import RestrictedLogits
 def test_module_programs_compute_the_module(name, tmp_path):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, width=0.125).eval()
-    sizes = [u.num_kernels for u in masked_units(model)]
+    sizes = [u.num_kernels for u in mask_units(model)]
     keep = torch.rand(sum(sizes)) < 0.5
     keep[torch.cumsum(torch.tensor([0] + sizes[:-1]), 0)] = True  # every layer keeps its first kernel
     module = ImagesToScores(RestrictedLogits(extract_module(model, keep), [7, 2, 4]),

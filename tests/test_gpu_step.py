@@ -184,7 +184,7 @@ def test_channels_last_changes_memory_layout_not_results():
         prepare_model(model, step.s)
         rows[channels_last] = step(images, labels, 1.0)
         grads[channels_last] = [p.grad.clone() for p in model.parameters()]
-    assert model.units[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.get_submodule("units.1.conv").weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(rows[True], rows[False], rtol=1e-4, atol=1e-5)
     for a, b in zip(grads[True], grads[False]):
         assert (a - b).abs().max() <= 1e-3 * b.abs().max()

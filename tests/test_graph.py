@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mwt_ray.core.graph import GraphError, fixed_masks, mask_units, modularize
-from mwt_ray.core.models import MaskGenerator
+from mwt_ray.core.masking import MaskGenerator
 
 
 class DropPath(nn.Module):
@@ -272,7 +272,7 @@ def conv_kernels(model: nn.Module) -> int:
 
 
 def check_extraction(gm, keep, size: int, batch: int = 3):
-    from mwt_ray.core.graph import extract_module
+    from mwt_ray.core.extract import extract_module
 
     gm.eval()
     x = torch.randn(batch, 3, size, size)

@@ -1,26 +1,33 @@
 """Model registry, kernel counts, and the single-node generator + mask op against plain autograd."""
+import copy
 import itertools
 
 import pytest
 import torch
 
-import mwt_ray.core.models as models
-from mwt_ray.core.models import MaskGenerator, conv_units, create_model, masked_units
+import mwt_ray.core.masking as masking
+from mwt_ray.core.graph import mask_units, modularize
+from mwt_ray.core.masking import MaskGenerator
+from mwt_ray.core.models import create_model
+
+
+def conv_kernels(model) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 def test_kernel_counts_match_the_paper():
     vgg = create_model("vgg16")
-    assert sum(u.num_kernels for u in conv_units(vgg)) == 4224  # Table 2
-    assert sum(u.num_kernels for u in masked_units(vgg)) == 4160  # all but the first conv
+    assert sum(conv_kernels(vgg)) == 4224  # Table 2
+    assert sum(u.num_kernels for u in mask_units(vgg)) == 4160  # all but the first conv
     resnet = create_model("resnet18")
     # Table 2's 3904 counts the 3x3 convs; the three 1x1 shortcut convs (896 kernels) are masked too.
-    assert sum(u.num_kernels for u in conv_units(resnet) if u.conv.kernel_size == (3, 3)) == 3904
-    assert sum(u.num_kernels for u in masked_units(resnet)) == 4800 - 64
+    assert sum(m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)) == 3904
+    assert sum(u.num_kernels for u in mask_units(resnet)) == 4800 - 64
 
 
 def test_standard_model_has_no_generators_and_same_backbone_shapes():
     modular, standard = create_model("vgg16", width=0.25), create_model("vgg16", width=0.25, modular=False)
-    assert not masked_units(standard)
+    assert not mask_units(standard)
     backbone = {k: v.shape for k, v in modular.state_dict().items() if "mask_generator" not in k}
     assert backbone == {k: v.shape for k, v in standard.state_dict().items()}
 
@@ -39,7 +46,7 @@ def test_masked_activation_matches_autograd(relu, detach, sliced, mask_used, mon
     weights, with masks that are exactly 0 for some kernels, whether or not the loss also uses the
     mask itself (as the objective does), on the CPU's sliced path and the one-pass (GPU) path."""
     if sliced:  # slices of 2 samples: the batch of 8 is walked in 4 slices
-        monkeypatch.setattr(models, "_CHUNK_ELEMENTS", 2 * 5 * 3 * 3)
+        monkeypatch.setattr(masking, "_CHUNK_ELEMENTS", 2 * 5 * 3 * 3)
     torch.manual_seed(0)
     generator = MaskGenerator(6, 5).double()
     with torch.no_grad():
@@ -70,28 +77,37 @@ def test_masked_activation_matches_autograd(relu, detach, sliced, mask_used, mon
 def test_simcnn_and_rescnn_layouts():
     # Layouts of the authors' public code: SimCNN is VGG16's 13 convs with a dropout classifier,
     # ResCNN 12 convs (64, 128 x3, 256, 512 x7) with three residual pairs.
-    assert sum(u.num_kernels for u in conv_units(create_model("simcnn"))) == 4224
-    assert [u.num_kernels for u in conv_units(create_model("rescnn"))] == [64, 128, 128, 128, 256] + [512] * 7
+    assert sum(conv_kernels(create_model("simcnn"))) == 4224
+    assert conv_kernels(create_model("rescnn")) == [64, 128, 128, 128, 256] + [512] * 7
     for name in ("simcnn", "rescnn"):
         assert create_model(name, width=0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
 def test_modular_forward_equals_naive_masking(name):
-    """Mask after ReLU/pool (the fast path) equals the paper's BN -> x mask -> ReLU order."""
-    model = create_model(name, width=0.125).double().eval()
+    """The modular graph (ReLU folded into the mask op, the mask after a max-pool) equals the paper's
+    order on the plain network: BN -> x mask -> ReLU -> pool, the mask put on each masked BN's output
+    by a forward hook, in the order the graph returns the masks."""
+    plain = create_model(name, width=0.125, modular=False).double().eval()
+    reference = copy.deepcopy(plain)
+    model = modularize(plain, name)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     logits, masks = model(x, return_masks=True)
-    captured = iter(masks)
+    for unit, mask in zip(mask_units(model), masks):
+        reference.get_submodule(unit.bn).register_forward_hook(
+            lambda module, inputs, out, mask=mask: out * mask[:, :, None, None])
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), logits)
+    assert len(masks) == len(mask_units(model)) and all(0.2 < (m > 0).double().mean() for m in masks)
 
-    def naive(unit, inp, masks_out=None):
-        out = unit.bn(unit.conv(inp))
-        if unit.mask_generator is not None:
-            out = out * next(captured)[:, :, None, None]
-        if unit.relu:
-            out = torch.relu(out)
-        return torch.nn.functional.max_pool2d(out, 2) if unit.pool else out
 
-    for unit in conv_units(model):
-        unit.forward = lambda inp, masks_out=None, unit=unit: naive(unit, inp)
-    torch.testing.assert_close(model(x), logits)
+def test_masks_come_in_the_order_the_graph_runs_them():
+    """ResNet's shortcut conv runs after the block's two convs (the order checkpoints' kernel counts
+    are stored in); the mask order is read from the graph, not from the module registration."""
+    model = create_model("resnet18", width=0.125)
+    names = [u.conv for u in mask_units(model)]
+    assert names[:5] == ["blocks.0.unit1.conv", "blocks.0.unit2.conv", "blocks.1.unit1.conv", "blocks.1.unit2.conv",
+                         "blocks.2.unit1.conv"]
+    assert names[5:7] == ["blocks.2.unit2.conv", "blocks.2.shortcut.conv"]
+    order = [n.target for n in model.graph.nodes if n.op == "call_module" and n.target in names]
+    assert order == names

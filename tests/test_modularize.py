@@ -5,7 +5,8 @@ import torch
 from mwt_ray.core.metrics import coupling, kernel_retention_rate
 from mwt_ray.core.modularize import (TAU_GRID, KernelUsage, count_kernel_usage, modularity_by_tau, modularity_report,
                                      module_masks)
-from mwt_ray.core.models import create_model, masked_units
+from mwt_ray.core.graph import mask_units
+from mwt_ray.core.models import create_model
 
 
 def test_streaming_counts_equal_one_in_memory_pass():
@@ -20,7 +21,7 @@ def test_streaming_counts_equal_one_in_memory_pass():
     expected = torch.stack([active[y == c].sum(0) for c in range(4)])
     assert torch.equal(usage.counts, expected)
     assert torch.equal(usage.class_sizes, torch.bincount(y, minlength=4))
-    assert usage.counts.shape == (4, sum(u.num_kernels for u in masked_units(model)))
+    assert usage.counts.shape == (4, sum(u.num_kernels for u in mask_units(model)))
     # The cohesion sample keeps the first 5 samples of each class, in order.
     for c in range(4):
         first = active[y == c][:5]

@@ -4,7 +4,8 @@ import torch
 
 from mwt_ray.core.data import ImageData
 from mwt_ray.core.extract import extract_module
-from mwt_ray.core.models import create_model, masked_units
+from mwt_ray.core.graph import mask_units
+from mwt_ray.core.models import create_model
 from mwt_ray.core.reuse import FineTuneSettings, build_reused_model, evaluate_subtask, mixed_module_mask, sample_subtasks
 from mwt_ray.core.training import evaluate
 
@@ -28,7 +29,7 @@ def test_mixed_module_is_the_union():
 
 def test_reused_model_wraps_the_extracted_mixed_module():
     model = create_model("vgg16", num_classes=4, width=0.125).eval()
-    sizes = [u.num_kernels for u in masked_units(model)]
+    sizes = [u.num_kernels for u in mask_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.5
     masks[:, :] |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
     reused = build_reused_model(model, masks, [1, 3]).eval()
@@ -42,7 +43,7 @@ def test_fine_tuning_learns_the_subtask_and_standard_is_scored_on_restricted_log
     torch.manual_seed(0)
     data = separable_data(n=200)
     model = create_model("vgg16", num_classes=4, width=0.125)
-    sizes = [u.num_kernels for u in masked_units(model)]
+    sizes = [u.num_kernels for u in mask_units(model)]
     masks = torch.ones(4, sum(sizes), dtype=torch.bool)
     settings = FineTuneSettings(epochs=4, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0)
     result = evaluate_subtask(model, masks, data, [2, 0], settings, torch.device("cpu"), standard_model=model,
@@ -72,21 +73,20 @@ def test_sampled_subtasks_are_distinct_and_valid():
 def test_accuracy_without_fine_tuning_is_the_hard_masked_model_on_restricted_logits():
     """Brute force: per held-out sample, the hard-masked full network's logits at the sub-task's
     classes, argmax, compared with the label."""
-    from mwt_ray.core.models import set_kernel_masks
+    from mwt_ray.core.graph import fixed_masks
     from mwt_ray.core.reuse import accuracy_without_fine_tuning
 
     torch.manual_seed(1)
     data = separable_data(n=200).with_validation(0.25, seed=0)
     assert len(data.val_labels) == 48 and len(data.train_labels) == 152
     model = create_model("vgg16", num_classes=4, width=0.125).eval()
-    sizes = [u.num_kernels for u in masked_units(model)]
+    sizes = [u.num_kernels for u in mask_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.4
     masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
     classes = [3, 1]
     got = accuracy_without_fine_tuning(model, masks, data, classes, torch.device("cpu"), split="val")
-    set_kernel_masks(model, list(torch.split(masks[classes].any(0), sizes)))
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), fixed_masks(model, masks[classes].any(0)):
         for image, label in zip(data.val_images, data.val_labels.tolist()):
             if label not in classes:
                 continue
@@ -140,7 +140,7 @@ def test_evaluate_subtask_reports_zero_fine_tune_loss_and_latency():
     torch.manual_seed(0)
     data = separable_data(n=120)
     model = create_model("vgg16", num_classes=4, width=0.125)
-    sizes = [u.num_kernels for u in masked_units(model)]
+    sizes = [u.num_kernels for u in mask_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.5
     masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
     settings = FineTuneSettings(epochs=1, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0)
@@ -161,21 +161,20 @@ def _trained_plain(data, epochs=3):
     """A modular VGG16/8 trained as a plain network (hard masks of ones: generators off), so that
     its extracted module with every kernel computes what was trained."""
     from mwt_ray.core.data import iterate_batches
-    from mwt_ray.core.models import set_kernel_masks
+    from mwt_ray.core.graph import fixed_masks
 
     model = create_model("vgg16", num_classes=data.num_classes, width=0.125)
-    sizes = [u.num_kernels for u in masked_units(model)]
-    set_kernel_masks(model, [torch.ones(k) for k in sizes])
+    sizes = [u.num_kernels for u in mask_units(model)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
-    for epoch in range(epochs):
-        for x, y in iterate_batches(data.train_images, data.train_labels, 32, mean=data.mean, std=data.std,
-                                    shuffle=True, seed=epoch):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    set_kernel_masks(model, None)
+    with fixed_masks(model, [torch.ones(k) for k in sizes]):
+        for epoch in range(epochs):
+            for x, y in iterate_batches(data.train_images, data.train_labels, 32, mean=data.mean, std=data.std,
+                                        shuffle=True, seed=epoch):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     return model.eval(), torch.ones(data.num_classes, sum(sizes), dtype=torch.bool)
 
 

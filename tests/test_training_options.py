@@ -10,7 +10,7 @@ from conftest import random_masks
 from mwt_ray import create_model
 from mwt_ray.config import load_config
 from mwt_ray.core.losses import modular_objective
-from mwt_ray.core.models import init_mask_bias, masked_units
+from mwt_ray.core.graph import init_mask_bias, mask_units
 from mwt_ray.core.training import loss_weight_ramp, make_optimizer, make_scheduler
 from mwt_ray.jobs import train_in_process
 
@@ -56,7 +56,7 @@ def test_generator_learning_rate_has_its_own_group_that_follows_the_schedule():
     optimizer = make_optimizer(model, s)
     scheduler = make_scheduler(optimizer, s)
     network, generators = optimizer.param_groups
-    generator_ids = {id(p) for unit in masked_units(model) for p in unit.mask_generator.parameters()}
+    generator_ids = {id(p) for unit in mask_units(model) for p in unit.generator.parameters()}
     assert {id(p) for p in generators["params"]} == generator_ids
     assert {id(p) for p in network["params"]} | generator_ids == {id(p) for p in model.parameters()}
     assert len(network["params"]) + len(generators["params"]) == len(list(model.parameters()))
@@ -76,8 +76,8 @@ def test_default_optimizer_is_one_group_over_all_parameters_in_order():
 def test_mask_bias_init_sets_every_generator_and_very_negative_switches_masks_off():
     model = create_model("vgg16", width=0.125)
     init_mask_bias(model, -0.5)
-    assert all(torch.equal(u.mask_generator.fc2.bias, torch.full_like(u.mask_generator.fc2.bias, -0.5))
-               for u in masked_units(model))
+    assert all(torch.equal(u.generator.fc2.bias, torch.full_like(u.generator.fc2.bias, -0.5))
+               for u in mask_units(model))
     init_mask_bias(model, -1e4)
     _, masks = model.eval()(torch.randn(4, 3, 32, 32), return_masks=True)
     assert all(m.eq(0).all() for m in masks)
@@ -99,7 +99,7 @@ def test_training_job_applies_the_options(tmp_path):
 @pytest.mark.parametrize("detach", [False, True])
 def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone(detach):
     from mwt_ray.core.losses import cohesion_coupling_losses
-    from mwt_ray.core.models import detach_generator_inputs
+    from mwt_ray.core.graph import detach_generator_inputs
 
     model = create_model("vgg16", width=0.125)
     detach_generator_inputs(model, detach)
@@ -107,7 +107,7 @@ def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone
     logits, masks = model(torch.randn(8, 3, 32, 32), return_masks=True)
     cohesion, coupling = cohesion_coupling_losses(masks, labels, 10)
     (cohesion + coupling).backward()
-    generator_ids = {id(p) for unit in masked_units(model) for p in unit.mask_generator.parameters()}
+    generator_ids = {id(p) for unit in mask_units(model) for p in unit.generator.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in generator_ids]
     touched = [p for p in backbone if p.grad is not None and p.grad.abs().sum() > 0]
     assert (not touched) if detach else len(touched) > len(backbone) // 2

@@ -87,7 +87,7 @@ def cohesion_coupling_losses(masks: "list[torch.Tensor] | LayerMasks", labels: t
                              num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """L_ch (Eq. 4) and L_cp (Eq. 5) for one batch of per-layer masks ``(B, K_l)``.
 
-    Under autocast the similarities stay in the masks' fp32 (see models._MaskedActivation): they
+    Under autocast the similarities stay in the masks' fp32 (see masking._MaskedActivation): they
     are differences of values near 1, which bf16 would round to about 0.4%."""
     masks = LayerMasks.of(masks)
     with torch.autocast(masks.values.device.type, enabled=False):

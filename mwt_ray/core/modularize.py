@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .metrics import coupling, kernel_rate, kernel_retention_rate, module_cohesions
-from .models import masked_units
+from .graph import mask_units
 
 __all__ = ["KernelUsage", "count_kernel_usage", "module_masks", "split_layers", "modularity_by_tau",
            "modularity_report", "TAU_GRID"]
@@ -67,7 +67,7 @@ def count_kernel_usage(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
 
     ``max_samples_per_class``: how many per-sample kernel sets to keep per class for the exact
     Jaccard cohesion (None: all, 0: none). ``device`` defaults to the model's."""
-    units = masked_units(model)
+    units = mask_units(model)
     device = device if device is not None else next(model.parameters()).device
     if not units:
         raise ValueError("the model has no mask generators: modularize a model built with modular=True")

@@ -32,7 +32,8 @@ from ..config import Config
 from ..core.checkpoint import load_weights, save_checkpoint
 from ..core.data import ImageData, iterate_batches, place_data
 from ..core.files import atomic_write_text
-from ..core.models import conv_units, create_model, detach_generator_inputs, init_mask_bias
+from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kernels
+from ..core.models import create_model
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
 from ..core.training import fit, make_optimizer, make_scheduler, prepare_model, unwrap_ddp
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
@@ -50,8 +51,7 @@ def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
     usage = count_kernel_usage(model, batches, data.num_classes, device,
                                max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
     masks = module_masks(usage, cfg.modularize.tau)
-    first_convs = sum(u.num_kernels for u in conv_units(model) if u.mask_generator is None)
-    return usage, masks, modularity_report(usage, masks, unmasked_kernels=first_convs, tau=cfg.modularize.tau,
+    return usage, masks, modularity_report(usage, masks, unmasked_kernels=unmasked_kernels(model), tau=cfg.modularize.tau,
                                            taus=cfg.modularize.report_taus)
 
 
