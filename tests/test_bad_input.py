@@ -380,6 +380,21 @@ def resume_cases() -> list[Case]:
     ]
 
 
+def model_cases() -> list[Case]:
+    """Models that cannot be built, made modular or cut into modules (issue 17): refused before training."""
+    # model.width=null: the cases' base arguments set 0.125, which only the built-ins take.
+    tv = lambda name, *more: ["--set", f"model.name=torchvision:{name}", "--set", "model.width=null", *more]  # noqa: E731
+    return [
+        Case("unknown torchvision model", tv("resnet19"), "unknown torchvision model 'torchvision:resnet19'"),
+        Case("width on a model without one", tv("resnet18", "--set", "model.width=0.5"),
+             "torchvision:resnet18 has no width multiplier"),
+        Case("no BatchNorm", tv("squeezenet1_1"), "no conv -> BatchNorm unit after its first conv"),
+        Case("channel shuffle", tv("shufflenet_v2_x0_5"), "a reshape that moves channels (as a channel shuffle does)"),
+        Case("auxiliary outputs", tv("googlenet"), "returns GoogLeNetOutputs in training mode"),
+        Case("standard, auxiliary outputs", tv("googlenet", "--standard"), "returns GoogLeNetOutputs in training mode"),
+    ]
+
+
 def reuse_cases() -> list[Case]:
     """The reuse command's checkpoint handling (its other checks belong to the reuse tests)."""
     return [
@@ -455,7 +470,7 @@ def export_cases() -> list[Case]:
 
 
 CASES = (config_cases() + cli_cases() + data_cases() + place_cases() + distributed_cases() + resume_cases()
-         + reuse_cases() + export_cases())
+         + model_cases() + reuse_cases() + export_cases())
 
 
 # ----------------------------------------------------------------------------- running a case

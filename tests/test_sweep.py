@@ -240,10 +240,11 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
     """Each trial on its own Ray Train worker group (Train V2 inside Tune), two trials one at a time,
     ASHA on: every trial ends, completed or stopped, and the second does not wait forever for
     resources the first kept (ray-project/ray#54305 hung exactly this on a Ray without its
-    dashboard)."""
+    dashboard). The model is torchvision's MobileNetV2 (issue 17: any CNN in a sweep trial)."""
     tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=2, max_concurrent=1, standard_baseline=False,
                                      tau_range={"low": 0.5, "high": 1.0}).read_text())  # tau searched by Optuna
     tree["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.99}
+    tree["model"] = {"name": "torchvision:mobilenet_v2", "width": 0.25}
     config = tmp_path / "workers.yaml"
     config.write_text(yaml.safe_dump(tree))
     result = run_sweep_cli(config, timeout=900)
@@ -257,6 +258,7 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
     _, runs = mlflow_runs(tmp_path)
     trial_runs = [r for r in runs if r.info.run_name.startswith("trial-")]
     assert len(trial_runs) == 2 and all(r.data.params["scaling.num_workers"] == "1" for r in trial_runs)
+    assert all(r.data.params["model.name"] == "torchvision:mobilenet_v2" for r in trial_runs)
     done = table[table["status"] == "completed"]
     assert done["tau"].between(0.5, 1.0).all()  # each completed trial was scored at its sampled tau
 

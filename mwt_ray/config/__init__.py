@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..core.data import DATASETS
-from ..core.models import create_model, list_models
+from ..core.models import TORCHVISION_PREFIX, check_model_name, create_model, list_models
 from ..core.reuse import FineTuneSettings
 from ..core.training import OptimSettings
 from ..core.messages import one_line
@@ -42,33 +42,42 @@ MAX_PARAMETERS = 2e9
 def _parameters_at_width_one(name: str) -> int:
     """Parameters of ``name`` at width 1 with 10 classes, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in create_model(name, 10, 1.0, modular=True).parameters())
+        return sum(p.numel() for p in create_model(name, 10, 1.0, modular=False).parameters())
+
+
+# The width of a built-in when model.width is unset: a quarter of the paper's channels, which trains on a CPU.
+BUILTIN_DEFAULT_WIDTH = 0.25
 
 
 class ModelConfig(Section):
-    name: str = "vgg16"
-    width: float = Field(0.25, gt=0, description="channel multiplier (1.0 = the paper's models)")
+    name: str = Field("vgg16", description="a built-in (vgg16, resnet18, simcnn, rescnn) or torchvision:<name>")
+    width: float | None = Field(None, gt=0, description="channel multiplier; unset: 0.25 for the built-ins (1.0 = the "
+                                "paper's models), a torchvision model's own (MobileNet's width_mult where set)")
 
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in list_models():
-            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+        check_model_name(value)
         return value
 
-    @field_validator("width")
-    @classmethod
-    def _not_absurd(cls, value: float, info: ValidationInfo) -> float:
-        """Every channel count scales with the width, so the parameter count grows with its square."""
-        name = info.data.get("name")
-        if value <= 4 or name not in list_models():  # below 4 every model has < 0.4e9 parameters
-            return value
-        estimate = _parameters_at_width_one(name) * value ** 2
-        if estimate > MAX_PARAMETERS:
-            largest = math.sqrt(MAX_PARAMETERS / _parameters_at_width_one(name))
-            raise ValueError(f"width {value:g} would give {name} about {estimate:.2g} parameters, more than the "
-                             f"{MAX_PARAMETERS:.0e} allowed; use a width up to {largest:.1f}")
-        return value
+    @model_validator(mode="after")
+    def _width(self) -> "ModelConfig":
+        """Unset becomes the model's default; an explicit width is checked against the constructor and,
+        since every channel count scales with it, against the parameter count (its square)."""
+        if self.width is None:
+            self.width = BUILTIN_DEFAULT_WIDTH if self.name in list_models() else 1.0
+            return self
+        value, name = self.width, self.name
+        if name.startswith(TORCHVISION_PREFIX) and value != 1.0:
+            with torch.device("meta"):
+                create_model(name, 10, value, modular=False)  # ValueError where there is no width_mult
+        if value > 4:  # below 4 every model has < 0.4e9 parameters
+            estimate = _parameters_at_width_one(name) * value ** 2
+            if estimate > MAX_PARAMETERS:
+                largest = math.sqrt(MAX_PARAMETERS / _parameters_at_width_one(name))
+                raise ValueError(f"width {value:g} would give {name} about {estimate:.2g} parameters, more than the "
+                                 f"{MAX_PARAMETERS:.0e} allowed; use a width up to {largest:.1f}")
+        return self
 
 
 class DataConfig(Section):

@@ -41,6 +41,7 @@ _PER_CHANNEL_FUNCTIONS = {F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F
                           torch.sigmoid, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                           F.adaptive_max_pool2d, F.hardtanh}
 _PER_CHANNEL_METHODS = {"relu", "sigmoid", "contiguous", "clone"}
+_RESHAPES = {"size", "view", "reshape", "transpose", "permute", "chunk", "split", "unflatten"}
 
 
 def _attr(root: nn.Module, target: str):
@@ -93,12 +94,22 @@ class _Extraction:
         self.keep = {u.conv: torch.nonzero(k.to(torch.bool).cpu()).flatten() for u, k in zip(units, keep)}
         self.masked_bns = {u.bn for u in units}
         self.generators = {u.name for u in units}
+        try:  # first plainly: ShapeProp prints a traceback of its own when a node fails
+            with torch.no_grad():
+                gm(example)
+        except Exception as error:  # noqa: BLE001 - the model itself fails on this input
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise GraphError(f"model {label} does not run on an input of shape {tuple(example.shape)} "
+                             f"({message[:200]})") from None
         ShapeProp(gm).propagate(example)
         self.graph, self.modules, self.env, self.sets = fx.Graph(), {}, {}, {}
         self.constants = 0
 
     def refuse(self, node: fx.Node, what: str):
-        raise GraphError(f"model {self.label}: cannot extract a module through {what} (node {node.name})")
+        why = ""
+        if node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) in _RESHAPES:
+            why = ": a reshape that moves channels (as a channel shuffle does), which kept channels cannot follow"
+        raise GraphError(f"model {self.label}: cannot extract a module through {what} (node {node.name}){why}")
 
     def channels(self, node) -> torch.Tensor | None:
         return self.sets.get(node) if isinstance(node, fx.Node) else None
@@ -283,7 +294,27 @@ class _Extraction:
             shape = source.meta["tensor_meta"].shape
             spatial = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
             self.sets[("features", node)] = (inputs[:, None] * spatial + torch.arange(spatial)).flatten()
+        elif self.features(source) is not None:  # already (samples, features): flattening keeps them
+            self.sets[("features", node)] = self.features(source)
         return out
+
+    def spatial_reduction(self, node: fx.Node):
+        """``x.mean((2, 3))`` and the like (a global pool written as a reduction, as MNASNet does): each
+        channel is reduced alone, so the kept channels stay, as channels or (without keepdim) as features."""
+        source = node.args[0]
+        inputs = self.channels(source)
+        if inputs is None:
+            if ("features", source) in self.sets:
+                self.refuse(node, "a reduction of pruned features")
+            return self.copy(node)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        rank = len(source.meta["tensor_meta"].shape)
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or any(d % rank < 2 for d in dims):
+            self.refuse(node, f"a reduction over dims {dims or 'all'} of pruned channels")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        self.sets[node if keepdim or rank - len(dims) > 2 else ("features", node)] = inputs
+        return self.copy(node)
 
     def call_function(self, node: fx.Node):
         target, args = node.target, node.args
@@ -293,6 +324,8 @@ class _Extraction:
             start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
             end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
             return self.flatten(node, self.env[args[0]], args[0], start, end)
+        if target in ("mean", "sum", "amax") or target in (torch.mean, torch.sum, torch.amax):
+            return self.spatial_reduction(node)
         if node.op == "call_function" and target is torch.cat:
             parts = args[0]
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
@@ -332,7 +365,9 @@ class _Extraction:
 
     @staticmethod
     def op_name(node: fx.Node) -> str:
-        return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        """``x.view()`` or ``torch.transpose()``."""
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"x.{name}()" if node.op == "call_method" else f"{name}()"
 
     def product(self, node: fx.Node):
         """An elementwise product (squeeze-excitation's scale): a channel missing on either side is 0,

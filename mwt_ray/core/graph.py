@@ -12,18 +12,21 @@ paper. What this means for the patterns of common CNNs:
 - Squeeze-excitation: its 1x1 convs feed an activation, not a BN, so they are not masked; the scale
   it multiplies in keeps the channels of its input.
 - A BN's ReLU is folded into the mask op (``relu(m * y) == m * relu(y)`` for ``m >= 0``, one pass
-  fewer, as the built-in units do); other activations (ReLU6, hardswish, SiLU) follow the mask, and
-  since each maps 0 to 0 a removed kernel stays 0.
+  fewer); BN -> ReLU -> max-pool gets the mask after the pool (it commutes with both, and touches a
+  quarter of the values); other activations (ReLU6, hardswish, SiLU) follow the mask, and since each
+  maps 0 to 0 a removed kernel stays 0.
 
 Tracing: parameter-free modules without children (torchvision's StochasticDepth, dropout variants)
 are kept as leaves: traced through, they would bake the training flag of the moment into the graph.
+Python branches elsewhere are fixed at tracing (in training mode): a model whose training output is
+not the logits (GoogLeNet's auxiliary heads) is refused before training (``jobs.setup.check_model``).
 In-place activations that read a masked output are made out-of-place: the eager mask op saves its
 output for the backward pass.
 
 The result is a ``torch.fx.GraphModule`` whose ``forward(x, return_masks=False)`` returns the logits,
 or ``(logits, masks)`` with the masks in execution order (what the objective and the metrics read).
-``extract_module`` cuts a module out of it by propagating kept channels through the same graph
-(its docstring and ``_Extraction`` say the rule for each pattern).
+``core.extract.extract_module`` cuts a module out of it by propagating kept channels through the same
+graph (its docstring says the rule for each pattern).
 
 Why torch.fx and not a dependency graph such as torch-pruning's: that library prunes once and
 statically, with groups of coupled channels that must keep the same indices; MwT needs per-sample
@@ -32,7 +35,6 @@ rewrite of the traced graph expresses directly.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
 
@@ -42,7 +44,7 @@ from torch import fx, nn
 
 from .masking import MaskGenerator
 
-__all__ = ["GraphError", "modularize", "mask_units", "fixed_masks", "MaskUnit", "init_mask_bias",
+__all__ = ["GraphError", "modularize", "mask_units", "per_unit_masks", "fixed_masks", "MaskUnit", "init_mask_bias",
            "detach_generator_inputs", "unmasked_kernels"]
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from .graph import modularize
 
-__all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models"]
+__all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models", "check_model_name",
+           "TORCHVISION_PREFIX"]
 
 
 class ConvUnit(nn.Module):
@@ -177,19 +178,69 @@ _REGISTRY: dict[str, Callable[[int, float], nn.Module]] = {
 }
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)  # the classification models
+
+
 def list_models() -> list[str]:
+    """The built-ins; any of torchvision's classification models is also accepted as ``torchvision:<name>``."""
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = 10, width: float = 1.0, modular: bool = True) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("vgg16", width=0.25)``: plain with ``modular=False``,
-    else its modular graph (``graph.modularize``), whose ``forward(x, return_masks=True)`` also returns
-    the masks."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+def check_model_name(name: str) -> None:
+    """Raise ValueError, naming what is allowed, unless ``name`` is a built-in or ``torchvision:<name>``."""
+    if name in _REGISTRY:
+        return
+    if name.startswith(TORCHVISION_PREFIX):
+        known = _torchvision_names()
+        if name[len(TORCHVISION_PREFIX):] in known:
+            return
+        raise ValueError(f"unknown torchvision model {name!r}; torchvision {_torchvision_version()} has "
+                         f"{', '.join(known)}")
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, or "
+                     f"{TORCHVISION_PREFIX}<name> for a torchvision CNN (e.g. {TORCHVISION_PREFIX}mobilenet_v2)")
+
+
+def _torchvision_version() -> str:
+    import torchvision
+
+    return torchvision.__version__.split("+")[0]
+
+
+def _torchvision_model(name: str, num_classes: int, width: float | None) -> nn.Module:
+    """The torchvision model, untrained, its classifier sized for ``num_classes``; ``width`` goes to
+    the constructor's ``width_mult`` (MobileNet) and is refused, unless 1 (its own), where there is none."""
+    import torchvision
+
+    arch = name[len(TORCHVISION_PREFIX):]
+    if width is None or width == 1.0:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    try:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, width_mult=width)
+    except TypeError as error:
+        if "width_mult" not in str(error):
+            raise
+    raise ValueError(f"width {width:g}: {name} has no width multiplier (only MobileNet's constructors take "
+                     "width_mult); leave model.width unset for its own width") from None
+
+
+def create_model(name: str, num_classes: int = 10, width: float | None = None, modular: bool = True) -> nn.Module:
+    """Build a model, e.g. ``create_model("vgg16", width=0.25)`` or ``create_model("torchvision:mobilenet_v2")``:
+    plain with ``modular=False``, else its modular graph (``graph.modularize``), whose
+    ``forward(x, return_masks=True)`` also returns the masks. ``width``: the channel multiplier; None is
+    the architecture's own (1.0 for the built-ins)."""
+    check_model_name(name)
+    if width is not None and not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
         raise ValueError(f"width must be a positive number, got {width!r}")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    model = _REGISTRY[name](num_classes, float(width))
+    if name in _REGISTRY:
+        model = _REGISTRY[name](num_classes, 1.0 if width is None else float(width))
+    else:
+        model = _torchvision_model(name, num_classes, None if width is None else float(width))
     return modularize(model, name) if modular else model

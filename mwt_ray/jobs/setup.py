@@ -16,7 +16,7 @@ from ..config import Config
 from ..core.data import ImageData, load_dataset
 
 __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data",
-           "architecture", "check_job", "absolute_paths"]
+           "architecture", "check_job", "check_model", "absolute_paths"]
 
 # What a finished training job leaves in its run folder (``Config.run_dir``).
 RESULT_FILES = ("checkpoint.pt", "metrics.json", "history.csv")
@@ -68,7 +68,47 @@ def check_job(cfg: Config) -> ImageData:
     if cfg.train.batch_size > len(data.train_labels):
         raise SetupError(f"train.batch_size {cfg.train.batch_size} is larger than the training set "
                          f"({len(data.train_labels)} samples)")
+    check_model(cfg, data)
     return data
+
+
+def check_logits(model: torch.nn.Module, name: str, example: torch.Tensor, num_classes: int) -> None:
+    """The model's training-mode output is a (samples, classes) tensor: not, say, GoogLeNet's tuple of
+    auxiliary heads."""
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as error:  # noqa: BLE001 - any failure here is the model's on this input
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SetupError(f"model {name} does not run on the data's images of shape {tuple(example.shape[1:])} "
+                         f"({message[:200]})") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(example), num_classes):
+        what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SetupError(f"model {name} returns {what} in training mode, not one row of {num_classes} logits "
+                         "per image (models with auxiliary outputs are not supported)")
+
+
+def check_model(cfg: Config, data: ImageData) -> None:
+    """The model runs on the data's images and gives logits; a modular one can also be made modular and
+    have a module cut out of it: a model whose graph does not trace, has no conv -> BN unit, or holds a
+    pattern the extraction does not handle (a channel shuffle, say) is refused here, before it is
+    trained, not when its modules are wanted."""
+    from ..core.extract import extract_module
+    from ..core.graph import GraphError, mask_units
+    from ..core.models import create_model
+
+    try:
+        model = create_model(cfg.model.name, data.num_classes, cfg.model.width, modular=cfg.train.modular)
+        check_logits(model, cfg.model.name, torch.zeros(2, *data.train_images.shape[1:]), data.num_classes)
+        if not cfg.train.modular:
+            return
+        generator = torch.Generator().manual_seed(0)
+        keep = [torch.rand(u.num_kernels, generator=generator) < 0.5 for u in mask_units(model)]
+        for layer in keep:
+            layer[0] = True
+        extract_module(model, keep, torch.zeros(1, *data.train_images.shape[1:]), name=cfg.model.name)
+    except GraphError as error:
+        raise SetupError(str(error)) from None
 
 
 def absolute_paths(cfg: Config) -> Config:
