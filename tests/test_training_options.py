@@ -50,13 +50,16 @@ def test_warmup_ramp_shapes(shape, progress, expected):
     assert loss_weight_ramp(settings(f"train.warmup_shape={shape}"), progress) == 1.0  # no warm-up: full weight
 
 
-def test_generator_learning_rate_has_its_own_group_that_follows_the_schedule():
-    model = create_model("vgg16", width=0.125)
+@pytest.mark.parametrize("name, width", [("vgg16", 0.125), ("torchvision:mobilenet_v2", 0.25)])
+def test_generator_learning_rate_has_its_own_group_that_follows_the_schedule(name, width):
+    model = create_model(name, width=width)
     s = settings("train.generator_lr_scale=4", "train.lr=0.05", "train.epochs=10")
     optimizer = make_optimizer(model, s)
     scheduler = make_scheduler(optimizer, s)
     network, generators = optimizer.param_groups
-    generator_ids = {id(p) for unit in mask_units(model) for p in unit.generator.parameters()}
+    # By name: a generator sits at <unit>.mask_generator or <unit>.<conv>_mask_generator, 3 tensors each.
+    generator_ids = {id(p) for n, p in model.named_parameters() if n.split(".")[-3].endswith("mask_generator")}
+    assert len(generator_ids) == 3 * len(mask_units(model))
     assert {id(p) for p in generators["params"]} == generator_ids
     assert {id(p) for p in network["params"]} | generator_ids == {id(p) for p in model.parameters()}
     assert len(network["params"]) + len(generators["params"]) == len(list(model.parameters()))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, iterate_batches
+from .graph import mask_units
 from .losses import LayerMasks, modular_objective
 from .metrics import batch_modularity
 
@@ -96,9 +97,10 @@ def make_optimizer(model: nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
     settings = dict(lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
     if s.generator_lr_scale == 1.0:
         return torch.optim.SGD(model.parameters(), **settings)
+    generators = {id(p) for unit in mask_units(model) for p in unit.generator.parameters()}
     groups = {False: [], True: []}  # is the parameter a mask generator's?
-    for name, parameter in model.named_parameters():
-        groups["mask_generator." in name].append(parameter)
+    for parameter in model.parameters():
+        groups[id(parameter) in generators].append(parameter)
     return torch.optim.SGD([{"params": groups[False]},
                             {"params": groups[True], "lr": s.lr * s.generator_lr_scale}], **settings)
 
