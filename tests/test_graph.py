@@ -302,15 +302,33 @@ def test_extracted_pattern_net_equals_the_hard_masked_model(seed, size):
     assert dw.conv == "dw"
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
-def test_torchvision_modules_equal_the_hard_masked_model(name):
+BUILT_INS = ["vgg16", "resnet18", "simcnn", "rescnn"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION + BUILT_INS)
+def test_modules_equal_the_hard_masked_model(name):
+    """torchvision's CNNs and the built-ins alike: random module masks and masks keeping only the
+    floor, at 32x32 and (where the architecture allows another size) 64x64, BN statistics randomised;
+    no extra kernels (where no depthwise or grouped conv reads only removed channels, exactly the kept
+    ones); fewer FLOPs than the full model."""
     import torchvision
     from fvcore.nn import FlopCountAnalysis
 
+    from mwt_ray.core.models import create_model
+
     torch.manual_seed(0)
-    gm = modularize(randomised(getattr(torchvision.models, name)(num_classes=10)), name)
-    for size in (32, 64):
-        module = check_extraction(gm, random_keep(gm, size), size, batch=2)
+    plain = create_model(name, 10, 0.125, modular=False) if name in BUILT_INS else \
+        getattr(torchvision.models, name)(num_classes=10)
+    gm = modularize(randomised(plain), name)
+    sizes = (32,) if name in ("vgg16", "simcnn", "rescnn") else (32, 64)  # their classifier reads a 1x1 map
+    for size in sizes:
+        keep = random_keep(gm, size)
+        module = check_extraction(gm, keep, size, batch=2)
+        removed = sum(int((~k).sum()) for k in keep)
+        grouped = any(m.groups > 1 for m in gm.modules() if isinstance(m, nn.Conv2d))
+        assert conv_kernels(module) <= conv_kernels(gm) - removed
+        if not grouped:
+            assert conv_kernels(module) == conv_kernels(gm) - removed
     floor = check_extraction(gm, random_keep(gm, 0, empty_side=True), 32, batch=2)
     x = torch.zeros(1, 3, 32, 32)
     flops = lambda m: FlopCountAnalysis(m.eval(), x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
