@@ -33,18 +33,21 @@ class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, w1, w2, b2, relu: bool, detach_input: bool):
         # Every op below counts (a launch on a GPU): no casts that do nothing, clamp_min_ for relu_
-        # (which is clamp_min_ and one more dispatch), a float factor for the mean (an int divisor
-        # is converted by a copy op of its own).
+        # (which is clamp_min_ and one more dispatch), and no Python number in a binary op (each is
+        # converted to a tensor by a copy op of its own). The mean's 1 / (h * w) rides on the
+        # GEMMs' alpha instead: relu commutes with a positive factor, so with ``pooled`` and
+        # ``hidden`` kept as the unscaled sum and its hidden layer, mean-based hidden = hidden / hw.
+        scale = 1.0 / (x.shape[2] * x.shape[3])
         with torch.autocast(y.device.type, enabled=False):
-            pooled = x.sum(dim=(2, 3), dtype=w1.dtype if x.dtype != w1.dtype else None).mul_(1.0 / (x.shape[2] * x.shape[3]))
+            pooled = x.sum(dim=(2, 3), dtype=w1.dtype if x.dtype != w1.dtype else None)
             hidden = torch.mm(pooled, w1.transpose(0, 1)).clamp_min_(0)
-            mask = torch.addmm(b2, hidden, w2.transpose(0, 1)).tanh_().clamp_min_(0)
+            mask = torch.addmm(b2, hidden, w2.transpose(0, 1), alpha=scale).tanh_().clamp_min_(0)
         if relu:
             y.clamp_min_(0)
         y.mul_(_as_dtype(mask, y.dtype).view(*mask.shape, 1, 1))
         ctx.mark_dirty(y)
         ctx.set_materialize_grads(False)
-        ctx.relu, ctx.detach_input, ctx.x_shape, ctx.x_dtype = relu, detach_input, x.shape, x.dtype
+        ctx.relu, ctx.detach_input, ctx.scale, ctx.x_shape, ctx.x_dtype = relu, detach_input, scale, x.shape, x.dtype
         ctx.save_for_backward(y, mask, hidden, pooled, w1, w2)
         return y, mask
 
@@ -61,14 +64,18 @@ class _MaskedActivation(torch.autograd.Function):
             weighted.add_(grad_mask)
         # d relu(tanh(z)) / dz = 1 - tanh(z)^2 where the mask is positive, 0 elsewhere.
         grad_z = torch.ops.aten.threshold_backward(weighted.addcmul_(weighted * mask, mask, value=-1), mask, 0)
+        # Gradients of the unscaled hidden layer and sum (see forward): each carries the 1 / hw as
+        # a GEMM alpha. With beta=0, addmm ignores its first argument (a tensor of the output's
+        # shape, never read), so it is mm with the factor folded in.
+        scale = ctx.scale
         grad_hidden = torch.ops.aten.threshold_backward(torch.mm(grad_z, w2), hidden, 0)
-        grad_w2 = torch.mm(grad_z.transpose(0, 1), hidden)
+        grad_w2 = torch.addmm(w2, grad_z.transpose(0, 1), hidden, beta=0, alpha=scale)
         grad_b2 = grad_z.sum(0)
-        grad_w1 = torch.mm(grad_hidden.transpose(0, 1), pooled)
+        grad_w1 = torch.addmm(w1, grad_hidden.transpose(0, 1), pooled, beta=0, alpha=scale)
         grad_x = None
         if need_x:  # the mean's gradient as a broadcast view, never materialised at full size
             n, c, h, w = ctx.x_shape
-            grad_x = _as_dtype(torch.mm(grad_hidden, w1).mul_(1.0 / (h * w)), ctx.x_dtype)
+            grad_x = _as_dtype(torch.addmm(pooled, grad_hidden, w1, beta=0, alpha=scale), ctx.x_dtype)
             grad_x = grad_x.view(n, c, 1, 1).expand(n, c, h, w)
         return grad_y, grad_x, grad_w1, grad_w2, grad_b2, None, None
 
