@@ -97,14 +97,17 @@ def cohesion_coupling_losses(masks: "list[torch.Tensor] | LayerMasks", labels: t
         counts = onehot.sum(dim=0)
         self_similarity = onehot.t().mv(torch.diagonal(similarity))
 
-        same_pairs = counts * (counts - 1) / 2
-        has_pairs = (same_pairs > 0).to(similarity.dtype)
-        within = (torch.diagonal(per_class) - self_similarity) / 2
-        mean_within = (within / same_pairs.clamp_min(1) * has_pairs).sum() / has_pairs.sum().clamp_min(1)
-        cohesion_loss = (1 - mean_within) * (has_pairs.sum() > 0)  # a batch without any pair: 0
+        # Same-class pairs counted as ordered pairs (j, k), j != k, on both sides of each class's
+        # mean: the block's sum less its diagonal, over n (n - 1). Counts are whole numbers, so
+        # clamp(max=1) is the 0/1 indicator "has a pair" without a comparison and a cast.
+        ordered_pairs = counts * counts - counts
+        has_pairs = ordered_pairs.clamp(max=1)
+        mean_within = (torch.diagonal(per_class) - self_similarity) / ordered_pairs.clamp_min(1)
+        # mean over classes with a pair of (1 - mean_within); 0 / 1 = 0 for a batch without any pair
+        cohesion_loss = (has_pairs - mean_within * has_pairs).sum() / has_pairs.sum().clamp_min(1)
 
         cross_pairs = torch.outer(counts, counts)
-        upper = torch.triu(cross_pairs > 0, diagonal=1).to(similarity.dtype)
+        upper = torch.triu(cross_pairs.clamp(max=1), diagonal=1)  # class pairs h < i, both present
         coupling_loss = (per_class / cross_pairs.clamp_min(1) * upper).sum() / upper.sum().clamp_min(1)
     return cohesion_loss, coupling_loss
 

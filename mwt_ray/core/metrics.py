@@ -33,8 +33,8 @@ def jaccard_matrix(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tens
     """Pairwise Jaccard index between the rows of two 0/1 matrices."""
     a = a.to(torch.float32)
     b = a if b is None else b.to(torch.float32)
-    intersection = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - intersection
+    intersection = a.mm(b.t())
+    union = a.sum(1).unsqueeze(1) + b.sum(1).unsqueeze(0) - intersection
     return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
 
 
@@ -166,18 +166,22 @@ def batch_modularity(masks: "list[torch.Tensor] | LayerMasks", labels: torch.Ten
     ``batch_cohesion`` (Eq. 2 on raw sets; NaN if no class has two samples), ``batch_coupling``
     (Eq. 3 over the classes present; NaN if fewer than two) and ``kernel_rate``.
     """
-    kernel_sets = (LayerMasks.of(masks).values > 0).to(torch.float32)
+    # Masks are >= 0 (the generator ends in relu), so their sign is the 0/1 kernel set; counts are
+    # whole numbers, so clamp(max=1) is their "> 0" indicator. Both save a comparison and a cast
+    # per use, each an op of its own in a step that runs them every iteration.
+    kernel_sets = LayerMasks.of(masks).values.sign().to(torch.float32)
     onehot = class_onehot(labels, num_classes, torch.float32)
     counts = onehot.sum(0)
     # Block sums of the Jaccard matrix over class pairs; each sample's Jaccard with itself is 1.
     pair_sums = onehot.t().mm(jaccard_matrix(kernel_sets)).mm(onehot).diagonal() - counts
-    has_pairs = (counts > 1).to(torch.float32)
-    per_class = pair_sums / (counts * (counts - 1)).clamp_min(1) * has_pairs
+    ordered_pairs = counts * counts - counts
+    has_pairs = ordered_pairs.clamp(max=1)
+    per_class = pair_sums / ordered_pairs.clamp_min(1) * has_pairs
     cohesion_value = per_class.sum() / has_pairs.sum()  # 0 / 0 = NaN without a pair
 
-    present = (counts > 0).to(torch.float32)
-    unions = (onehot.t().mm(kernel_sets) > 0).to(torch.float32)
+    present = counts.clamp(max=1)
+    unions = onehot.t().mm(kernel_sets).clamp(max=1)
     between = jaccard_matrix(unions) * torch.outer(present, present)
     modules = present.sum()
-    coupling_value = (between.sum() - between.diagonal().sum()) / (modules * (modules - 1))  # NaN below 2
+    coupling_value = (between.sum() - between.diagonal().sum()) / (modules * modules - modules)  # NaN below 2
     return {"batch_cohesion": cohesion_value, "batch_coupling": coupling_value, "kernel_rate": kernel_sets.mean()}
