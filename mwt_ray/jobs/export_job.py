@@ -29,8 +29,8 @@ import torch
 from ..config import Config
 from ..core.checkpoint import build_model
 from ..core.data import validate_classes
-from ..core.export import (ImagesToScores, export_program, fastest_calls, load_program, onnx_max_difference,
-                           onnx_scores, scores_agree, onnx_session, save_program, write_onnx)
+from ..core.export import (ImagesToScores, check_scores, export_program, fastest_calls, load_program, onnx_scores,
+                           onnx_session, save_program, write_onnx)
 from ..core.files import atomic_write_text, writable_folder_error
 from ..core.flops import count_flops
 from ..core.modularize import KernelUsage, module_masks
@@ -40,10 +40,9 @@ from ..core.training import evaluate
 from .reuse_job import ReuseSources, load_sources
 from .setup import JobFailed, SetupError
 
-__all__ = ["ExportPlan", "plan_export", "export_module", "parse_classes", "EXPORT_FILES", "SCORE_TOLERANCE", "check_registry_name"]
+__all__ = ["ExportPlan", "plan_export", "export_module", "parse_classes", "EXPORT_FILES", "check_registry_name"]
 
 EXPORT_FILES = ("module.pt2", "module.onnx", "module.json")
-SCORE_TOLERANCE = 1e-4  # ONNX Runtime and the .pt2 program against PyTorch on the test images (core.export.scores_agree)
 _TRIAL_RESULT = "trial_result.json"  # a sweep trial's scan beside its checkpoint (cluster.sweep writes it)
 
 
@@ -207,16 +206,17 @@ def export_module(plan: ExportPlan, log=print) -> dict:
         save_program(program, staging / "module.pt2")
         write_onnx(program, staging / "module.onnx")
         session = onnx_session(staging / "module.onnx")
-        difference, largest = onnx_max_difference(session, portable, test_images)
-        if not scores_agree(difference, largest, SCORE_TOLERANCE):
-            raise JobFailed(f"module.onnx gives scores up to {difference:.3g} away from PyTorch's (largest score "
-                            f"{largest:.3g}) on the {len(test_images)} test images (tolerance {SCORE_TOLERANCE:g}); "
-                            "nothing was kept")
+        onnx_check = check_scores(lambda x: onnx_scores(session, x), portable, test_images)
+        if not onnx_check.agrees:
+            raise JobFailed(f"module.onnx gives scores up to {onnx_check.difference:.3g} away from the module's exact "
+                            f"(float64) scores on the {len(test_images)} test images, where PyTorch's float32 scores "
+                            f"are {onnx_check.pytorch_difference:.3g} away (allowed {onnx_check.allowed:.3g}: "
+                            f"{onnx_check.as_dict()['rule']}); nothing was kept")
         saved = load_program(staging / "module.pt2")
-        with torch.no_grad():
-            program_difference = (saved(test_images) - portable(test_images)).abs().max().item()
-        if not scores_agree(program_difference, largest, SCORE_TOLERANCE):
-            raise JobFailed(f"module.pt2 gives scores up to {program_difference:.3g} away from the module's")
+        program_check = check_scores(saved, portable, test_images)
+        if not program_check.agrees:
+            raise JobFailed(f"module.pt2 gives scores up to {program_check.difference:.3g} away from the module's exact "
+                            f"(float64) scores (allowed {program_check.allowed:.3g}); nothing was kept")
         keep = mixed_module_mask(masks, classes)
         summary = {
             "source": {"reference": sources.where, "checkpoint": sources.modular.get("path") or
@@ -235,8 +235,7 @@ def export_module(plan: ExportPlan, log=print) -> dict:
                       "colour": "RGB", "range": [0.0, 1.0],
                       "normalisation": {"mean": data.mean.tolist(), "std": data.std.tolist(), "applied": "inside"}},
             "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
-            "onnx_check": {"test_images": len(test_images), "max_difference": difference, "largest_score": largest,
-                           "tolerance": f"{SCORE_TOLERANCE:g} x max(1, largest score)"},
+            "onnx_check": {"test_images": len(test_images), **onnx_check.as_dict()},
             "latency_ms": _latency(saved, session, module, whole, test_images.shape[1:], cfg),
             "files": {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")},
             "versions": {p: _version(p) for p in ("torch", "mwt-ray", "onnx", "onnxruntime", "mlflow")},
