@@ -102,7 +102,7 @@ def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
     assert [u.conv for u in mask_units(gm)] == MASKED
     assert [u.relu for u in mask_units(gm)] == [True, False, False, False, False, True]  # only a's BN goes into a ReLU alone
     assert [u.num_kernels for u in mask_units(gm)] == [8, 8, 8, 4, 6, 6]
-    assert all(u.generator.fc1.in_features == gm.get_submodule(u.conv).in_channels for u in mask_units(gm))
+    assert all(u.generator.in_channels == gm.get_submodule(u.conv).in_channels for u in mask_units(gm))
 
 
 def test_masks_come_in_the_order_their_convs_run():
@@ -248,7 +248,7 @@ def test_torchvision_models_are_masked_at_every_conv_bn_unit(name):
     if name in ("resnet18", "mobilenet_v2"):  # in-place ReLU / ReLU6 after masked BNs: backward still works
         logits, masks = gm.train()(x, return_masks=True)
         (logits.sum() + sum(m.sum() for m in masks)).backward()
-        assert all(u.generator.fc2.weight.grad is not None for u in mask_units(gm))
+        assert all(u.generator.packed.grad is not None for u in mask_units(gm))
 
 
 # ----------------------------------------------------------------------------- extraction

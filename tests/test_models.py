@@ -50,7 +50,7 @@ def test_masked_activation_matches_autograd(relu, detach, sliced, mask_used, mon
     torch.manual_seed(0)
     generator = MaskGenerator(6, 5).double()
     with torch.no_grad():
-        generator.fc2.bias.uniform_(-1, 1)  # about half the mask values are exactly 0
+        generator.b2.uniform_(-1, 1)  # about half the mask values are exactly 0
     generator.detach_input = detach
     x = torch.randn(8, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(8, 5, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -61,8 +61,8 @@ def test_masked_activation_matches_autograd(relu, detach, sliced, mask_used, mon
         if fused:
             out, mask = generator.masked(y_copy, x, relu)
         else:
-            mask = torch.relu(torch.tanh(generator.fc2(torch.relu(generator.fc1(
-                (x.detach() if detach else x).mean(dim=(2, 3)))))))
+            pooled = (x.detach() if detach else x).mean(dim=(2, 3))
+            mask = torch.relu(torch.tanh(torch.relu(pooled @ generator.w1.t()) @ generator.w2.t() + generator.b2))
             out = (torch.relu(y_copy) if relu else y_copy) * mask[:, :, None, None]
         loss = (out * grad_out).sum() + ((mask * grad_mask).sum() if mask_used else 0)
         inputs = [y] + ([] if detach else [x]) + list(generator.parameters())
@@ -72,6 +72,39 @@ def test_masked_activation_matches_autograd(relu, detach, sliced, mask_used, mon
     assert 0.2 < (reference[1] == 0).double().mean() < 0.8
     for got, expected in zip(outputs_and_grads(fused=True), reference):
         torch.testing.assert_close(got, expected)
+
+
+def test_masked_activation_follows_its_parameter_in_place_and_to_new_storage():
+    """The eager node reads the weights through views made once per storage: an in-place update (what
+    SGD does) and a move to new storage (``.double()``) are both seen, as autograd's own ops see them."""
+    torch.manual_seed(0)
+    generator = MaskGenerator(6, 5)
+    x, y = torch.randn(4, 6, 3, 3), torch.randn(4, 5, 3, 3)
+
+    def reference(y, x):
+        mask = torch.relu(torch.tanh(torch.relu(x.mean(dim=(2, 3)) @ generator.w1.t()) @ generator.w2.t() + generator.b2))
+        return y * mask[:, :, None, None]
+
+    generator.masked(y.clone(), x, False)  # views made
+    with torch.no_grad():
+        generator.packed.mul_(-0.5).add_(0.1)
+    torch.testing.assert_close(generator.masked(y.clone(), x, False)[0], reference(y, x))
+    generator.double()
+    x, y = x.double(), y.double()
+    out, _ = generator.masked(y.clone().requires_grad_().clone(), x, False)  # the node overwrites a non-leaf
+    torch.testing.assert_close(out, reference(y, x))
+    out.sum().backward()
+    assert generator.packed.grad.dtype == torch.float64
+
+
+def test_generator_loads_checkpoints_with_separate_layer_weights():
+    """Checkpoints written before the weights were packed hold fc1.weight, fc2.weight and fc2.bias."""
+    generator = MaskGenerator(6, 5)
+    old = {"fc1.weight": generator.w1.detach() + 1, "fc2.weight": generator.w2.detach() + 2, "fc2.bias": generator.b2.detach() + 3}
+    fresh = MaskGenerator(6, 5)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.w1, old["fc1.weight"]) and torch.equal(fresh.w2, old["fc2.weight"])
+    assert torch.equal(fresh.b2, old["fc2.bias"])
 
 
 def test_simcnn_and_rescnn_layouts():

@@ -57,9 +57,9 @@ def test_generator_learning_rate_has_its_own_group_that_follows_the_schedule(nam
     optimizer = make_optimizer(model, s)
     scheduler = make_scheduler(optimizer, s)
     network, generators = optimizer.param_groups
-    # By name: a generator sits at <unit>.mask_generator or <unit>.<conv>_mask_generator, 3 tensors each.
-    generator_ids = {id(p) for n, p in model.named_parameters() if n.split(".")[-3].endswith("mask_generator")}
-    assert len(generator_ids) == 3 * len(mask_units(model))
+    # By name: a generator sits at <unit>.mask_generator or <unit>.<conv>_mask_generator, one packed tensor each.
+    generator_ids = {id(p) for n, p in model.named_parameters() if n.split(".")[-2].endswith("mask_generator")}
+    assert len(generator_ids) == len(mask_units(model))
     assert {id(p) for p in generators["params"]} == generator_ids
     assert {id(p) for p in network["params"]} | generator_ids == {id(p) for p in model.parameters()}
     assert len(network["params"]) + len(generators["params"]) == len(list(model.parameters()))
@@ -79,7 +79,7 @@ def test_default_optimizer_is_one_group_over_all_parameters_in_order():
 def test_mask_bias_init_sets_every_generator_and_very_negative_switches_masks_off():
     model = create_model("vgg16", width=0.125)
     init_mask_bias(model, -0.5)
-    assert all(torch.equal(u.generator.fc2.bias, torch.full_like(u.generator.fc2.bias, -0.5))
+    assert all(torch.equal(u.generator.b2, torch.full_like(u.generator.b2, -0.5))
                for u in mask_units(model))
     init_mask_bias(model, -1e4)
     _, masks = model.eval()(torch.randn(4, 3, 32, 32), return_masks=True)

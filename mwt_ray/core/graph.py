@@ -64,7 +64,7 @@ class MaskUnit:
 
     @property
     def num_kernels(self) -> int:
-        return self.generator.fc2.out_features
+        return self.generator.num_kernels
 
 
 class _FixedMask(nn.Module):
@@ -249,7 +249,7 @@ def init_mask_bias(model: nn.Module, value: float) -> None:
     fewer kernels on (tanh(0) = 0 puts each kernel on the edge), higher ones with all firmly on."""
     with torch.no_grad():
         for unit in mask_units(model):
-            unit.generator.fc2.bias.fill_(value)
+            unit.generator.b2.fill_(value)
 
 
 def detach_generator_inputs(model: nn.Module, detach: bool = True) -> None:
