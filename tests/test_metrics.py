@@ -52,10 +52,17 @@ def test_coupling_and_krr_match_literal():
     assert kernel_retention_rate(modules) == pytest.approx(sum(m.sum().item() / 30 for m in modules) / 5)
 
 
-def test_batch_modularity_matches_literal():
+@pytest.mark.parametrize("empty_class", [False, True])
+def test_batch_modularity_matches_literal(empty_class):
+    """Against Eq. 2 and 3 on Python-level sets; ``empty_class``: class 3's samples use no kernel at
+    all (empty sets, Jaccard 1 with each other, and an empty module)."""
     masks = [torch.rand(20, 6) * (torch.rand(20, 6) < 0.5), torch.rand(20, 9) * (torch.rand(20, 9) < 0.5)]
-    labels = torch.randint(0, 4, (20,))
+    labels = torch.randint(0, 3 if empty_class else 4, (20,))
     labels[:2] = torch.tensor([0, 1])
+    if empty_class:
+        labels[5:8] = 3
+        for m in masks:
+            m[5:8] = 0
     sets = torch.cat([m > 0 for m in masks], 1)
     result = batch_modularity(masks, labels, 4)
     present = [c for c in range(4) if (labels == c).any()]

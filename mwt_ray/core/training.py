@@ -188,12 +188,12 @@ class TrainingStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         with torch.no_grad():
-            values = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum()]
+            values = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum(dtype=torch.float32)]
             if s.modular:
                 fig5 = self.metrics(all_masks, all_labels, self.num_classes)
                 values += [parts["cohesion_loss"], parts["coupling_loss"], fig5["batch_cohesion"],
                            fig5["batch_coupling"], fig5["kernel_rate"]]
-            return torch.stack([v.to(torch.float32) for v in values])
+            return torch.stack(values)
 
 
 def step_value_names(modular: bool) -> list[str]:
