@@ -73,7 +73,8 @@ def test_masked_activation_matches_autograd(relu, detach, mask_used):
 
 def test_masked_activation_follows_its_parameter_in_place_and_to_new_storage():
     """The eager node reads the weights through views made once per storage: an in-place update (what
-    SGD does) and a move to new storage (``.double()``) are both seen, as autograd's own ops see them."""
+    SGD does) and a move to new storage (``.double()``) are both seen, as autograd's own ops see them,
+    also when the views were first made under inference mode (an evaluation before training)."""
     torch.manual_seed(0)
     generator = MaskGenerator(6, 5)
     x, y = torch.randn(4, 6, 3, 3), torch.randn(4, 5, 3, 3)
@@ -82,14 +83,18 @@ def test_masked_activation_follows_its_parameter_in_place_and_to_new_storage():
         mask = torch.relu(torch.tanh(torch.relu(x.mean(dim=(2, 3)) @ generator.w1.t()) @ generator.w2.t() + generator.b2))
         return y * mask[:, :, None, None]
 
-    generator.masked(y.clone(), x, False)  # views made
+    with torch.inference_mode():
+        generator.masked(y.clone(), x, False)  # views made
     with torch.no_grad():
         generator.packed.mul_(-0.5).add_(0.1)
-    torch.testing.assert_close(generator.masked(y.clone(), x, False)[0], reference(y, x))
+    out, _ = generator.masked(y.clone().requires_grad_().clone(), x, False)
+    torch.testing.assert_close(out, reference(y, x))
+    out.sum().backward()
     generator.double()
     x, y = x.double(), y.double()
     out, _ = generator.masked(y.clone().requires_grad_().clone(), x, False)  # the node overwrites a non-leaf
     torch.testing.assert_close(out, reference(y, x))
+    generator.packed.grad = None
     out.sum().backward()
     assert generator.packed.grad.dtype == torch.float64
 

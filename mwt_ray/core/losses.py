@@ -13,7 +13,8 @@ How: with N the masks normalised per layer (each layer's part a unit vector, or 
 the similarity of samples j and k is ``N_j . N_k / L``. Both losses read only its sums over
 class-pair blocks, which are ``Q Q^T / L`` for ``Q`` the per-class sums of N: no loop over layers,
 pairs or classes, and no batch x batch matrix. The two losses are one autograd node with its
-backward written out (11 ops, where autograd's own backward of the same forward runs ~60).
+backward written out (25 recorded ops in a VGG16 step, where autograd's backward of the earlier
+forward recorded ~130).
 
 Nothing here waits for the GPU (the step stays asynchronous): classes and pairs absent from a
 batch are left out by weight, never by indexing or a branch on a tensor, and the layers' masks are
