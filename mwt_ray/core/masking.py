@@ -26,9 +26,9 @@ class _MaskedActivation(torch.autograd.Function):
     backward do the same arithmetic in about 50 (15-16 and 33-34 in a VGG16 step on the CPU). The
     product overwrites ``y`` (nothing else reads the BN output), and only the output is kept: the
     mask's gradient ``sum_hw(grad * act(y))`` is recovered as ``sum_hw(grad * out) / mask``. Where
-    the mask is 0 that quotient is undefined, but the
-    generator's final ``relu(tanh(.))`` has slope 0 there, so it is never used (a threshold, not a
-    branch, drops it: no host sync). ``x`` is the conv's input, read only by the generator.
+    the mask is 0 that quotient is undefined, but the generator's final ``relu(tanh(.))`` has slope
+    0 there, so it is never used (a threshold, not a branch, drops it: no host sync). ``x`` is the
+    conv's input, read only by the generator.
 
     The generator always computes in fp32, also under autocast: its output is the mask whose
     cosine similarities the objective compares, and bf16 would round them to about 3 digits.
