@@ -40,10 +40,6 @@ class LayerMasks:
     values: torch.Tensor
     columns: torch.Tensor
 
-    @property
-    def num_layers(self) -> int:
-        return self.columns.shape[1]
-
     @classmethod
     def of(cls, masks: "list[torch.Tensor] | LayerMasks") -> "LayerMasks":
         """From a model's list of (B, K_l) masks (or unchanged)."""
