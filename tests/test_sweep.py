@@ -552,6 +552,20 @@ def test_job_submission_to_a_local_head(tmp_path):
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert "succeeded" in submitted.stdout
+        # With --working-dir the job runs in Ray's copy of that folder, which Ray deletes later: the
+        # default relative output folder and MLflow store would go with it, so the job refuses them.
+        package = tmp_path / "package"
+        package.mkdir()
+        trapped = subprocess.run(
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(package),
+             "--", sys.executable, "-m", "mwt_ray.train", "--set", "train.epochs=1"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert trapped.returncode != 0, trapped.stdout[-3000:]
+        errors = [line for line in trapped.stdout.splitlines() if line.startswith("error:")]
+        assert len(set(errors)) == 1, trapped.stdout[-3000:]  # the job's line (ray job submit may show it twice)
+        error = errors[0]
+        assert "inside the job's working_dir package" in error and "_ray_pkg_" in error, error
+        assert "output_dir runs resolves to" in error and "--set output_dir=/mnt/shared/runs" in error, error
     finally:
         stop_ray_under(temp_dir)
     client, runs = mlflow_runs(tmp_path)

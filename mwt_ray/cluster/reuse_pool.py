@@ -10,12 +10,13 @@ one sub-task per call with ``ray.util.ActorPool``. Each actor loads the data and
 from storage (a checkpoint path or the MLflow run's artifact), sets torch's thread count to its
 CPUs (a reused worker process keeps the count of its first import) and evaluates many sub-tasks.
 
-Failures: actors are created with ``max_restarts`` = ``max_task_retries`` = ``reuse.max_restarts``.
-An actor whose process dies mid-sub-task is restarted (its ``__init__`` loads everything again)
-and the sub-task is retried on it, so the table holds every sub-task exactly once (checked: the
-evaluation fails with ``JobFailed`` otherwise). ``reuse.fail_at_subtask=i`` kills the actor that
-evaluates sub-task i (SIGKILL, after its first fine-tuning step) once, to exercise exactly that;
-a marker file in the output folder keeps the retry from failing again.
+Failures: a sub-task whose actor dies (its process killed, its node lost) runs again on a new
+actor, placed by Ray on any node with room (its ``__init__`` loads everything again, from storage),
+so the table holds every sub-task exactly once (checked: the evaluation fails with ``JobFailed``
+otherwise); a sub-task may lose its actor ``reuse.max_restarts`` times, and the next loss fails the
+evaluation naming it. ``reuse.fail_at_subtask=i`` kills the actor that evaluates sub-task i
+(SIGKILL, after its first fine-tuning step) once, to exercise exactly that; a marker file in the
+output folder keeps the retry from failing again.
 
 Results: a progress line per finished sub-task; ``ReuseTables`` (tracking.reuse_report) written
 as CSV, Markdown and a PNG into the output folder and logged to the MLflow run evaluated (the
@@ -32,10 +33,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Config
+from ..core.messages import one_line
 from ..jobs import JobFailed, SetupError
 from ..jobs.reuse_job import ReusePlan, SubtaskEvaluator, format_row, plan_reuse, resolve_reference
 from ..tracking.reuse_report import ReuseTables, build_tables, log_report, write_report
+from .failures import lost_where
+from .ray_output import ray_output_to
 from .ray_session import ray_session
+from .shared_storage import check_job_places, check_shared_places, job_places
 from .trainer import worker_runtime_env
 
 __all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "actor_room", "pool_size"]
@@ -54,9 +59,10 @@ class ReuseActor:
     def evaluate(self, index: int, classes: list[int]) -> dict:
         hook = self._fault_hook() if self.fault and self.fault["index"] == index else None
         row = self.evaluator.evaluate(index, classes, on_step=hook)
+        import ray
         import torch
 
-        return {**row, "threads": torch.get_num_threads()}
+        return {**row, "threads": torch.get_num_threads(), "node": ray.get_runtime_context().get_node_id()}
 
     def _fault_hook(self):
         marker = Path(self.fault["marker"])
@@ -102,9 +108,17 @@ def pool_size(cfg: Config, num_tasks: int) -> int:
 
 def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> list[dict]:
     """Evaluate every sub-task of ``plan`` on ``num_actors`` actors (Ray must be initialised);
-    returns one row per sub-task, in plan order."""
+    returns one row per sub-task, in plan order.
+
+    The driver hands out the sub-tasks itself (not Ray's task retries: an actor on a lost node
+    answers ``ActorUnavailableError`` at once, and Ray spends every retry in milliseconds, before
+    a restart could place the actor elsewhere). A sub-task whose actor died (its process killed,
+    its node lost) goes back to the front of the queue and its actor is replaced by a new one,
+    which Ray places on any node with room; a sub-task may lose its actor ``reuse.max_restarts``
+    times, and the next loss fails the evaluation naming it. An error of the sub-task itself
+    (a bug, bad numerics) is not retried."""
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError, RayTaskError
 
     r = plan.cfg.reuse
     fault = None
@@ -112,29 +126,60 @@ def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> li
         fault = {"index": r.fail_at_subtask, "marker": str(plan.out_dir / f".fault_injected_subtask_{r.fail_at_subtask}")}
         plan.out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if r.gpus_per_actor > 0 else "cpu"
-    remote = ray.remote(ReuseActor).options(
-        num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
-        max_task_retries=r.max_restarts, runtime_env=worker_runtime_env())
-    actors = [remote.remote(plan.spec, int(r.cpus_per_actor), device, fault) for _ in range(num_actors)]
-    pool = ActorPool(actors)
+    remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                            runtime_env=worker_runtime_env())
+
+    def new_actor():
+        return remote.remote(plan.spec, int(r.cpus_per_actor), device, fault)
+
+    actors = [new_actor() for _ in range(num_actors)]
+    idle, queue = list(actors), list(range(len(plan.tasks)))
+    running: dict = {}  # object ref -> (actor, sub-task index)
+    losses: dict[int, int] = {}
     rows: dict[int, dict] = {}
     try:
-        for row in pool.map_unordered(lambda actor, job: actor.evaluate.remote(*job), list(enumerate(plan.tasks))):
-            if row["index"] in rows:
-                raise JobFailed(f"sub-task {row['index']} was evaluated twice")
-            rows[row["index"]] = row
+        while queue or running:
+            while idle and queue:
+                actor, index = idle.pop(), queue.pop(0)
+                running[actor.evaluate.remote(index, plan.tasks[index])] = (actor, index)
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            actor, index = running.pop(done)
+            try:
+                row = ray.get(done)
+            except RayActorError as error:
+                losses[index] = losses.get(index, 0) + 1
+                where = lost_where(error)
+                if losses[index] > r.max_restarts:
+                    raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks: sub-task "
+                                    f"{index} (classes {plan.tasks[index]}) lost its actor {losses[index]} time(s), "
+                                    f"the last time {where} (reuse.max_restarts={r.max_restarts})") from None
+                log(f"reuse: sub-task {index} (classes {plan.tasks[index]}) lost its actor ({where}); it runs again "
+                    f"on a new actor (restart {losses[index]} of {r.max_restarts})")
+                ray.kill(actor, no_restart=True)
+                actors[actors.index(actor)] = replacement = new_actor()
+                idle.append(replacement)
+                queue.insert(0, index)
+                continue
+            except RayTaskError as error:
+                raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks: sub-task "
+                                f"{index} (classes {plan.tasks[index]}): {one_line(_last_line(error))}") from error
+            if index in rows:
+                raise JobFailed(f"sub-task {index} was evaluated twice")
+            rows[index] = row
+            idle.append(actor)
             log(format_row(row, len(rows), len(plan.tasks)))
-    except ray.exceptions.RayError as error:
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks "
-                        f"(reuse.max_restarts={r.max_restarts}): {lines[-1].strip() if lines else error!r}") from error
     finally:
         for actor in actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
     missing = sorted(set(range(len(plan.tasks))) - set(rows))
     if missing:
         raise JobFailed(f"sub-tasks {missing} have no result")
     return [rows[i] for i in range(len(plan.tasks))]
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _run_in_process(plan: ReusePlan, log) -> list[dict]:
@@ -201,6 +246,8 @@ def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = No
     """
     log = log or (lambda line: None)
     plan = plan_reuse(modular_checkpoint, standard_checkpoint, cfg, overrides, tau=tau)
+    places = {"reuse.output_dir": str(plan.out_dir)}
+    check_job_places(plan.cfg, **places)
     target = _target_run(plan, mlflow_run, log)
     if target is None and plan.cfg.tracking.enabled:
         from ..tracking import check_store, resolve_tracking_uri
@@ -211,8 +258,9 @@ def evaluate_reuse(modular_checkpoint: str, standard_checkpoint: str | None = No
         log(f"reuse: {len(plan.tasks)} sub-tasks in this process")
         rows = _run_in_process(plan, log)
     else:
-        with ray_session(dashboard=False, worker_output=False):
+        with ray_output_to(plan.out_dir / "ray_output.log"), ray_session(dashboard=False, worker_output=False):
             n = pool_size(plan.cfg, len(plan.tasks))
+            check_shared_places(job_places(plan.cfg, **places))  # the actors load and write from any node
             log(f"reuse: {len(plan.tasks)} sub-tasks on {n} actor(s) with {plan.cfg.reuse.cpus_per_actor:g} CPU"
                 + (f" and {plan.cfg.reuse.gpus_per_actor:g} GPU" if plan.cfg.reuse.gpus_per_actor else "") + " each")
             rows = run_plan(plan, n, log)

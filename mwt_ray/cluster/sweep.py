@@ -38,9 +38,12 @@ from ..core.files import atomic_write_text
 from ..jobs import JobFailed, SetupError, check_inputs, load_data, resolve_device
 from ..jobs.objective import best_tau, scan_checkpoint
 from ..jobs.reuse_job import plan_subtasks
+from .failures import is_lost_process_or_node, lost_where
+from .ray_output import ray_output_to
 from .ray_session import ray_session
 from .reuse_pool import pool_size
 from .search import scheduler, search_space, searcher
+from .shared_storage import check_job_places, check_shared_places, job_places
 from .sweep_integrity import sign_sweep, verify_sweep
 from .trainer import check_cluster_resources, run_training
 
@@ -91,8 +94,12 @@ def _tune_report_callback(cfg: Config):
 
 
 def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | None) -> None:
-    """Tune's trainable: train (resuming this trial's own job if Tune restarts it), then score tau."""
-    import pandas as pd
+    """Tune's trainable: train (resuming this trial's own job when Tune runs it again), then score tau.
+
+    A trial that lost its process or node raises, and Tune runs it again (``sweep.max_failures``);
+    an error of the trial's own (bad numerics, a config the model cannot train) would only fail
+    again, so the trial ends at once with ``trial_error`` in its last report: no retry."""
+    import ray
     import torch
     from ray import tune
 
@@ -101,8 +108,31 @@ def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | N
                        parent_run_id)
     if cfg.scaling.num_workers == 0:  # a reused worker process keeps the thread count of its first import
         torch.set_num_threads(max(1, math.floor(cfg.sweep.cpus_per_trial)))
+    node = {"node_id": ray.get_runtime_context().get_node_id()}  # where it runs, named if the node is lost
+
+    def report(metrics: dict) -> None:
+        tune.report({**metrics, **node})
+
+    try:
+        result = _train_and_score(cfg, params, report)
+    except Exception as error:
+        if is_lost_process_or_node(error):
+            raise
+        from ..tracking.sweep_report import error_line
+
+        report({**_epoch_report(cfg, {}), "trial_error": error_line(error)})
+        return
+    report(result)
+
+
+def _train_and_score(cfg: Config, params: dict, report: Callable[[dict], None]) -> dict:
+    """The trial's training job (``report``: each epoch's metrics to Tune), then the tau scan over
+    its stored kernel counts; returns its result."""
+    import pandas as pd
+    import torch
+
     started = time.perf_counter()
-    summary = run_training(cfg, resume=True, report=lambda metrics: tune.report(_epoch_report(cfg, metrics)),
+    summary = run_training(cfg, resume=True, report=lambda metrics: report(_epoch_report(cfg, metrics)),
                            train_callbacks=[_tune_report_callback(cfg)] if cfg.scaling.num_workers else None)
     job_seconds = time.perf_counter() - started
 
@@ -126,7 +156,7 @@ def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | N
         from ..tracking.sweep_report import log_trial_scan
 
         log_trial_scan(cfg, summary["mlflow_run_id"], result, scan, cfg.run_dir / TRIAL_RESULT)
-    tune.report(result)
+    return result
 
 
 def train_standard(base: dict, folder: str, parent_run_id: str | None) -> dict:
@@ -212,6 +242,7 @@ def _check_stages(cfg: Config, num_classes: int) -> None:
         tasks = plan_subtasks(cfg, num_classes)
         if cfg.reuse.num_actors != 0:
             pool_size(cfg, len(tasks))
+    check_shared_places(job_places(cfg))  # trials, baseline and reuse actors run on any node
 
 
 def _say(line: str) -> None:
@@ -219,12 +250,25 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-class _Progress:
-    """A line per trial epoch and per finished, stopped or failed trial, each naming its trial (a
-    Tune callback, built lazily to keep Ray imports local; Tune pickles its callbacks, so it
-    writes to stdout itself). The driver prints them, so no worker's lines are folded together."""
+RETRIES_FILE = "retries.json"  # trial id -> times it lost its process or node and ran again
 
-    def __new__(cls, cfg: Config):
+
+def read_retries(folder: Path) -> dict[str, int]:
+    """The retries of each trial of the sweep in ``folder`` (none recorded: empty)."""
+    path = folder / RETRIES_FILE
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+class _Progress:
+    """A line per trial epoch and per finished, stopped, failed or retried trial, each naming its
+    trial (a Tune callback, built lazily to keep Ray imports local; Tune pickles its callbacks, so
+    it writes to stdout itself). The driver prints them, so no worker's lines are folded together.
+    Retries are also counted in ``retries.json`` of the sweep's folder (a resumed sweep adds to it)."""
+
+    def __new__(cls, cfg: Config, folder: Path):
         from ray.tune import Callback
 
         log = _say
@@ -234,7 +278,7 @@ class _Progress:
                 self.done = 0
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                if "tau" not in result and "epoch" in result:
+                if "tau" not in result and "epoch" in result and "trial_error" not in result:
                     log(f"  trial {trial.trial_id} epoch {result['epoch']}/{cfg.train.epochs}: val "
                         f"{result.get('val_accuracy', float('nan')):.2%}  kernel rate "
                         f"{result.get('kernel_rate', float('nan')):.3f}  score {result['epoch_score']:.4f}")
@@ -244,13 +288,25 @@ class _Progress:
                 m, params = trial.last_result or {}, trial.config
                 values = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                                   for k, v in params.items())
-                if "tau" in m and "krr" in m:
+                if "trial_error" in m:
+                    log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): failed ({m['trial_error']}; "
+                        "an error of its own: not retried)")
+                elif "tau" in m and "krr" in m:
                     log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): objective "
                         f"{m['objective']:.4f}  tau {m['tau']:.2f}  KRR {m['krr']:.3f}  module acc "
                         f"{m['module_accuracy']:.2%}  test {m['test_accuracy']:.2%}")
                 else:
                     log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): stopped early at epoch "
                         f"{m.get('epoch', 0)}, val {m.get('val_accuracy', float('nan')):.2%}")
+
+            def on_trial_recover(self, iteration, trials, trial, **info):
+                retries = read_retries(folder)
+                retries[trial.trial_id] = retries.get(trial.trial_id, 0) + 1
+                atomic_write_text(folder / RETRIES_FILE, json.dumps(retries, indent=1))
+                epoch = (trial.last_result or {}).get("epoch")
+                log(f"  trial {trial.trial_id}: {_last_failure(trial)}; retry {retries[trial.trial_id]} of "
+                    f"{cfg.sweep.max_failures}: it resumes from its last finished epoch"
+                    + (f" ({epoch})" if epoch else ""))
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 from ..tracking.sweep_report import error_line
@@ -263,11 +319,27 @@ class _Progress:
         return Progress()
 
 
+def _last_failure(trial) -> str:
+    """Where a trial Tune is about to retry was lost: its node, when the node it reported from is
+    gone, else what the last failure in its error file says."""
+    import ray
+
+    node = (trial.last_result or {}).get("node_id")
+    known = {n["NodeID"]: n for n in ray.nodes()}
+    if node in known and not known[node].get("Alive"):
+        return f"node {node[:8]} ({known[node].get('NodeManagerAddress', '?')}) lost"
+    written = Path(trial.error_file) if trial.error_file else None
+    if not written or not written.exists():
+        return "its process or node lost"
+    return lost_where(written.read_text().split("Failure # ")[-1])
+
+
 def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
     """Every check that needs no Ray, before anything is written; returns the dataset's class count."""
     if not cfg.train.modular:
         raise SetupError("a sweep trains modular models: train.modular must be true")
     _check_space(cfg)
+    check_job_places(cfg)
     cfg, data = check_inputs(cfg)  # absolute paths and tracking URI: trials run in other working directories
     sizes = cfg.sweep.subtask_sizes
     if any(m > data.num_classes for m in sizes):
@@ -337,7 +409,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
     try:
         # The dashboard: Ray 2.60 hands a finished Train-in-Tune trial's CPUs back only with it. The
         # trials' own output stays in Ray's worker logs: the progress lines name each trial instead.
-        with ray_session(dashboard=True, worker_output=False):
+        with ray_output_to(folder / "ray_output.log"), ray_session(dashboard=True, worker_output=False):
             _check_stages(cfg, num_classes)
             state = json.loads((folder / SWEEP_FILE).read_text()) if resume else {}
             from ..tracking.sweep_report import open_parent_run
@@ -366,7 +438,10 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
     state["status"] = "FINISHED"
     atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
     table = outcome["table"]
-    failed = table[table["status"] == "failed"]
+    failed, retried = table[table["status"] == "failed"], table[table["retries"] > 0]
+    if len(retried):
+        log(f"{int(retried['retries'].sum())} retr{'y' if retried['retries'].sum() == 1 else 'ies'} after a lost "
+            f"process or node, of {len(retried)} trial(s): {', '.join(map(str, retried['trial']))}")
     if len(failed):  # the last line a user reads says so
         log(f"{len(failed)} of {len(table)} trials failed (trial {failed.iloc[0]['trial']}: {failed.iloc[0]['error']}); "
             f"the others' results are in {folder / 'results.csv'}")
@@ -381,14 +456,17 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_fo
     base = cfg.model_dump(mode="json")
     standard = None
     if cfg.sweep.standard_baseline:
-        remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial)(train_standard)
+        # A lost process or node runs it again (resuming its job); its own errors are not retried.
+        remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial,
+                            max_retries=cfg.sweep.max_failures, retry_exceptions=False)(train_standard)
         standard = remote.remote(base, str(folder), state["parent_run_id"])
     trainable = tune.with_parameters(sweep_trial, base=base, folder=str(folder), parent_run_id=state["parent_run_id"])
     resources = ({"cpu": 0.01} if cfg.scaling.num_workers else
                  {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
     trainable = tune.with_resources(trainable, resources)
     run_config = tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
-                                callbacks=[_Progress(cfg)], log_to_file=True)
+                                callbacks=[_Progress(cfg, folder)], log_to_file=True,
+                                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures))
     tune_path = folder / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         if trust_folder:
@@ -416,7 +494,7 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_fo
 
     from ..tracking.sweep_report import finish_sweep
 
-    outcome = finish_sweep(cfg, folder, grid, standard_summary, parent, log)
+    outcome = finish_sweep(cfg, folder, grid, standard_summary, parent, log, retries=read_retries(folder))
     if outcome["best"] is None:
         table = outcome["table"]
         failed = table[table["status"] == "failed"]

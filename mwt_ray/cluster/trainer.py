@@ -50,8 +50,6 @@ import math
 import os
 import re
 import shutil
-import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -59,7 +57,9 @@ from ..config import Config
 from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, preflight_training, start_job, storage_root,
                     train_in_process)
 from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage
+from .ray_output import ray_output_to
 from .ray_session import ray_session
+from .shared_storage import check_job_places, check_shared_places, job_places
 from .worker import loop_config, train_loop_per_worker
 
 __all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "describe_failure",
@@ -67,7 +67,15 @@ __all__ = ["run_distributed", "run_training", "check_cluster_resources", "prefli
 
 
 class DistributedTrainingError(JobFailed):
-    """Training started but failed more often than ``scaling.max_failures`` allows."""
+    """Training started but failed more often than ``scaling.max_failures`` allows; ``lost_worker``:
+    the last failure was a worker whose process died (a lost node, a kill), not an error of its own."""
+
+    def __init__(self, message: str, lost_worker: bool = False):
+        super().__init__(message)
+        self.lost_worker = lost_worker
+
+    def __reduce__(self):  # crosses processes (a sweep trial's actor) with its flag
+        return type(self), (str(self), self.lost_worker)
 
 
 def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
@@ -114,61 +122,15 @@ def preflight(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
     return cfg, plan
 
 
-# A line Ray forwards from a worker, actor or raylet: "(RayTrainWorker pid=123) ...", "(raylet) ...".
-_RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\((raylet|autoscaler|[\w.]+ pid=\d+)[^)]*\)")
+def _dead_ranks(error: BaseException) -> list[int]:
+    """The ranks of a failed Ray Train run whose process died (rather than raised an error)."""
+    def died(exc) -> bool:
+        names = {type(exc).__name__, type(getattr(exc, "health_check_failure", None)).__name__}
+        return bool(names & {"WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError",
+                             "WorkerHealthCheckTimeoutError"})
 
-
-class _WorkerStderr:
-    """Stands in for ``sys.stderr`` while Ray Train runs: the lines Ray forwards from the workers' and
-    controller's stderr (tracebacks, Ray's own INFO lines) go to a log file, everything else through."""
-
-    def __init__(self, stream, path: Path):
-        self.stream, self.path, self.file, self.pending = stream, path, None, ""
-        self.lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self.lock:
-            self.pending += text
-            *lines, self.pending = self.pending.split("\n")
-            for line in lines:
-                if _RAY_PREFIX.match(line):
-                    if self.file is None:
-                        self.path.parent.mkdir(parents=True, exist_ok=True)
-                        self.file = open(self.path, "a")
-                    self.file.write(line + "\n")
-                    self.file.flush()
-                else:
-                    self.stream.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        with self.lock:
-            if self.pending and not _RAY_PREFIX.match(self.pending):
-                self.stream.write(self.pending)
-                self.pending = ""
-            self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-    def close_log(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-@contextlib.contextmanager
-def _worker_stderr_to(path: Path):
-    if os.environ.get("MWT_RAY_WORKER_STDERR"):  # show the workers' stderr live instead
-        yield None
-        return
-    previous = sys.stderr
-    sys.stderr = _WorkerStderr(previous, path)
-    try:
-        yield sys.stderr
-    finally:
-        sys.stderr.flush()
-        sys.stderr.close_log()
-        sys.stderr = previous
+    failures = dict(sorted((getattr(error, "worker_failures", None) or {}).items()))
+    return [rank for rank, exc in failures.items() if died(exc)]
 
 
 def describe_failure(error: BaseException) -> str:
@@ -176,12 +138,7 @@ def describe_failure(error: BaseException) -> str:
     process died is named before the workers that then lost their connection to it."""
     failures = dict(sorted((getattr(error, "worker_failures", None) or {}).items()))
     if failures:
-        def died(exc) -> bool:
-            names = {type(exc).__name__, type(getattr(exc, "health_check_failure", None)).__name__}
-            return bool(names & {"WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError",
-                                 "WorkerHealthCheckTimeoutError"})
-
-        dead = [rank for rank, exc in failures.items() if died(exc)]
+        dead = _dead_ranks(error)
         if dead:
             rank = dead[0]
             pid = re.search(r"pid=(\d+)", str(failures[rank])) or re.search(r"pid: (\d+)", str(failures[rank]))
@@ -217,7 +174,7 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     stderr_log = Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
     # The redirect lasts until Ray is shut down: Ray forwards the workers' lines asynchronously, and
     # tracebacks of the surviving workers still arrive after fit() has failed.
-    with _worker_stderr_to(stderr_log):
+    with ray_output_to(stderr_log):
         return _fit(cfg, plan, stderr_log, sync_batchnorm, callbacks, log)
 
 
@@ -228,6 +185,7 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
 
     with ray_session():
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+        check_shared_places(job_places(cfg))
         with _job_run(cfg, plan, log) as tracked:
             from ..tracking import resolve_tracking_uri
 
@@ -253,7 +211,8 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
             except ray.train.TrainingFailedError as error:
                 raise DistributedTrainingError(
                     f"distributed training failed (scaling.max_failures={cfg.scaling.max_failures}): "
-                    f"{describe_failure(error)}; the workers' stderr is in {stderr_log}") from None
+                    f"{describe_failure(error)}; the workers' stderr is in {stderr_log}",
+                    lost_worker=bool(_dead_ranks(error))) from None
             _prune_checkpoints(plan.storage)
             summary = _collect_results(result, cfg)
             if tracked:
@@ -292,6 +251,7 @@ def run_training(cfg: Config, *, resume: bool = False, log: Callable[[str], None
     epoch). A new job of ``cfg.name`` each time; ``resume=True`` continues the latest job of that name
     (its checkpoint and MLflow run). ``train_callbacks``: Ray Train run callbacks (a sweep trial
     forwards reports to Tune)."""
+    check_job_places(cfg)
     if cfg.scaling.num_workers > 0:
         return run_distributed(cfg, log, callbacks=train_callbacks, resume=resume)
     return train_in_process(cfg, resume=resume, log=log, report=report)

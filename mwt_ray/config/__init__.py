@@ -177,7 +177,8 @@ class ReuseConfig(Section):
                                    "cluster can place; 0 = in this process without Ray")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (> 0: sub-tasks run on the GPU)")
-    max_restarts: int = Field(3, ge=0, description="restarts of an actor that died; its sub-task is retried")
+    max_restarts: int = Field(3, ge=0, description="times a sub-task may lose its actor (a lost node, a killed "
+                              "process) and run again on a new one")
     fail_at_subtask: int | None = Field(None, ge=0, description="fault injection: the actor evaluating this "
                                         "sub-task (index in the plan) kills its own process once, mid-fine-tuning")
     output_dir: str | None = Field(None, description="where the tables and plots go; null = a reuse/ folder "

@@ -85,6 +85,9 @@ class SweepConfig(Section):
     reduction_factor: float = Field(2.0, gt=1)
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a one-process trial (scaling.num_workers=0)")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of a one-process trial (a fraction shares one GPU)")
+    max_failures: int = Field(3, ge=0, description="times a trial (or the standard baseline) may lose its process "
+                              "or node and run again, resuming from its last finished epoch; a trial's own errors "
+                              "are never retried")
     standard_baseline: bool = Field(True, description="also train a standard model with the same settings")
     reuse: bool = Field(True, description="evaluate the best trial's modules on sampled sub-tasks at the end")
     register_modules: list[list[int | str]] = Field(

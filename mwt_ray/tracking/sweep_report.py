@@ -16,7 +16,8 @@ __all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front",
 
 # Columns of the results table after the searched values, in this order.
 RESULT_COLUMNS = ["status", "epoch", "val_accuracy", "test_accuracy", "accuracy_change", "tau", "krr", "cohesion",
-                  "coupling", "module_accuracy", "subtask_krr", "objective", "pareto", "error", "mlflow_run_id"]
+                  "coupling", "module_accuracy", "subtask_krr", "objective", "pareto", "retries", "error",
+                  "mlflow_run_id"]
 # Kept in results.csv, left out of the printed and Markdown tables (long, or only for machines).
 CSV_ONLY = ("error", "mlflow_run_id")
 
@@ -48,9 +49,11 @@ def _uri(cfg) -> str:
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
 
-def results_table(cfg, grid, standard: dict | None):
-    """One row per trial: the searched values, what it reached, its tau and score; stopped and
-    failed trials are marked, with the epoch they reached."""
+def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | None = None):
+    """One row per trial: the searched values, what it reached, its tau and score, how often it
+    lost its process or node and ran again (``retries``: trial id -> count); stopped and failed
+    trials are marked, with the epoch they reached. A failed trial is one Tune gave up on (its
+    retries spent) or one that ended with an error of its own (``trial_error``, never retried)."""
     import pandas as pd
 
     keys = list(cfg.sweep.space) + (["tau"] if cfg.sweep.tau_range is not None else [])
@@ -59,10 +62,14 @@ def results_table(cfg, grid, standard: dict | None):
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id") or Path(result.path).name}
         row |= {key.split(".")[-1] if keys.count(key) == 1 else key: result.config.get(key) for key in keys if key != "tau"}
-        status = "failed" if result.error else "completed" if "krr" in metrics and "tau" in metrics else "stopped early"
-        row |= {key: metrics.get(key) for key in RESULT_COLUMNS if key not in ("status", "accuracy_change", "pareto", "error")}
+        own_error = metrics.get("trial_error")
+        status = ("failed" if result.error or own_error else
+                  "completed" if "krr" in metrics and "tau" in metrics else "stopped early")
+        row |= {key: metrics.get(key) for key in RESULT_COLUMNS
+                if key not in ("status", "accuracy_change", "pareto", "retries", "error")}
         row["status"] = status
-        row["error"] = error_line(result.error) if result.error else None
+        row["retries"] = (retries or {}).get(str(row["trial"]), 0)
+        row["error"] = error_line(result.error) if result.error else own_error
         if status != "completed":
             row.update(tau=None, krr=None, cohesion=None, coupling=None, module_accuracy=None, subtask_krr=None,
                        objective=None)
@@ -181,9 +188,9 @@ def close_child_runs(parent: MlflowRun, status: str) -> list[str]:
 
 
 def finish_sweep(cfg, folder: Path, grid, standard: dict | None, parent: MlflowRun | None,
-                 log: Callable[[str], None]) -> dict:
+                 log: Callable[[str], None], retries: dict[str, int] | None = None) -> dict:
     """Write the table (CSV, Markdown) and the plot, log them to the parent run, tag the best trial."""
-    table = results_table(cfg, grid, standard)
+    table = results_table(cfg, grid, standard, retries)
     atomic_write_text(folder / "results.csv", table.to_csv(index=False))
     atomic_write_text(folder / "results.md", _markdown(table))
     standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
