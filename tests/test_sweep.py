@@ -286,7 +286,8 @@ def test_sweep_whose_every_trial_fails_exits_1_with_the_first_error(tmp_path):
 
 def test_sweep_with_some_failed_trials_says_so_last(tmp_path):
     """One trial fails, one completes: exit 0, the table marks the failed one with its error, and the
-    last line says how many failed."""
+    last line says how many failed. The failure is the trial's own (its config cannot train), so it
+    is not retried, though sweep.max_failures allows 3 retries of a lost process or node."""
     config = sweep_yaml(tmp_path, "mixed", trials=2, scheduler="none", standard_baseline=False,
                         space={"data.train_limit": {"choices": [300, 20]}},
                         points=[{"data.train_limit": 300}, {"data.train_limit": 20}])
@@ -300,6 +301,8 @@ def test_sweep_with_some_failed_trials_says_so_last(tmp_path):
     assert sorted(table["status"]) == ["completed", "failed"]
     failed = table[table["status"] == "failed"].iloc[0]
     assert failed["train_limit"] == 20 and "larger than the training set" in failed["error"]
+    assert table["retries"].tolist() == [0, 0] and "retry" not in result.stdout
+    assert "an error of its own: not retried" in result.stdout
     _, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("mwt.kind") == "sweep"]
     assert parent.info.status == "FINISHED" and all(r.info.status != "RUNNING" for r in runs)
