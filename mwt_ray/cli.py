@@ -9,6 +9,7 @@ is marked KILLED and its checkpoints are kept.
 """
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import threading
 import traceback
 from typing import Callable
 
-from .core.files import is_disk_full
+from .core.files import is_disk_full, remove_stale_scratch
 from .core.messages import one_line
 from .jobs import JobFailed
 
@@ -49,15 +50,34 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _on_unraisable(hook_args) -> None:
+    """A SIGTERM whose ``Terminated`` was raised inside a ``__del__`` or a garbage-collection
+    callback, where Python only prints "Exception ignored" and goes on: raise it again, in the main
+    thread at its next step, so that the stop still stops."""
+    if isinstance(hook_args.exc_value, Terminated):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        # From another thread, a moment later: raised now, it would land in this hook (or the __del__
+        # still running) and be dropped again.
+        threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGTERM,)).start()
+        return
+    sys.__unraisablehook__(hook_args)
+
+
 def run_command(action: Callable[[], object], interrupted_hint: str = "") -> int:
     """Run ``action`` and turn its failure into one line and an exit status (0 when it succeeds).
-    ``interrupted_hint`` ends the line of a job stopped part-way (Ctrl-C, SIGTERM, a full disk)."""
+    ``interrupted_hint`` ends the line of a job stopped part-way (Ctrl-C, SIGTERM, a full disk).
+    A SIGTERM is a stop wherever it lands: also one swallowed on the way (see ``_on_unraisable``),
+    and one that came after the work was done (exit 143 either way). Afterwards the scratch folders
+    of this job's processes that are gone (Ray workers stopped with it) are removed."""
     global _sigterm_received
     _sigterm_received = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
     try:
         action()
+        if _sigterm_received:
+            raise Terminated()
     except Exception as error:
         if is_disk_full(error):  # whatever raised it (a copy, torch.save, SQLite under MLflow): say what it is
             print(f"error: {_disk_full_line(error)}{interrupted_hint}", file=sys.stderr)
@@ -78,6 +98,8 @@ def run_command(action: Callable[[], object], interrupted_hint: str = "") -> int
         print(f"error: stopped by {'SIGTERM' if terminated else 'SIGINT (Ctrl-C)'}{interrupted_hint}", file=sys.stderr)
         return 143 if terminated else 130
     finally:
+        sys.unraisablehook = previous_hook
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        remove_stale_scratch()
     return 0

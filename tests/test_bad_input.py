@@ -133,6 +133,21 @@ def deleted_experiment(tmp: Path) -> None:
     client.delete_experiment(client.create_experiment("mwt-ray"))
 
 
+def mlflow_store(tmp: Path) -> None:
+    """An MLflow sqlite store in in/m.db (no runs)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp / 'in' / 'm.db'}").search_experiments()
+
+
+def other_program_db(tmp: Path) -> None:
+    """An sqlite database another program keeps (a table of notes), not an MLflow store."""
+    import sqlite3
+
+    with sqlite3.connect(tmp / "in" / "other.db") as db:
+        db.execute("create table notes (body text)")
+
+
 def three_class_folder_cached(tmp: Path) -> None:
     """A 3-class image folder, decoded (and so cached) before the case runs."""
     from mwt_ray.core.data import load_dataset
@@ -331,6 +346,15 @@ def place_cases() -> list[Case]:
         Case("tracking experiment deleted, 2 workers", ["--num-workers", "2", "--set",
              "tracking.tracking_uri=sqlite:///{tmp}/in/m.db"], "MLflow experiment 'mwt-ray' is deleted", setup=deleted_experiment),
         Case("tracking server down", ["--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], "does not answer"),
+        Case("tracking sqlite of another program", ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/other.db"],
+             "is an sqlite database of something else (tables notes), not an MLflow store", setup=other_program_db),
+        Case("tracking parent run made up", ["--set", "tracking.tracking_uri=sqlite:///{tmp}/in/m.db", "--set",
+             "tracking.parent_run_id=0123456789abcdef0123456789abcdef"], "tracking.parent_run_id "
+             "'0123456789abcdef0123456789abcdef' is not a run of", setup=mlflow_store),
+        Case("tracking parent run not an id", ["--set", "tracking.parent_run_id=parent"],
+             "tracking.parent_run_id 'parent' is not a run of"),
+        Case("tracking databricks without credentials", ["--set", "tracking.tracking_uri=databricks"],
+             "MLflow store databricks cannot be used"),
         Case("device cuda without GPU", ["--set", "train.device=cuda"], "no CUDA GPU", skip="" if NO_GPU else "a GPU is here"),
         Case("device cuda:7", ["--set", "train.device=cuda:7"], "cuda:7", skip="" if NO_GPU else "a GPU is here"),
     ]

@@ -151,6 +151,62 @@ def test_sigterm_of_a_data_parallel_job(tmp_path):
     assert only_run(mlflow_client(tmp_path)).info.status == "KILLED"
 
 
+def test_a_sigterm_swallowed_in_a_finaliser_still_stops_the_command(capsys):
+    """Python drops an exception raised inside a ``__del__`` (or a garbage-collection callback) with
+    an "Exception ignored" line: a SIGTERM whose handler runs there must still stop the command."""
+    from mwt_ray.cli import run_command
+
+    steps = []
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here, inside __del__
+                pass
+
+    def action():
+        Finaliser()  # collected at once
+        steps.append("after the finaliser")
+        for _ in range(300):
+            time.sleep(0.01)
+        steps.append("finished")
+
+    assert run_command(action) == 143
+    assert "finished" not in steps
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: stopped by SIGTERM"] and "Exception ignored" not in err
+
+
+def test_a_sigterm_after_the_work_is_still_a_stop(capsys):
+    from mwt_ray.cli import run_command
+
+    assert run_command(lambda: os.kill(os.getpid(), signal.SIGTERM)) == 143
+    assert capsys.readouterr().err.strip() == "error: stopped by SIGTERM"
+
+
+def test_scratch_folders_of_killed_processes_go_and_live_ones_stay(tmp_path, monkeypatch):
+    """A Ray worker killed mid-checkpoint never removes its scratch folder (the issue seen: a
+    training_state.pt left in /tmp after a SIGTERM). Folders are named after their process; the next
+    command's end, or a job's start, removes those of processes that are gone."""
+    import tempfile
+
+    from mwt_ray.cli import run_command
+    from mwt_ray.core.files import remove_stale_scratch, scratch_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"mwt_ckpt_{dead.pid}_abc"
+    left.mkdir()
+    (left / "training_state.pt").write_bytes(b"state")
+    with scratch_folder() as mine:
+        assert mine.parent == tmp_path and mine.name.startswith(f"mwt_ckpt_{os.getpid()}_")
+        assert remove_stale_scratch() == [left] and mine.is_dir() and not left.exists()
+    assert not mine.exists()
+    left.mkdir()
+    assert run_command(lambda: None) == 0 and not left.exists()  # every command cleans up at its end
+
+
 # ----------------------------------------------------------------------------- a full disk
 
 def mount_small_disk(folder: Path, size: str) -> None:

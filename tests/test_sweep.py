@@ -230,10 +230,29 @@ def test_sweep_mlflow_parent_and_children(finished_sweep):
         assert child.data.params["data.val_fraction"] == "0.1"
         assert "val_accuracy" in child.data.metrics
         if child.data.tags.get("mwt.trial_status") == "stopped early":
-            assert child.info.status == "KILLED"
+            # Not a failure: FINISHED (KILLED would show a run a user killed), with a note that says why.
+            assert child.info.status == "FINISHED" and "sweep.objective" not in child.data.metrics
+            assert "Stopped early by the sweep's scheduler (ASHA)" in child.data.tags["mlflow.note.content"]
         else:
             assert child.info.status == "FINISHED" and "sweep.objective" in child.data.metrics
             assert "sweep.tau" in child.data.metrics and "mwt.best_tau" in child.data.tags
+            # The tau the trial was scored at, as a param beside (and not mixed up with) the config's.
+            assert child.data.params["sweep.scored_tau"] == child.data.tags["mwt.best_tau"]
+            assert child.data.params["modularize.tau"] == "0.9"
+
+
+def test_a_grace_period_equal_to_the_epochs_scores_every_finished_trial(tmp_path):
+    """ASHA's last rung at the last epoch: a trial that trained every epoch is scored (tau scan,
+    KRR), never thrown away as stopped early."""
+    config = sweep_yaml(tmp_path, "graceful", trials=4, grace_period=3, standard_baseline=False, tau_grid=[0.5, 0.9])
+    result = run_sweep_cli(config, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import pandas as pd
+
+    (folder,) = (tmp_path / "runs" / "graceful").iterdir()
+    table = pd.read_csv(folder / "results.csv", dtype={"trial": str})
+    assert list(table["status"]) == ["completed"] * 4 and table["krr"].notna().all(), table
+    assert "stopped early" not in result.stdout
 
 
 def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
@@ -443,7 +462,37 @@ BAD = [
     (["--set", "sweep.register_modules=[[3]]"], "a sub-task needs at least 2 classes"),
     (["--set", "sweep.register_modules=[[0, 1]]", "--set", "tracking.enabled=false"], "tracking.enabled is false"),
     (["--set", "sweep.register_modules=[[0, true]]"], "sweep.register_modules: true/false is not a number"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={train.modular: {low: 0, high: 1}}"],
+     "sweep.space.train.modular: a low/high range searches numbers, but train.modular is true/false"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {low: 0, high: 1}}"], "model.name is not a number"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={train.epochs: {low: 2, high: 5}}"],
+     "train.epochs takes whole numbers; add integer: true"),
+    (["--set", "sweep.points=[{train.alpha: 0.5, train.beta: 1.5, tau: 0.9}]"], "point 1 gives tau, but tau is not searched"),
 ]
+
+
+@pytest.mark.parametrize("state, message", [
+    ("not json {", "is not the sweep's state: cannot be read as JSON"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    (None, "is not a regular file"),
+])
+def test_a_damaged_sweep_state_file_is_one_line_on_resume(tmp_path, capsys, state, message):
+    """--resume reads sweep.json of each earlier sweep of the name: one that is not a JSON object
+    (damaged, replaced by a list, a folder in its place) is named in one line, exit 2, nothing changed."""
+    from mwt_ray.sweep import main
+
+    config = sweep_yaml(tmp_path, store=False)
+    earlier = tmp_path / "runs" / "tiny" / "20260101-000000"
+    earlier.mkdir(parents=True)
+    if state is None:
+        (earlier / "sweep.json").mkdir()
+    else:
+        (earlier / "sweep.json").write_text(state)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["--config", str(config), "--resume"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(earlier / "sweep.json") in errors[0] and message in errors[0], errors
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 # Checked against the Ray cluster's resources (every stage before the first trial).

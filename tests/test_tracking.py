@@ -124,6 +124,36 @@ def test_continued_run_logs_each_epoch_once(tmp_path):
     assert other.run_id != first.run_id and len(runs_of(client)) == 2
 
 
+def test_a_resume_refuses_to_continue_a_run_of_another_job(tmp_path, capsys):
+    """A job folder's mlflow_run.json replaced by another job's (forged, or copied by hand): the
+    resume is refused in one line before it writes anything, and the other job's run, its params,
+    metrics and checkpoint.pt artifact, is left as it was."""
+    from mwt_ray.jobs import job_storage, list_jobs
+    from mwt_ray.train import main
+
+    mine, theirs = tiny_config(tmp_path, "mine", epochs=1), tiny_config(tmp_path, "theirs", epochs=1)
+    run(mine, log=None)
+    other = run(theirs, log=None)["mlflow_run_id"]
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = client.get_run(other)
+    artifact = client.download_artifacts(other, "checkpoint.pt", str(tmp_path / "before"))
+    forged = job_storage(theirs, list_jobs(theirs)[-1]).read_bytes("mlflow_run.json")
+    job = Path(job_storage(mine, list_jobs(mine)[-1]).uri)
+    (job / "mlflow_run.json").write_bytes(forged)
+    code = main(["--resume", "--set", "name=mine", "--set", f"output_dir={tmp_path / 'runs'}", "--set", "model.width=0.125",
+                 "--set", "data.train_limit=160", "--set", "train.batch_size=32", "--set", "train.epochs=2",
+                 "--set", "modularize.cohesion_samples_per_class=20", "--set",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, errors
+    assert f"MLflow run {other}" in errors[0] and "is not this job's (it is run 'theirs'" in errors[0], errors
+    after = client.get_run(other)
+    assert (after.info.status, after.data.params, after.data.metrics) == \
+           (before.info.status, before.data.params, before.data.metrics)
+    again = client.download_artifacts(other, "checkpoint.pt", str(tmp_path / "after"))
+    assert Path(again).read_bytes() == Path(artifact).read_bytes()
+
+
 @pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (ValueError, "FAILED"),
                                            (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")])
 def test_a_run_ends_in_the_state_its_job_ended_in(tmp_path, raised, status):

@@ -35,6 +35,7 @@ from typing import Callable
 
 from ..config import Config, apply_overrides, flatten_space, validate_config
 from ..core.files import atomic_write_text
+from ..core.messages import one_line
 from ..jobs import JobFailed, SetupError, check_inputs, load_data, resolve_device
 from ..jobs.objective import best_tau, scan_checkpoint
 from ..jobs.reuse_job import plan_subtasks
@@ -82,13 +83,23 @@ def _epoch_report(cfg: Config, metrics: dict) -> dict:
     return {**numbers, "objective": -cfg.sweep.krr_weight}
 
 
+def _report_epoch(cfg: Config, metrics: dict, report: Callable[[dict], None]) -> None:
+    """Every epoch but the last goes to Tune. A trial that trained its last epoch is always scored:
+    ASHA (whose last rung may be the last epoch, when ``sweep.grace_period`` equals the epochs)
+    compares it only on its scored result, which carries the same ``epoch_score``."""
+    if metrics.get("epoch") != cfg.train.epochs:
+        report(_epoch_report(cfg, metrics))
+
+
 def _tune_report_callback(cfg: Config):
-    """Ray Train -> Tune: rank 0's per-epoch reports, with epoch_score and the worst objective added."""
+    """Ray Train -> Tune: rank 0's per-epoch reports (not the last: see ``_report_epoch``), with
+    epoch_score and the worst objective added."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            super().after_report(run_context, [_epoch_report(cfg, metrics[0]), *metrics[1:]], None)
+            if metrics[0].get("epoch") != cfg.train.epochs:
+                super().after_report(run_context, [_epoch_report(cfg, metrics[0]), *metrics[1:]], None)
 
     return EpochReports()
 
@@ -132,7 +143,7 @@ def _train_and_score(cfg: Config, params: dict, report: Callable[[dict], None]) 
     import torch
 
     started = time.perf_counter()
-    summary = run_training(cfg, resume=True, report=lambda metrics: report(_epoch_report(cfg, metrics)),
+    summary = run_training(cfg, resume=True, report=lambda metrics: _report_epoch(cfg, metrics, report),
                            train_callbacks=[_tune_report_callback(cfg)] if cfg.scaling.num_workers else None)
     job_seconds = time.perf_counter() - started
 
@@ -173,12 +184,26 @@ def sweep_folder(cfg: Config, resume: bool) -> Path:
     root = cfg.run_dir
     if not resume:
         return root / time.strftime("%Y%m%d-%H%M%S")
-    unfinished = [p.parent for p in sorted(root.glob(f"*/{SWEEP_FILE}"))
-                  if json.loads(p.read_text()).get("status") != "FINISHED"]
+    unfinished = [p.parent for p in sorted(root.glob(f"*/{SWEEP_FILE}")) if _read_state(p).get("status") != "FINISHED"]
     if not unfinished:
         raise SetupError(f"--resume: no unfinished sweep named {cfg.name!r} under {root}; run without --resume "
                          "to start one")
     return unfinished[-1]
+
+
+def _read_state(path: Path) -> dict:
+    """A sweep folder's ``sweep.json``: a JSON object, or one line saying what it is instead."""
+    if not path.is_file():
+        raise SetupError(f"{path} is not a regular file; it should hold the sweep's state (JSON): move it away")
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SetupError(f"{path} is not the sweep's state: cannot be read as JSON ({one_line(str(error))}); "
+                         "move the folder away or start a new sweep without --resume") from None
+    if not isinstance(state, dict):
+        raise SetupError(f"{path} is not the sweep's state: it holds a JSON {type(state).__name__}, not an object; "
+                         "move the folder away or start a new sweep without --resume")
+    return state
 
 
 def _check_space(cfg: Config) -> None:
@@ -197,17 +222,39 @@ def _check_space(cfg: Config) -> None:
             raise SetupError(f"{where} makes an invalid trial ({error})") from None
 
     for key, dimension in cfg.sweep.space.items():
+        if dimension.choices is None:
+            _check_range_key(key, dimension)
         for value in dimension.candidates():
             trial_of(f"sweep.space.{key}: the value {value!r}", {key: value})
     dimensions = {**cfg.sweep.space, **({"tau": cfg.sweep.tau_range} if cfg.sweep.tau_range else {})}
     for number, point in enumerate(cfg.sweep.points, 1):
         point = flatten_space(point)
+        if "tau" in point and cfg.sweep.tau_range is None:
+            raise SetupError(f"sweep.points: point {number} gives tau, but tau is not searched (sweep.tau_grid scans "
+                             "it after training): remove tau from the point, or set sweep.tau_range to search it")
         for key, value in point.items():
             if key in dimensions:
                 reason = _outside(dimensions[key], value)
                 if reason:
                     raise SetupError(f"sweep.points: point {number} gives {key}={value!r}, {reason}")
         trial_of(f"sweep.points: point {number}", {k: v for k, v in point.items() if k != "tau"})
+
+
+def _check_range_key(key: str, dimension) -> None:
+    """A low/high range searches a number: the key must be a number, and a whole number (an int
+    key) must be searched with ``integer: true`` (else every value between the ends fails its trial)."""
+    import typing
+
+    section, name = key.split(".")
+    field = type(getattr(Config(), section)).model_fields.get(name)
+    kinds = {a for a in typing.get_args(field.annotation) or (field.annotation,) if a is not type(None)} if field else set()
+    if not kinds or not kinds <= {int, float} or bool in kinds:
+        shown = "true/false" if bool in kinds else "not a number"
+        raise SetupError(f"sweep.space.{key}: a low/high range searches numbers, but {key} is {shown}; give "
+                         f"{{choices: [...]}} of its values instead")
+    if kinds == {int} and not dimension.integer:
+        raise SetupError(f"sweep.space.{key}: {key} takes whole numbers; add integer: true to its range "
+                         f"(low {dimension.low:g}, high {dimension.high:g})")
 
 
 def _outside(dimension, value) -> str | None:
@@ -411,7 +458,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
         # trials' own output stays in Ray's worker logs: the progress lines name each trial instead.
         with ray_output_to(folder / "ray_output.log"), ray_session(dashboard=True, worker_output=False):
             _check_stages(cfg, num_classes)
-            state = json.loads((folder / SWEEP_FILE).read_text()) if resume else {}
+            state = _read_state(folder / SWEEP_FILE) if resume else {}
             from ..tracking.sweep_report import open_parent_run
 
             parent = open_parent_run(cfg, state.get("parent_run_id"), log) if cfg.tracking.enabled else None

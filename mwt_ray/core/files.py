@@ -7,15 +7,24 @@ and delete a file, because ``os.access`` answers yes for root even on read-only 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 __all__ = ["atomic_write_text", "atomic_torch_save", "writable_folder_error", "DiskFull", "is_disk_full",
-           "full_disk_message"]
+           "full_disk_message", "scratch_folder", "remove_stale_scratch"]
+
+# A scratch folder in the temporary folder is named after the process that made it, so that one a
+# killed process left behind (a SIGTERM'd or lost Ray worker never runs its clean-up) can be told
+# from one in use, and removed by the next process that looks.
+SCRATCH_PREFIX = "mwt_ckpt_"
 
 # What a full disk says when the error is not an OSError with its errno: shutil.copytree's list of
 # failures, SQLite's error through MLflow, pyarrow's messages.
@@ -115,3 +124,39 @@ def writable_folder_error(folder: str | Path) -> str | None:
     except OSError as error:
         return f"{existing}: {error.strerror or error}"
     return None
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A new folder ``mwt_ckpt_<pid>_*`` in the temporary folder, removed when the block ends."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}_"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_scratch(root: str | Path | None = None) -> list[Path]:
+    """Remove the scratch folders of processes that are gone (in ``root``, by default the temporary
+    folder of this process); returns what was removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*_*"):
+        owner = folder.name[len(SCRATCH_PREFIX):].split("_", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)) or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is gone for this purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -20,7 +20,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,7 @@ import torch
 from ..config import Config
 from ..core.checkpoint import load_weights, save_checkpoint
 from ..core.data import ImageData, iterate_batches, place_data
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, remove_stale_scratch, scratch_folder
 from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kernels
 from ..core.models import create_model
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
@@ -155,6 +154,7 @@ class TrainingJob:
         cfg, session = self.cfg, self.session
         if cfg.train.batch_size % session.world_size:
             raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by {session.world_size} workers")
+        remove_stale_scratch()  # what killed workers on this node left in the temporary folder
         data = self.checked_data if self.checked_data is not None else load_data(cfg)
         self.data = place_data(data, session.device, cfg.data.device_resident)
         seed_everything(cfg.train.seed)
@@ -233,10 +233,10 @@ class TrainingJob:
 
     def persist(self, folder_name: str, fill: Callable[[Path], None], metrics: dict) -> None:
         """Rank 0 fills a scratch folder; the session stores it as checkpoint ``folder_name``."""
-        with tempfile.TemporaryDirectory(prefix="mwt_ckpt_") as scratch:
+        with scratch_folder() as scratch:
             if self.session.rank == 0:
-                fill(Path(scratch))
-            self.session.persist(Path(scratch), folder_name, metrics)
+                fill(scratch)
+            self.session.persist(scratch, folder_name, metrics)
 
     def finish(self, folder: Path) -> None:
         """Modularize and write the results; the final checkpoint holds them too."""

@@ -137,6 +137,8 @@ def check_store(uri: str) -> None:
             if header and header != _SQLITE_HEADER:
                 raise TrackingError(f"MLflow store {uri}: {path} is not an sqlite database (it starts with "
                                     f"{header[:8]!r}); point tracking.tracking_uri at another file")
+            if header:
+                _check_mlflow_tables(uri, path)
     local = uri[len("file://"):] if uri.startswith("file://") else uri if "://" not in uri else None
     if local is not None and Path(local).exists() and not Path(local).is_dir():
         raise TrackingError(f"MLflow store {uri} is a file, not a folder; set tracking.tracking_uri to a folder "
@@ -147,6 +149,30 @@ def check_store(uri: str) -> None:
         if reason:
             raise TrackingError(f"MLflow store {uri} is not writable ({reason}); "
                                 "set tracking.tracking_uri or tracking.enabled=false")
+
+
+def _check_mlflow_tables(uri: str, path: Path) -> None:
+    """An sqlite database that holds tables but not MLflow's is another program's: MLflow would add
+    its own tables to it (and a user would look for the runs in vain elsewhere). Read-only look."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error as error:
+        raise TrackingError(f"MLflow store {uri}: {path} cannot be read as an sqlite database ({error})") from None
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise TrackingError(f"MLflow store {uri}: {path} is an sqlite database of something else (tables {shown}), "
+                            "not an MLflow store; point tracking.tracking_uri at a new file or an MLflow store")
+
+
+def check_parent_run(uri: str, run_id: str | None) -> None:
+    """``tracking.parent_run_id`` must name a run of the store: a made-up id would nest the run
+    under nothing, silently."""
+    if run_id and not run_exists(uri, run_id):
+        raise TrackingError(f"tracking.parent_run_id {run_id!r} is not a run of {uri} (or it is deleted); give the id "
+                            "of a run in that store, or leave it unset")
 
 
 def run_exists(uri: str, run_id: str) -> bool:
@@ -202,6 +228,8 @@ def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
 def _quiet_mlflow_logs() -> None:
     for name in ("alembic", "mlflow.tracking._tracking_service.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Without Databricks credentials it warns before the error the command reports in one line.
+    logging.getLogger("mlflow.utils.databricks_utils").setLevel(logging.ERROR)
     # It logs every database error with its traceback (a full disk: over 100 lines on stderr) and then
     # raises it as an MlflowException, which the command reports in its one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -391,6 +419,24 @@ def _store_setup_lock(uri: str):
         os.close(descriptor)
 
 
+# Tags that say whose a run is: a job's id, a sweep's parent run. A run continued must carry the same.
+_IDENTITY_TAGS = ("mwt.job_id", "mwt.kind")
+
+
+def _check_own_run(run, name: str, tags: dict[str, str], uri: str) -> None:
+    """Refuse to continue ``run`` for a job it does not belong to: the run id comes from a file in
+    the job's (or sweep's) folder, and a file naming another job's run would make this job log into
+    that run and overwrite its artifacts."""
+    theirs = {key: run.data.tags.get(key) for key in _IDENTITY_TAGS if key in tags}
+    mine = {key: tags[key] for key in theirs}
+    if run.info.run_name != name or theirs != mine:
+        said = ", ".join(f"{k} {v!r}" for k, v in theirs.items() if v != mine[k])
+        raise TrackingError(f"MLflow run {run.info.run_id} in {uri} is not this job's (it is run {run.info.run_name!r}"
+                            + (f", {said}" if said else "") + f"; this job is {name!r}"
+                            + "".join(f", {k} {v!r}" for k, v in mine.items()) + "): the job's folder names another "
+                            "run; remove its mlflow_run.json (or the sweep's sweep.json) to start a new run")
+
+
 def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = None,
              log: Callable[[str], None] | None = print) -> MlflowRun:
     """Create the job's MLflow run (every config value as a param), or continue ``run_id``.
@@ -400,6 +446,8 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
     """
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_store(uri)
+    if run_id is None:  # before the store is written (its experiment made)
+        check_parent_run(uri, cfg.tracking.parent_run_id)
     if _sqlite_path(uri) is not None:
         _sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
     _quiet_mlflow_logs()
@@ -426,6 +474,7 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
                 log(f"MLflow run {run_id} is not in experiment {cfg.tracking.experiment!r} of {uri}; starting a new run")
             run_id = None
         else:
+            _check_own_run(run, cfg.name, tags or {}, uri)
             existing = dict(run.data.params)
             client.update_run(run_id, status="RUNNING")
             if log:

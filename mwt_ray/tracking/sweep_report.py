@@ -30,7 +30,7 @@ def open_parent_run(cfg, run_id: str | None, log) -> MlflowRun:
 
 def log_trial_scan(cfg, run_id: str, result: dict, scan: list[dict], scan_file: Path) -> None:
     """On the trial's run: the chosen tau, its score and module metrics, and the whole tau scan."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     run = MlflowRun.from_info({"tracking_uri": _uri(cfg), "run_id": run_id})
     now = int(time.time() * 1000)
@@ -38,7 +38,10 @@ def log_trial_scan(cfg, run_id: str, result: dict, scan: list[dict], scan_file: 
     metrics = [Metric(f"sweep.{k}", float(result[k]), now, 0) for k in keys if result.get(k) is not None]
     metrics += [Metric(f"tau_scan.{k}", float(row[k]), now, i) for i, row in enumerate(scan)
                 for k in ("tau", "krr", "module_accuracy", "score")]
-    run.client.log_batch(run_id, metrics=metrics, synchronous=True)
+    # modularize.tau, a param of every run, is the config's; the tau the sweep scored the trial at is
+    # its own param, so that the compare view shows both side by side without mixing them up.
+    run.client.log_batch(run_id, metrics=metrics, params=[Param("sweep.scored_tau", f"{result['tau']:g}")],
+                         synchronous=True)
     run.client.set_tag(run_id, "mwt.best_tau", f"{result['tau']:g}")
     run.client.log_artifact(run_id, str(scan_file))
 
@@ -158,8 +161,15 @@ def _markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
+STOPPED_EARLY_NOTE = ("Stopped early by the sweep's scheduler (ASHA) after epoch {epoch}: its score was below "
+                      "the cutoff of the trials at that epoch. Not a failure: the sweep spent its epochs elsewhere.")
+
+
 def _close_stopped_runs(cfg, parent: MlflowRun, table) -> None:
-    """A trial Tune stopped was killed mid-epoch: its run is KILLED and tagged, never left RUNNING."""
+    """End the runs of trials that did not complete, never left RUNNING. One ASHA stopped did what
+    the sweep asked of it: FINISHED, tagged ``mwt.trial_status = stopped early`` with a note (the
+    run's description in the UI) saying so; KILLED would show the red cross of a run a user killed.
+    A failed trial's run is FAILED."""
     client = parent.client
     experiment = client.get_run(parent.run_id).info.experiment_id
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.run_id}'")
@@ -169,8 +179,11 @@ def _close_stopped_runs(cfg, parent: MlflowRun, table) -> None:
         if run is None or row.status == "completed":
             continue
         client.set_tag(run.info.run_id, "mwt.trial_status", row.status)
-        if run.info.status == "RUNNING" or row.status == "stopped early":
-            client.set_terminated(run.info.run_id, "KILLED" if row.status == "stopped early" else "FAILED")
+        if row.status == "stopped early":
+            client.set_tag(run.info.run_id, "mlflow.note.content", STOPPED_EARLY_NOTE.format(epoch=row.epoch))
+            client.set_terminated(run.info.run_id, "FINISHED")
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
 
 
 def close_child_runs(parent: MlflowRun, status: str) -> list[str]:
