@@ -4,18 +4,20 @@ and one way to say that the disk is full (``DiskFull``, ``is_disk_full``).
 Atomic writes go to a temporary file in the same folder, then a rename: a crash, or two processes
 writing the same path, never leave a half-written file. ``writable_folder_error`` tries to create
 and delete a file, because ``os.access`` answers yes for root even on read-only file systems.
+``input_file_error`` says why a path given as an input file is not one, from ``os.stat`` alone.
 """
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from pathlib import Path
 
 import torch
 
 __all__ = ["atomic_write_text", "atomic_torch_save", "writable_folder_error", "DiskFull", "is_disk_full",
-           "full_disk_message"]
+           "full_disk_message", "input_file_error"]
 
 # What a full disk says when the error is not an OSError with its errno: shutil.copytree's list of
 # failures, SQLite's error through MLflow, pyarrow's messages.
@@ -115,3 +117,24 @@ def writable_folder_error(folder: str | Path) -> str | None:
     except OSError as error:
         return f"{existing}: {error.strerror or error}"
     return None
+
+
+def input_file_error(path: str | Path) -> str | None:
+    """None when ``path`` is a regular file (or a link to one), else why it cannot be read as one, in
+    a few words: missing, a folder, a named pipe, a device. Decided by ``os.stat`` before any open: opening
+    a FIFO for reading waits for a writer forever, and /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:  # a dangling link's loop, a component that is a file, no permission
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device file"
+    return "is a socket" if stat.S_ISSOCK(mode) else "is not a regular file"
