@@ -493,8 +493,163 @@ def export_cases() -> list[Case]:
     ]
 
 
+def first_float_weight(state: dict) -> str:
+    return next(k for k, v in state["model_state"].items() if v.is_floating_point())
+
+
+def nan_weight(state: dict) -> None:
+    state["model_state"][first_float_weight(state)][0] = float("nan")
+
+
+def usage(change: Callable[[dict], None]) -> Callable[[dict], None]:
+    return lambda state: change(state["kernel_usage"])
+
+
+# What a hostile user forges from a real checkpoint: each is refused whole, before any data, model or
+# Ray actor, by the one check every reader makes (core.checkpoint.check_checkpoint).
+FORGERIES = [  # (name, change, part of the message)
+    ("width that does not fit its weights", lambda s: s["architecture"].update(width=0.25),
+     "weights do not fit the model it describes"),
+    ("huge width", lambda s: s["architecture"].update(width=1e6), "would give vgg16 about 1.5e+19 parameters"),
+    ("width that is not a number", lambda s: s["architecture"].update(width="wide"),
+     "architecture width 'wide' is not a positive number"),
+    ("NaN width", lambda s: s["architecture"].update(width=float("nan")), "architecture width nan is not a positive"),
+    ("a billion classes", lambda s: s["architecture"].update(num_classes=10**9), "classes: a model has 2..100000 classes"),
+    ("unknown model", lambda s: s["architecture"].update(name="alexnet"), "unknown model 'alexnet'"),
+    ("NaN weight", nan_weight, "holds NaN or infinite values"),
+    ("a weight that is a list", lambda s: s["model_state"].update(
+        {first_float_weight(s): s["model_state"][first_float_weight(s)].tolist()}), "is a list, not a tensor"),
+    ("kernel counts of the wrong type", usage(lambda u: u.update(counts=u["counts"].tolist())),
+     "kernel_usage.counts is a list, not a tensor"),
+    ("kernel counts of the wrong shape", usage(lambda u: u.update(counts=u["counts"][:, :-1])),
+     "kernel_usage.counts has shape [10, "),
+    ("kernel counts as floats", usage(lambda u: u.update(counts=u["counts"].double())), "kernel_usage.counts has dtype float64"),
+    ("kernel counts above the class sizes", usage(lambda u: u.update(counts=u["counts"] + 10**6)),
+     "exceed their class's sample count"),
+    ("class sizes of the wrong shape", usage(lambda u: u.update(class_sizes=u["class_sizes"][:3])),
+     "kernel_usage.class_sizes has shape [3]"),
+    ("layer sizes that differ from the model", usage(lambda u: u.update(layer_sizes=u["layer_sizes"].flip(0) + 1)),
+     "kernel_usage.layer_sizes"),
+    ("kernel_usage that is a string", lambda s: s.update(kernel_usage="many"), "kernel_usage is a str, not a dictionary"),
+    ("module masks of the wrong shape", lambda s: s.update(module_masks=s["module_masks"][:, :5]), "module_masks has shape"),
+    ("module masks of the wrong dtype", lambda s: s.update(module_masks=s["module_masks"].float()),
+     "module_masks has dtype float32, not bool"),
+    ("tau outside (0, 1]", lambda s: s.update(tau=7.0), "tau 7.0 is not a number in (0, 1]"),
+]
+
+
+def checkpoint_cases() -> list[Case]:
+    """Forged or damaged checkpoints given to reuse and export, and training states to --resume."""
+    reuse = [Case(f"reuse checkpoint with {name}", ["--modular", "{tmp}/in/forged.pt"], expected, command="reuse",
+                  needs="job", setup=forged_checkpoint(change)) for name, change, expected in FORGERIES]
+    export = [Case(f"export checkpoint with {name}", ["--run", "{tmp}/in/forged.pt", "--out", "{tmp}/out", "--classes",
+                   "3,5"], expected, command="export", needs="job", setup=forged_checkpoint(change))
+              for name, change, expected in FORGERIES if name in ("huge width", "NaN weight", "kernel counts of the wrong type",
+                                                                  "module masks of the wrong shape", "a billion classes")]
+    standard = [Case("reuse standard checkpoint with NaN weights", ["--modular", "{tmp}/runs/base/checkpoint.pt",
+                     "--standard", "{tmp}/in/std.pt"], "standard model", command="reuse", needs="job",
+                     setup=forged_checkpoint(lambda s: [as_standard(s), nan_weight(s)], "std.pt"))]
+    pipes = [Case("reuse checkpoint that is a pipe", ["--modular", "{tmp}/in/pipe.pt"], "is a named pipe (FIFO), not a "
+                  "checkpoint file", command="reuse", setup=lambda t: os.mkfifo(t / "in" / "pipe.pt")),
+             Case("export checkpoint that is a pipe", ["--run", "{tmp}/in/pipe.pt", "--out", "{tmp}/out", "--classes", "3,5"],
+                  "is a named pipe (FIFO), not a checkpoint file", command="export",
+                  setup=lambda t: os.mkfifo(t / "in" / "pipe.pt")),
+             Case("reuse checkpoint that is /dev/zero", ["--modular", "/dev/zero"], "is a device file", command="reuse")]
+    base = ["--set", "name=base", "--resume"]
+    resume = [
+        Case("resume NaN width", base, "architecture width nan is not a positive number", needs="job",
+             setup=forge_training_states(lambda s: s["architecture"].update(width=float("nan")))),
+        Case("resume NaN weight", base, "holds NaN or infinite values; run without --resume", needs="job",
+             setup=forge_training_states(nan_weight)),
+        Case("resume weight that is a list", base, "is a list, not a tensor", needs="job",
+             setup=forge_training_states(lambda s: s["model_state"].update(
+                 {first_float_weight(s): s["model_state"][first_float_weight(s)].tolist()}))),
+        Case("resume infinite optimizer state", base, "holds NaN or infinite values", needs="job",
+             setup=forge_training_states(lambda s: next(
+                 v for v in s["optimizer_state"]["state"].values())["momentum_buffer"].fill_(float("inf")))),
+        Case("resume unknown model", base, "holds alexnet", needs="job",
+             setup=forge_training_states(lambda s: s["architecture"].update(name="alexnet"))),
+    ]
+    return reuse + export + standard + pipes + resume
+
+
+SWEEP = ["--set", "output_dir={tmp}/runs", "--set", "tracking.enabled=false", "--set", "model.width=0.125", "--set",
+         "data.train_limit=100", "--set", "train.epochs=1", "--set", "sweep.trials=1", "--set", "sweep.reuse=false",
+         "--set", "sweep.standard_baseline=false", "--set", "train.batch_size=32"]
+KEY = "0123456789abcdef" * 4 + "\n"
+
+
+def signing_key(mode: int) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / "keys").mkdir(mode=0o700)
+        write("keys/sweep-signing.key", KEY)(tmp)
+        os.chmod(tmp / "keys" / "sweep-signing.key", mode)
+    return setup
+
+
+def linked_key(tmp: Path) -> None:
+    (tmp / "keys").mkdir(mode=0o700)
+    write("in/real.key", KEY)(tmp)
+    os.chmod(tmp / "in" / "real.key", 0o600)
+    os.symlink(tmp / "in" / "real.key", tmp / "keys" / "sweep-signing.key")
+
+
+def limit_cases() -> list[Case]:
+    """Values the config takes only within their real range, and input files that are not regular files."""
+    values = [
+        ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+        ("train.seed=4294967296", "train.seed: Input should be less than or equal to 4294967295 (got 4294967296): seeds are 32-bit"),
+        ("reuse.sampling_seed=-5", "reuse.sampling_seed: Input should be greater than or equal to 0"),
+        ("sweep.seed=99999999999", "sweep.seed: Input should be less than or equal to 4294967295"),
+        ("train.epochs=100000000000000000000000", "train.epochs: Input should be less than or equal to 100000 "
+         "(got 100000000000000000000000): more epochs than any run can finish"),
+        ("train.epochs=100001", "train.epochs: Input should be less than or equal to 100000"),
+        ("train.warmup_epochs=1e12", "train.warmup_epochs"),
+        ("train.batch_size=2097152", "train.batch_size: Input should be less than or equal to 1048576 (got 2097152): a batch"),
+        ("reuse.batch_size=10000000", "reuse.batch_size"), ("reuse.epochs=1000000000", "reuse.epochs"),
+        ("reuse.per_size=1000000", "reuse.per_size: Input should be less than or equal to 5000"),
+        ("reuse.subtasks=[" + ", ".join(["[0, 1]"] * 5001) + "]", "reuse.subtasks: List should have at most 5000 items"),
+        ("reuse.latency_batch_sizes=[1, 99999999]", "latency batch sizes must lie in 1..1048576"),
+        ("reuse.latency_repeats=1e100", "reuse.latency_repeats"), ("reuse.max_restarts=99999999", "reuse.max_restarts"),
+        ("reuse.num_actors=1000000", "reuse.num_actors"), ("reuse.cpus_per_actor=1e9", "reuse.cpus_per_actor"),
+        ("data.train_limit=10000000000000", "data.train_limit"), ("scaling.num_workers=1000000", "scaling.num_workers"),
+        ("scaling.max_failures=10000000", "scaling.max_failures"), ("scaling.fail_at_epoch=10000000", "scaling.fail_at_epoch"),
+        ("modularize.cohesion_samples_per_class=1e40", "cohesion_samples_per_class"),
+        ("sweep.trials=1000000000", "sweep.trials: Input should be less than or equal to 10000"),
+        ("sweep.grace_period=1000000", "sweep.grace_period"), ("sweep.cpus_per_trial=1e12", "sweep.cpus_per_trial"),
+        ("sweep.gpus_per_trial=1000", "sweep.gpus_per_trial"), ("sweep.subtasks_per_size=100000", "sweep.subtasks_per_size"),
+    ]
+    cases = [Case(f"set {o[:60]}", ["--set", o], m) for o, m in values]
+    width = lambda name, w: ["--set", f"model.name=torchvision:{name}", "--set", f"model.width={w}"]  # noqa: E731
+    cases += [
+        Case("MobileNet of width 1e300", width("mobilenet_v2", "1e300"), "would give torchvision:mobilenet_v2 about inf "
+             "parameters"),
+        Case("MobileNet v3 of width 1e20", width("mobilenet_v3_small", "1e20"), "more than the 2e+09 allowed"),
+        Case("RegNet with a width", width("regnet_x_400mf", "0.5"), "torchvision:regnet_x_400mf has no width multiplier"),
+        Case("config file that is a pipe", ["--config", "{tmp}/in/c.yaml"], "is a named pipe (FIFO), not a YAML file",
+             setup=lambda t: os.mkfifo(t / "in" / "c.yaml")),
+        Case("config file that is /dev/zero", ["--config", "/dev/zero"], "'/dev/zero' is a device file, not a YAML file"),
+    ]
+    sweep = lambda name, args, expected, **more: Case(f"sweep {name}", SWEEP + args, expected, command="sweep",  # noqa: E731
+                                                     common=False, **more)
+    cases += [
+        sweep("negative seed", ["--set", "sweep.seed=-1"], "sweep.seed: Input should be greater than or equal to 0"),
+        sweep("seed of 2^32", ["--set", "sweep.seed=4294967296"], "sweep.seed: Input should be less than or equal to"),
+        sweep("config file that is a pipe", ["--config", "{tmp}/in/c.yaml"], "is a named pipe (FIFO)",
+              setup=lambda t: os.mkfifo(t / "in" / "c.yaml")),
+        sweep("signing key of mode 0644", [], "(mwt-ray's signing secret) is not private (mode 0644",
+              setup=signing_key(0o644)),
+        sweep("symlinked signing key", [], "signing secret", setup=linked_key),
+        sweep("signing key that is a pipe", [], "signing secret) is not private",
+              setup=lambda t: [(t / "keys").mkdir(mode=0o700), os.mkfifo(t / "keys" / "sweep-signing.key", 0o600)]),
+        sweep("config folder that is a file", [], "(where mwt-ray keeps its signing secret) is not a folder",
+              setup=write("keys", "a file\n")),
+    ]
+    return cases
+
+
 CASES = (config_cases() + cli_cases() + data_cases() + place_cases() + distributed_cases() + resume_cases()
-         + model_cases() + reuse_cases() + export_cases())
+         + model_cases() + reuse_cases() + export_cases() + checkpoint_cases() + limit_cases())
 
 
 # ----------------------------------------------------------------------------- running a case
@@ -570,6 +725,8 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request, digits_ca
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # The sweep's signing secret: inside the compared folder, so a case that makes one is caught.
+    monkeypatch.setenv("MWT_RAY_CONFIG_DIR", str(tmp_path / "keys"))
     from mwt_ray.jobs import storage
 
     # An object store without a network answers nothing: give up after 3 s, not the default 15 s
@@ -589,6 +746,8 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, request, digits_ca
         from mwt_ray.train import main
     elif case.command == "export":
         from mwt_ray.export import main
+    elif case.command == "sweep":
+        from mwt_ray.sweep import main
     else:
         from mwt_ray.reuse import main
     try:

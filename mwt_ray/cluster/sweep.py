@@ -45,7 +45,7 @@ from .ray_session import ray_session
 from .reuse_pool import pool_size
 from .search import scheduler, search_space, searcher
 from .shared_storage import check_job_places, check_shared_places, job_places
-from .sweep_integrity import sign_sweep, verify_sweep
+from .sweep_integrity import check_signing_key, sign_sweep, verify_sweep
 from .trainer import check_cluster_resources, run_training
 
 __all__ = ["run_sweep", "sweep_folder", "trial_config", "SWEEP_FILE"]
@@ -392,6 +392,7 @@ def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[C
     if any(m > data.num_classes for m in sizes):
         raise SetupError(f"sweep.subtask_sizes {sizes} exceed the dataset's {data.num_classes} classes")
     _check_registered_modules(cfg, list(data.classes))
+    check_signing_key()  # the sweep signs its Tune folder: an unusable secret refuses it before anything is written
     folder = sweep_folder(cfg, resume)
     if resume and not trust_folder:  # before Ray, the parent run or sweep.json: a refusal writes nothing
         verify_sweep(folder / "tune")

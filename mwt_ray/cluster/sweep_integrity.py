@@ -77,7 +77,7 @@ from pathlib import Path
 from ..jobs.setup import SetupError
 
 __all__ = ["SweepIntegrityError", "sign_sweep", "verify_sweep", "manifest_path", "config_dir", "secret_key",
-           "CONFIG_DIR_ENV", "KEY_FILE", "MANIFEST_SUFFIX"]
+           "check_signing_key", "CONFIG_DIR_ENV", "KEY_FILE", "MANIFEST_SUFFIX"]
 
 CONFIG_DIR_ENV = "MWT_RAY_CONFIG_DIR"  # the folder holding the secret itself (tests isolate it with this)
 KEY_FILE = "sweep-signing.key"
@@ -121,17 +121,22 @@ def _own_uid() -> int | None:
     return os.getuid() if hasattr(os, "getuid") else None
 
 
-def _private_folder(folder: Path) -> None:
-    """Create ``folder`` (mode 0700) or make sure an existing one is this user's and only this user's:
-    whoever can write it could replace the secret with one they know."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.lstat()
+def _check_folder(folder: Path, info: os.stat_result) -> None:
+    """Refuse a secret's folder that is not a folder of this user's (``lstat``: a link is refused too)."""
     if not stat.S_ISDIR(info.st_mode):
         raise SweepIntegrityError(f"{_show(folder)} (where mwt-ray keeps its signing secret) is not a folder; "
                                   f"remove it or set {CONFIG_DIR_ENV} to a private folder")
     if _own_uid() is not None and info.st_uid != _own_uid():
         raise SweepIntegrityError(f"{_show(folder)} (where mwt-ray keeps its signing secret) belongs to another user; "
                                   f"set {CONFIG_DIR_ENV} to a folder of your own")
+
+
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` (mode 0700) or make sure an existing one is this user's and only this user's:
+    whoever can write it could replace the secret with one they know."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    _check_folder(folder, info)
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)  # mkdir's mode is cut by the umask, and an older folder may be looser
 
@@ -139,7 +144,8 @@ def _private_folder(folder: Path) -> None:
 def _read_key(path: Path) -> bytes:
     # O_NOFOLLOW: a link could point at a file others can read or change.
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a FIFO planted as the secret would otherwise block the open until a writer comes.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise
     except OSError as error:
@@ -160,6 +166,31 @@ def _read_key(path: Path) -> bytes:
         raise SweepIntegrityError(f"{_show(path)} is not an mwt-ray signing secret (64 hex digits); delete it "
                                   f"(a new one is made) and {START_OVER}")
     return bytes.fromhex(text)
+
+
+def check_signing_key() -> None:
+    """The checks ``secret_key()`` makes on the folder and the secret, creating and changing nothing:
+    a sweep runs them in its preflight, so a secret it could not use (a loose mode, a link, a folder
+    that is a file) refuses the sweep before its folder or MLflow run exist. Raises SweepIntegrityError."""
+    folder = config_dir()
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:  # made on first use: where it would go must take a folder
+        from ..core.files import writable_folder_error
+
+        reason = writable_folder_error(folder)
+        if reason:
+            raise SweepIntegrityError(f"{_show(folder)} (where mwt-ray keeps its signing secret) cannot be made "
+                                      f"({reason}); set {CONFIG_DIR_ENV} to a private folder") from None
+        return
+    except OSError as error:
+        raise SweepIntegrityError(f"{_show(folder)} (where mwt-ray keeps its signing secret) cannot be read "
+                                  f"({error.strerror or error}); set {CONFIG_DIR_ENV} to a private folder") from None
+    _check_folder(folder, info)
+    try:
+        _read_key(folder / KEY_FILE)
+    except FileNotFoundError:
+        pass  # made on first use
 
 
 def secret_key(*, create: bool = True) -> bytes:

@@ -8,8 +8,6 @@ and what is allowed.
 from __future__ import annotations
 
 import argparse
-import functools
-import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -19,11 +17,13 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..core.data import DATASETS
-from ..core.models import TORCHVISION_PREFIX, check_model_name, create_model, list_models
+from ..core.files import input_file_error
+from ..core.models import MAX_PARAMETERS, TORCHVISION_PREFIX, check_model_name, create_model, list_models, model_size_error
 from ..core.reuse import FineTuneSettings
 from ..core.training import OptimSettings
 from ..core.messages import one_line
-from .base import Section, shown, taus_in_range
+from .base import (MAX_BATCH, MAX_COUNT, MAX_CPUS, MAX_EPOCHS, MAX_GPUS, MAX_RESTARTS, MAX_SAMPLES,
+                   MAX_SUBTASKS, LIMIT_REASONS, SEED, Section, shown, taus_in_range)
 from .sweep import SEARCHABLE_SECTIONS, SearchRange, SweepConfig, flatten_space
 
 __all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig", "SearchRange", "flatten_space", "SEARCHABLE_SECTIONS", "load_config", "apply_overrides", "validate_config",
@@ -32,17 +32,6 @@ __all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig",
 
 class ConfigError(ValueError):
     pass
-
-
-# Models larger than this are refused before they are built (float32 weights alone: 8 GB).
-MAX_PARAMETERS = 2e9
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters_at_width_one(name: str) -> int:
-    """Parameters of ``name`` at width 1 with 10 classes, counted on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in create_model(name, 10, 1.0, modular=False).parameters())
 
 
 # The width of a built-in when model.width is unset: a quarter of the paper's channels, which trains on a CPU.
@@ -68,15 +57,13 @@ class ModelConfig(Section):
             self.width = BUILTIN_DEFAULT_WIDTH if self.name in list_models() else 1.0
             return self
         value, name = self.width, self.name
+        # The size first: building MobileNet at a width near 1e300 overflows inside torch.
+        reason = model_size_error(name, value)
+        if reason:
+            raise ValueError(reason)
         if name.startswith(TORCHVISION_PREFIX) and value != 1.0:
             with torch.device("meta"):
                 create_model(name, 10, value, modular=False)  # ValueError where there is no width_mult
-        if value > 4:  # below 4 every model has < 0.4e9 parameters
-            estimate = _parameters_at_width_one(name) * value ** 2
-            if estimate > MAX_PARAMETERS:
-                largest = math.sqrt(MAX_PARAMETERS / _parameters_at_width_one(name))
-                raise ValueError(f"width {value:g} would give {name} about {estimate:.2g} parameters, more than the "
-                                 f"{MAX_PARAMETERS:.0e} allowed; use a width up to {largest:.1f}")
         return self
 
 
@@ -84,7 +71,7 @@ class DataConfig(Section):
     name: str = "digits"
     root: str | None = Field(None, description="dataset folder (cifar10/svhn root, or an image folder / .tar.gz)")
     download: bool = False
-    train_limit: int | None = Field(None, ge=2, description="class-balanced cap on training samples")
+    train_limit: int | None = Field(None, ge=2, le=MAX_SAMPLES, description="class-balanced cap on training samples")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's training samples held out of "
                                 "training as a validation set (val_accuracy per epoch; the sweep's objective)")
     device_resident: bool | Literal["auto"] = Field(
@@ -108,15 +95,15 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     modular: bool = True
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=2)
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=2, le=MAX_BATCH)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     alpha: float = Field(0.5, ge=0, description="weight of the cohesion loss (Eq. 6)")
     beta: float = Field(1.5, ge=0, description="weight of the coupling loss (Eq. 6)")
-    warmup_epochs: float = Field(0.0, ge=0, description="ramp alpha, beta and sparsity from 0 over this many epochs")
+    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS, description="ramp alpha, beta and sparsity from 0 over this many epochs")
     # Options beyond the paper (issue 9's frontier study); the defaults are the paper's method.
     warmup_shape: Literal["linear", "cosine", "step"] = Field(
         "linear", description="the warm-up ramp: linear, cosine (slow start and end) or step (off, then on)")
@@ -126,7 +113,7 @@ class TrainConfig(Section):
     detach_generator_input: bool = Field(False, description="true: cohesion and coupling train the mask generators "
                                          "only, the backbone learns from cross-entropy alone")
     augment: bool = True
-    seed: int = 0
+    seed: int = Field(0, **SEED)
     device: str = Field("auto", description="auto (a GPU if there is one), cpu, cuda or cuda:N")
     # GPU speed options (issue 16); the defaults keep fp32 eager numerics.
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -150,7 +137,7 @@ class TrainConfig(Section):
 class ModularizeConfig(Section):
     tau: float = Field(0.9, gt=0, le=1, description="keep a kernel used by >= tau of a class's samples")
     cohesion_samples_per_class: int | None = Field(
-        None, ge=0, description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip")
+        None, ge=0, le=MAX_SAMPLES, description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip")
     report_taus: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="taus whose "
                                      "module cohesion, KRR and coupling metrics.json lists (by_tau), besides tau")
 
@@ -158,28 +145,28 @@ class ModularizeConfig(Section):
 
 
 class ReuseConfig(Section):
-    subtasks: list[list[int]] = Field(default_factory=list, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]")
-    sizes: list[int] = Field(default_factory=list, description="M values to sample sub-tasks for, e.g. [2, 5] or "
+    subtasks: list[list[int]] = Field(default_factory=list, max_length=MAX_SUBTASKS, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]")
+    sizes: list[int] = Field(default_factory=list, max_length=MAX_SUBTASKS, description="M values to sample sub-tasks for, e.g. [2, 5] or "
                              "'2..9'; empty = 2..N-1 unless subtasks are given")
-    per_size: int = Field(10, ge=1, description="K: sampled sub-tasks per M (all of them when C(N, M) <= K)")
-    sampling_seed: int | None = Field(None, description="seed of the sub-task sampling; null = train.seed")
-    epochs: int = Field(5, ge=0, description="fine-tuning epochs of a reused module")
+    per_size: int = Field(10, ge=1, le=MAX_SUBTASKS, description="K: sampled sub-tasks per M (all of them when C(N, M) <= K)")
+    sampling_seed: int | None = Field(None, **SEED, description="seed of the sub-task sampling; null = train.seed")
+    epochs: int = Field(5, ge=0, le=MAX_EPOCHS, description="fine-tuning epochs of a reused module")
     lr: float = Field(0.01, gt=0)
-    batch_size: int = Field(64, ge=2)
+    batch_size: int = Field(64, ge=2, le=MAX_BATCH)
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of the sub-task's training data that picks the best epoch")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     zero_fine_tune: bool = Field(True, description="also score the mixed module with no training (restricted logits)")
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 128], description="batch sizes of the "
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 128], max_length=16, description="batch sizes of the "
                                            "measured inference latency of module vs model; [] = none")
-    latency_repeats: int = Field(10, ge=1, description="timed forward passes per model and batch size (the fastest counts)")
-    num_actors: int | None = Field(None, ge=0, description="Ray actors evaluating sub-tasks; null = as many as the "
+    latency_repeats: int = Field(10, ge=1, le=MAX_COUNT, description="timed forward passes per model and batch size (the fastest counts)")
+    num_actors: int | None = Field(None, ge=0, le=MAX_COUNT, description="Ray actors evaluating sub-tasks; null = as many as the "
                                    "cluster can place; 0 = in this process without Ray")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (> 0: sub-tasks run on the GPU)")
-    max_restarts: int = Field(3, ge=0, description="times a sub-task may lose its actor (a lost node, a killed "
+    cpus_per_actor: float = Field(1.0, gt=0, le=MAX_CPUS, description="CPUs per actor (also its torch thread count)")
+    gpus_per_actor: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs per actor (> 0: sub-tasks run on the GPU)")
+    max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS, description="times a sub-task may lose its actor (a lost node, a killed "
                               "process) and run again on a new one")
-    fail_at_subtask: int | None = Field(None, ge=0, description="fault injection: the actor evaluating this "
+    fail_at_subtask: int | None = Field(None, ge=0, le=MAX_SUBTASKS, description="fault injection: the actor evaluating this "
                                         "sub-task (index in the plan) kills its own process once, mid-fine-tuning")
     output_dir: str | None = Field(None, description="where the tables and plots go; null = a reuse/ folder "
                                    "beside the modular checkpoint (<output_dir>/reuse-<run id> for an MLflow run)")
@@ -205,8 +192,9 @@ class ReuseConfig(Section):
     @field_validator("latency_batch_sizes")
     @classmethod
     def _positive(cls, value: list[int]) -> list[int]:
-        if any(b < 1 for b in value):
-            raise ValueError(f"latency batch sizes must be >= 1, got {shown(value)}")
+        if any(b < 1 or b > MAX_BATCH for b in value):
+            raise ValueError(f"latency batch sizes must lie in 1..{MAX_BATCH} ({LIMIT_REASONS[MAX_BATCH]}), "
+                             f"got {shown(value)}")
         return value
 
     def fine_tune_settings(self, seed: int) -> FineTuneSettings:
@@ -214,11 +202,11 @@ class ReuseConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process without Ray")
+    num_workers: int = Field(0, ge=0, le=MAX_COUNT, description="Ray Train workers; 0 runs in this process without Ray")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
-    fail_at_epoch: int | None = Field(None, ge=1, description="fault injection: kill a worker once at this epoch")
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_CPUS)
+    max_failures: int = Field(0, ge=-1, le=MAX_RESTARTS, description="worker-group restarts allowed (-1: unlimited)")
+    fail_at_epoch: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="fault injection: kill a worker once at this epoch")
     storage_path: str | None = Field(None, description="Ray Train storage (shared path or URI on a cluster)")
 
 
@@ -333,7 +321,9 @@ def _first_error(error: ValidationError) -> str:
         return f"{where}: unknown key"
     got = item.get("input")
     quoted = "" if isinstance(got, dict) or got is None else f" (got {shown(got)})"
-    return f"{where}: {message}{quoted}"
+    limit = (item.get("ctx") or {}).get("le" if item["type"] == "less_than_equal" else "max_length")
+    reason = LIMIT_REASONS.get(limit) if item["type"] in ("less_than_equal", "too_long") else None
+    return f"{where}: {message}{quoted}" + (f": {reason}" if reason else "")
 
 
 def _set_path(tree: dict, dotted: str, value) -> None:
@@ -366,10 +356,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        reason = input_file_error(path)
+        if reason:
+            raise ConfigError(f"config file {str(path)!r} {reason}" + ("" if reason.startswith(("does not", "cannot"))
+                                                                     else ", not a YAML file"))
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as error:

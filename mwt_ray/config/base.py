@@ -8,7 +8,34 @@ import typing
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-__all__ = ["Section", "taus_in_range", "shown"]
+__all__ = ["Section", "taus_in_range", "shown", "SEED", "MAX_SEED", "MAX_EPOCHS", "MAX_BATCH", "MAX_SAMPLES",
+           "MAX_COUNT", "MAX_SUBTASKS", "MAX_RESTARTS", "MAX_CPUS", "MAX_GPUS", "LIMIT_REASONS"]
+
+# Upper bounds of the numeric keys. A value past them is no experiment anyone can run: it only
+# fails late (a seed NumPy refuses after the job folder exists), overflows (an epoch count beyond
+# int64) or runs until killed (a reuse plan of a billion sub-tasks). Each bound is a distinct
+# number so that the error line can say why it is there (``LIMIT_REASONS``).
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**20
+MAX_SAMPLES = 2**31 - 1
+MAX_COUNT = 10_000
+MAX_SUBTASKS = 5_000
+MAX_RESTARTS = 1_000
+MAX_CPUS = 4_096
+MAX_GPUS = 64
+SEED = {"ge": 0, "le": MAX_SEED}  # Field(0, **SEED)
+LIMIT_REASONS = {
+    MAX_SEED: "seeds are 32-bit (NumPy, Optuna and Ray take 0..2^32-1)",
+    MAX_EPOCHS: "more epochs than any run can finish",
+    MAX_BATCH: "a batch of more than 2^20 images fits in no device's memory",
+    MAX_SAMPLES: "more samples than a dataset in memory can hold",
+    MAX_COUNT: "more than any sweep or cluster runs",
+    MAX_SUBTASKS: "each sub-task fine-tunes and measures a module, minutes each",
+    MAX_RESTARTS: "more retries than a failure that can heal ever needs",
+    MAX_CPUS: "more CPUs than any node has",
+    MAX_GPUS: "more GPUs than any node has",
+}
 
 _SHOWN = reprlib.Repr()
 _SHOWN.maxlevel, _SHOWN.maxdict, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxset = 3, 4, 6, 6, 6

@@ -5,7 +5,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Section, shown, taus_in_range
+from .base import (MAX_COUNT, MAX_CPUS, MAX_EPOCHS, MAX_GPUS, MAX_RESTARTS, MAX_SUBTASKS, SEED, Section, shown,
+                   taus_in_range)
 
 __all__ = ["SEARCHABLE_SECTIONS", "SearchRange", "SweepConfig", "flatten_space"]
 
@@ -60,38 +61,38 @@ def flatten_space(tree, prefix: str = "") -> dict:
 
 class SweepConfig(Section):
     """``python -m mwt_ray.sweep``: Ray Tune + Optuna over ``space``, tau scanned in each trial."""
-    trials: int = Field(8, ge=1, description="Optuna trials (the reference points included)")
-    max_concurrent: int = Field(2, ge=1, description="trials running at once")
-    seed: int = 0
+    trials: int = Field(8, ge=1, le=MAX_COUNT, description="Optuna trials (the reference points included)")
+    max_concurrent: int = Field(2, ge=1, le=MAX_COUNT, description="trials running at once")
+    seed: int = Field(0, **SEED)
     space: dict[str, SearchRange] = Field(default_factory=lambda: {
         "train.alpha": SearchRange(low=0.1, high=3.0, log=True), "train.beta": SearchRange(low=0.3, high=3.0, log=True)},
         description="dotted config key -> range or choices")
     points: list[dict] = Field(default_factory=list, description="settings tried first, e.g. the paper's "
                                "[{train.alpha: 0.5, train.beta: 1.5}]; keys must be in space")
-    tau_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
+    tau_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0], max_length=MAX_COUNT,
                                   description="taus scanned after training; the trial reports the best")
     tau_range: SearchRange | None = Field(None, description="search tau with Optuna in this range instead of the grid")
     objective: Literal["score", "pareto"] = Field(
         "score", description="score: module accuracy - krr_weight * KRR (one value); pareto: accuracy vs KRR")
     krr_weight: float = Field(0.1, ge=0, description="accuracy (0..1) one unit of KRR is worth in the score")
-    subtask_sizes: list[int] = Field(default_factory=list, description="M of the sub-tasks that score tau; "
+    subtask_sizes: list[int] = Field(default_factory=list, max_length=MAX_SUBTASKS, description="M of the sub-tasks that score tau; "
                                      "default: 2 and N // 2")
-    subtasks_per_size: int = Field(3, ge=1)
+    subtasks_per_size: int = Field(3, ge=1, le=MAX_SUBTASKS)
     val_fraction: float = Field(0.1, gt=0, lt=1, description="training samples held out to score trials")
     sampler: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on the per-epoch "
                                                "val_accuracy - krr_weight x kernel_rate")
-    grace_period: int = Field(2, ge=1, description="epochs every trial gets before ASHA may stop it")
+    grace_period: int = Field(2, ge=1, le=MAX_EPOCHS, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: float = Field(2.0, gt=1)
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a one-process trial (scaling.num_workers=0)")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of a one-process trial (a fraction shares one GPU)")
-    max_failures: int = Field(3, ge=0, description="times a trial (or the standard baseline) may lose its process "
+    cpus_per_trial: float = Field(1.0, gt=0, le=MAX_CPUS, description="CPUs of a one-process trial (scaling.num_workers=0)")
+    gpus_per_trial: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs of a one-process trial (a fraction shares one GPU)")
+    max_failures: int = Field(3, ge=0, le=MAX_RESTARTS, description="times a trial (or the standard baseline) may lose its process "
                               "or node and run again, resuming from its last finished epoch; a trial's own errors "
                               "are never retried")
     standard_baseline: bool = Field(True, description="also train a standard model with the same settings")
     reuse: bool = Field(True, description="evaluate the best trial's modules on sampled sub-tasks at the end")
     register_modules: list[list[int | str]] = Field(
-        default_factory=list, description="class sets (indices or names) whose module of the best trial is exported "
+        default_factory=list, max_length=MAX_SUBTASKS, description="class sets (indices or names) whose module of the best trial is exported "
         "(python -m mwt_ray.export) and registered in MLflow as <name>-<classes> at the end, e.g. [[4, 6]]")
 
     @field_validator("space", mode="before")

@@ -7,16 +7,18 @@ to a temporary name and renamed, so a crash never leaves a half-written checkpoi
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import atomic_torch_save
-from .models import create_model
+from .files import atomic_torch_save, input_file_error
+from .models import check_model_name, create_model, model_size_error
 from .training import unwrap_ddp
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "check_weights", "build_model", "check_architecture"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "check_weights", "build_model", "check_architecture",
+           "check_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **extra) -> None:
@@ -28,10 +30,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **ex
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
-    if path.is_dir():
+    reason = input_file_error(path)
+    if reason == "is a folder":
         raise ValueError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file (e.g. {str(path / 'checkpoint.pt')!r})")
-    if not path.exists():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if reason:
+        raise ValueError(f"checkpoint {str(path)!r} {reason}" + ("" if reason.startswith(("does not", "cannot"))
+                                                                 else ", not a checkpoint file"))
     try:
         with open(path, "rb") as stream:
             head = stream.read(4)
@@ -99,3 +103,116 @@ def build_model(state: dict) -> nn.Module:
     model = create_model(arch["name"], arch["num_classes"], arch["width"], arch["modular"])
     load_weights(model, state["model_state"], f"checkpoint of {arch['name']} width {arch['width']}")
     return model
+
+
+def _fail(source: str, what: str) -> None:
+    raise ValueError(f"{source}: {what}")
+
+
+def _check_tensor(value, source: str, key: str, dtypes: tuple, shape: tuple | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        _fail(source, f"{key} is a {type(value).__name__}, not a tensor")
+    if value.dtype not in dtypes:
+        _fail(source, f"{key} has dtype {str(value.dtype).removeprefix('torch.')}, not "
+                      f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)}")
+    if shape is not None and tuple(value.shape) != shape:
+        _fail(source, f"{key} has shape {list(value.shape)}, but the model it describes needs {list(shape)}")
+    return value
+
+
+def _non_finite(tree, where: str = ""):
+    """The first place in ``tree`` (dicts, lists, tensors) where a floating tensor holds NaN or inf, or None."""
+    stack = [(where, tree)]
+    while stack:
+        at, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if (node.is_floating_point() or node.is_complex()) and node.numel() and not torch.isfinite(node).all():
+                return at
+        elif isinstance(node, dict):
+            stack.extend((f"{at}.{k}" if at else str(k), v) for k, v in reversed(list(node.items())))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{at}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return None
+
+
+_INTEGER = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
+    """Raise ValueError, in one line, unless ``state`` (a loaded checkpoint or training state) is whole:
+
+    - its architecture is a known model of a sane width and class count, bounded before anything is
+      built (a forged width of 1e6 would ask for terabytes);
+    - its config, when it has one, names the same model;
+    - its weights have exactly the keys and shapes of that model, built on the meta device;
+    - every floating tensor in it is finite;
+    - its modular state (``kernel_usage``, ``module_masks``) fits the model's masked kernels and classes.
+
+    Every command that reads a checkpoint calls this before any other work."""
+    if not isinstance(state, dict):
+        _fail(source, "is not a dictionary of weights and settings")
+    arch = state.get("architecture")
+    if not isinstance(arch, dict):
+        _fail(source, "has no architecture dictionary")
+    name, width, classes, modular = (arch.get(k) for k in ("name", "width", "num_classes", "modular"))
+    if not isinstance(name, str):
+        _fail(source, f"architecture name {name!r} is not a model name")
+    try:
+        check_model_name(name)
+    except ValueError as error:
+        _fail(source, str(error))
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        _fail(source, f"architecture width {width!r} is not a positive number")
+    if not isinstance(modular, bool):
+        _fail(source, f"architecture modular {modular!r} is not true or false")
+    reason = model_size_error(name, float(width), classes)
+    if reason:
+        _fail(source, f"architecture {reason}")
+    names = arch.get("classes")
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != classes
+                              or not all(isinstance(c, str) for c in names)):
+        _fail(source, f"architecture classes {names!r:.80} are not {classes} class names")
+    trained_as = ((state.get("config") or {}).get("model") or {}).get("name") if isinstance(state.get("config"), dict) else None
+    if trained_as not in (None, name):
+        _fail(source, f"records architecture {name} but was trained as {trained_as} (its config): "
+                      "the checkpoint is not the run's")
+    weights = state.get("model_state")
+    with torch.device("meta"):  # every key and shape compared; nothing allocated
+        model = create_model(name, classes, float(width), modular)
+    check_weights(model, weights, source)
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            _fail(source, f"weight {key!r} is a {type(value).__name__}, not a tensor")
+    bad = _non_finite(state)
+    if bad:
+        _fail(source, f"{bad} holds NaN or infinite values")
+    _check_modular_state(state, model, classes, source)
+
+
+def _check_modular_state(state: dict, model: nn.Module, classes: int, source: str) -> None:
+    from .graph import mask_units
+
+    has_usage, has_masks = "kernel_usage" in state, "module_masks" in state
+    if not (has_usage or has_masks):
+        return
+    sizes = [u.num_kernels for u in mask_units(model)]
+    if not sizes:
+        _fail(source, "holds module masks but its model has no mask generators (architecture modular is false)")
+    kernels = sum(sizes)
+    if has_usage:
+        usage = state["kernel_usage"]
+        if not isinstance(usage, dict):
+            _fail(source, f"kernel_usage is a {type(usage).__name__}, not a dictionary of counts")
+        counts = _check_tensor(usage.get("counts"), source, "kernel_usage.counts", _INTEGER, (classes, kernels))
+        seen = _check_tensor(usage.get("class_sizes"), source, "kernel_usage.class_sizes", _INTEGER, (classes,))
+        layers = _check_tensor(usage.get("layer_sizes"), source, "kernel_usage.layer_sizes", _INTEGER, (len(sizes),))
+        if layers.tolist() != sizes:
+            _fail(source, f"kernel_usage.layer_sizes {layers.tolist()} differ from the model's masked layers {sizes}")
+        # A class's count of samples using a kernel lies between 0 and the samples of the class seen.
+        if (seen < 0).any() or (counts < 0).any() or (counts > seen[:, None]).any():
+            _fail(source, "kernel_usage counts are negative or exceed their class's sample count")
+    if has_masks:
+        _check_tensor(state["module_masks"], source, "module_masks", (torch.bool,), (classes, kernels))
+    tau = state.get("tau")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1):
+        _fail(source, f"tau {tau!r} is not a number in (0, 1]")

@@ -4,6 +4,7 @@ and one way to say that the disk is full (``DiskFull``, ``is_disk_full``).
 Atomic writes go to a temporary file in the same folder, then a rename: a crash, or two processes
 writing the same path, never leave a half-written file. ``writable_folder_error`` tries to create
 and delete a file, because ``os.access`` answers yes for root even on read-only file systems.
+``input_file_error`` says why a path given as an input file is not one, from ``os.stat`` alone.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Iterator
 import torch
 
 __all__ = ["atomic_write_text", "atomic_torch_save", "writable_folder_error", "DiskFull", "is_disk_full",
-           "full_disk_message", "scratch_folder", "remove_stale_scratch"]
+           "full_disk_message", "input_file_error", "scratch_folder", "remove_stale_scratch"]
 
 # A scratch folder in the temporary folder is named after the process that made it, so that one a
 # killed process left behind (a SIGTERM'd or lost Ray worker never runs its clean-up) can be told
@@ -160,3 +162,24 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def input_file_error(path: str | Path) -> str | None:
+    """None when ``path`` is a regular file (or a link to one), else why it cannot be read as one, in
+    a few words: missing, a folder, a named pipe, a device. Decided by ``os.stat`` before any open: opening
+    a FIFO for reading waits for a writer forever, and /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:  # a dangling link's loop, a component that is a file, no permission
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device file"
+    return "is a socket" if stat.S_ISSOCK(mode) else "is not a regular file"

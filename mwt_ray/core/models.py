@@ -11,6 +11,7 @@ sized for the classes, and goes through the same ``modularize``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -21,7 +22,7 @@ from torch import nn
 from .graph import modularize
 
 __all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models", "check_model_name",
-           "TORCHVISION_PREFIX"]
+           "TORCHVISION_PREFIX", "MAX_PARAMETERS", "MAX_CLASSES", "model_size_error"]
 
 
 class ConvUnit(nn.Module):
@@ -212,6 +213,12 @@ def _torchvision_version() -> str:
     return torchvision.__version__.split("+")[0]
 
 
+# torchvision's classification models whose constructors take ``width_mult``. Others are refused by
+# name, before their constructor runs: RegNet's, given an unknown keyword, first computes its stage
+# widths with tensors, which fails on the meta device with a message about meta tensors.
+_WIDTH_MULTIPLIER = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
+
+
 def _torchvision_model(name: str, num_classes: int, width: float | None) -> nn.Module:
     """The torchvision model, untrained, its classifier sized for ``num_classes``; ``width`` goes to
     the constructor's ``width_mult`` (MobileNet) and is refused, unless 1 (its own), where there is none."""
@@ -220,13 +227,55 @@ def _torchvision_model(name: str, num_classes: int, width: float | None) -> nn.M
     arch = name[len(TORCHVISION_PREFIX):]
     if width is None or width == 1.0:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if arch not in _WIDTH_MULTIPLIER:
+        raise ValueError(_no_width_multiplier(name, width))
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, width_mult=width)
     except TypeError as error:
         if "width_mult" not in str(error):
             raise
-    raise ValueError(f"width {width:g}: {name} has no width multiplier (only MobileNet's constructors take "
-                     "width_mult); leave model.width unset for its own width") from None
+    raise ValueError(_no_width_multiplier(name, width)) from None
+
+
+def _no_width_multiplier(name: str, width: float) -> str:
+    return (f"width {width:g}: {name} has no width multiplier (only MobileNet's constructors take width_mult); "
+            "leave model.width unset for its own width")
+
+
+# Models larger than this are refused before they are built (float32 weights alone: 8 GB).
+MAX_PARAMETERS = 2e9
+# Class counts beyond this are refused before a classifier is built: no dataset here comes near it,
+# and with it a head of the widest allowed model stays below MAX_PARAMETERS.
+MAX_CLASSES = 100_000
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters_at_width_one(name: str, num_classes: int = 10) -> int:
+    """Parameters of ``name`` at width 1, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(name, num_classes, None if name.startswith(TORCHVISION_PREFIX)
+                                                   else 1.0, modular=False).parameters())
+
+
+def model_size_error(name: str, width: float | None, num_classes: int = 10) -> str | None:
+    """Why a ``name`` of ``width`` and ``num_classes`` is too large to build, or None; decided before
+    building it at that width. Every channel count scales with the width, so the parameter count
+    grows with its square (``width * width``: ``width ** 2`` of a float near 1e300 raises)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 2 <= num_classes <= MAX_CLASSES:
+        return f"{num_classes!r} classes: a model has 2..{MAX_CLASSES} classes"
+    if width is None or width == 1.0:  # the architecture's own width: a torchvision model is as large as published
+        return None
+    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):
+        return f"width {width!r} is not a positive number"
+    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] not in _WIDTH_MULTIPLIER:
+        return _no_width_multiplier(name, width)
+    at_one = _parameters_at_width_one(name, num_classes)
+    estimate = at_one * max(1.0, width * width)
+    if estimate > MAX_PARAMETERS:
+        largest = math.sqrt(MAX_PARAMETERS / at_one)
+        return (f"width {width:g} would give {name} about {estimate:.2g} parameters, more than the "
+                f"{MAX_PARAMETERS:.0e} allowed; use a width up to {largest:.1f}")
+    return None
 
 
 def create_model(name: str, num_classes: int = 10, width: float | None = None, modular: bool = True) -> nn.Module:

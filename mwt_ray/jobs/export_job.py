@@ -126,16 +126,9 @@ def plan_export(run_ref: str, classes: str, out_dir: str | Path, *, standard_ref
     overrides = list(overrides or [])
     if tau is not None and not 0 < tau <= 1:
         raise SetupError(f"--tau {tau:g} is outside (0, 1]")
+    # load_sources checks both checkpoints whole (core.checkpoint.check_checkpoint) before anything else.
     sources = load_sources(run_ref, standard_ref, cfg, overrides, tau=tau)
     state = sources.state
-    arch = state["architecture"]
-    model_section = (state.get("config") or {}).get("model") or {}
-    if model_section.get("name") not in (None, arch["name"]):
-        raise SetupError(f"{sources.where} records architecture {arch['name']} but was trained as "
-                         f"{model_section['name']} (its config): the checkpoint is not the run's")
-    build_model(state)  # the weights must fit the architecture the checkpoint records (one line if not)
-    if sources.standard_state is not None:
-        build_model(sources.standard_state)
     indices = parse_classes(classes, list(sources.data.classes))
     if tau is not None:
         chosen, tau_from = float(tau), "--tau"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import tempfile
@@ -26,9 +27,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config, apply_overrides, validate_config
-from ..core.checkpoint import build_model, load_checkpoint
+from ..config.base import LIMIT_REASONS, MAX_SUBTASKS
+from ..core.checkpoint import build_model, check_checkpoint, load_checkpoint
 from ..core.data import validate_classes
-from ..core.files import atomic_write_text, writable_folder_error
+from ..core.files import atomic_write_text, input_file_error, writable_folder_error
 from ..core.flops import count_flops
 from ..core.modularize import KernelUsage, module_masks
 from ..core.models import create_model
@@ -51,6 +53,9 @@ def resolve_reference(ref: str, tracking_uri: str | None, what: str = "modular m
         path = path / "checkpoint.pt"
     if path.is_file():
         return {"path": str(path.resolve())}
+    reason = input_file_error(path)
+    if reason not in (None, "does not exist", "is a folder"):  # a FIFO or a device: refused unopened
+        raise SetupError(f"{what} {ref!r} {reason}, not a checkpoint file")
     if not _RUN_ID.fullmatch(ref):
         raise SetupError(f"{what} {ref!r} is neither a checkpoint file, a run folder with checkpoint.pt, "
                          "nor an MLflow run id (32 hex digits)")
@@ -72,7 +77,7 @@ def _client(uri: str):
 def load_reference(source: dict, what: str = "modular model") -> dict:
     """The checkpoint a source spec names (an MLflow run's artifact is downloaded to a temporary folder)."""
     if "path" in source:
-        return load_checkpoint(source["path"])
+        return _checked(load_checkpoint(source["path"]), f"{what} {source['path']}")
     run = source["mlflow"]
     before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no progress bar on stderr
@@ -87,7 +92,16 @@ def load_reference(source: dict, what: str = "modular model") -> dict:
                 os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
             else:
                 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
-        return load_checkpoint(local)
+        return _checked(load_checkpoint(local), f"{what} (MLflow run {run['run_id']})")
+
+
+def _checked(state: dict, source: str) -> dict:
+    """``state`` once ``check_checkpoint`` found it whole (its refusal as SetupError: bad input, exit 2)."""
+    try:
+        check_checkpoint(state, source)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    return state
 
 
 def _describe(source: dict) -> str:
@@ -151,6 +165,11 @@ def plan_subtasks(cfg: Config, num_classes: int) -> list[list[int]]:
         raise SetupError(f"reuse.sizes: M={outside[0]} is outside 2..{n} (the model has {n} classes)")
     for task in cfg.reuse.subtasks:
         validate_classes(task, n)
+    # Counted before sampling (M-class sets number C(n, M): every one is taken when fewer than per_size).
+    planned = len(cfg.reuse.subtasks) + sum(min(cfg.reuse.per_size, math.comb(n, m)) for m in sizes)
+    if planned > MAX_SUBTASKS:
+        raise SetupError(f"reuse: {planned} sub-tasks planned (reuse.subtasks, reuse.sizes x reuse.per_size), more "
+                         f"than the {MAX_SUBTASKS} allowed: {LIMIT_REASONS[MAX_SUBTASKS]}")
     seed = cfg.train.seed if cfg.reuse.sampling_seed is None else cfg.reuse.sampling_seed
     tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(n, sizes, cfg.reuse.per_size, seed)
     if not tasks:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..core.checkpoint import check_architecture, check_weights
+from ..core.checkpoint import check_architecture, check_checkpoint
 from ..core.files import DiskFull, full_disk_message, is_disk_full, writable_folder_error
 from .setup import SetupError
 
@@ -272,12 +272,8 @@ def check_resume(state: dict, cfg: Config, num_classes: int | None = None) -> No
         kind = "modular" if state["architecture"].get("modular") else "standard"
         raise SetupError(f"{source} is from {kind} training, but train.modular={cfg.train.modular}; "
                          "run without --resume to start a new job")
-    from ..core.models import create_model
-
-    with torch.device("meta"):  # the weights must fit the model exactly; nothing is allocated
-        model = create_model(cfg.model.name, state["architecture"]["num_classes"], cfg.model.width, cfg.train.modular)
-    try:
-        check_weights(model, state.get("model_state"), source)
+    try:  # the whole checkpoint: weights against the architecture (on the meta device), finite values
+        check_checkpoint(state, source)
     except ValueError as error:
         raise SetupError(f"{error}; run without --resume to start a new job") from None
 
