@@ -233,6 +233,8 @@ def export_module(plan: ExportPlan, log=print) -> dict:
                          "module": evaluate(module, sub.test_images, sub.test_labels, sub, device)},
             "input": {"name": "images", "shape": ["batch", data.train_images.shape[1], size, size], "dtype": "float32",
                       "colour": "RGB", "range": [0.0, 1.0],
+                      "values": "finite, in [0, 1] (0-255 pixels: divide by 255 first); the MLflow model refuses "
+                                "others with HTTP 400, module.pt2 and module.onnx do not check and score them wrongly",
                       "normalisation": {"mean": data.mean.tolist(), "std": data.std.tolist(), "applied": "inside"}},
             "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
             "onnx_check": {"test_images": len(test_images), **onnx_check.as_dict()},
