@@ -313,3 +313,10 @@ def test_sweep_last_stage_registers_the_best_trials_modules(trained, tmp_path):
     version = client.get_model_version("tiny-6-2", "1")
     assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == trained["run_id"]
     assert json.loads(version.tags["classes"]) == ["6", "2"]
+
+
+def test_progress_line_names_the_classes_once():
+    from mwt_ray.jobs.export_job import _classes_text
+
+    assert _classes_text([4, 6], ["4", "6"]) == "4, 6"  # digits: the names are the indices
+    assert _classes_text([3, 5], ["cat", "dog"]) == "cat (3), dog (5)"

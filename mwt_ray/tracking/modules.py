@@ -57,6 +57,28 @@ def _signature(example: torch.Tensor, classes: int):
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "scores")]))
 
 
+@contextlib.contextmanager
+def _mlflow_silent():
+    """MLflow's own lines while the model is logged and registered (the input example's validation,
+    a progress bar per artifact download, "Successfully registered model ...") off stderr: the
+    export says in its own lines what was logged and registered."""
+    import os
+
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    enabled, bar = MLFLOW_LOGGING_STREAM.enabled, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    MLFLOW_LOGGING_STREAM.enabled = False
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = enabled
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def _served_config(summary: dict) -> dict:
     """What ``served_module`` checks requests against: the export's input contract."""
     return {"input_name": summary["input"]["name"], "output_name": summary["output"]["name"],
@@ -100,7 +122,7 @@ def log_module(cfg, folder: str | Path, summary: dict, example: torch.Tensor, re
     with open_run(run_cfg, tags={"mwt.kind": "module", "mwt.classes": label}, log=log) as tracked:
         if on_run is not None:
             on_run(uri, tracked.run_id)
-        with _fluent_run(uri, tracked.run_id) as mlflow:
+        with _fluent_run(uri, tracked.run_id) as mlflow, _mlflow_silent():
             mlflow.log_metrics({"module_krr": summary["krr"], "module_flops": summary["flops"]["module"],
                                 "full_model_flops": summary["flops"]["full_model"],
                                 "module_accuracy": accuracy["module"],
