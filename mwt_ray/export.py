@@ -14,8 +14,10 @@ It writes to ``--out``: ``module.pt2`` (``torch.export.load(path).module()``), `
 KRR, kernels, FLOPs, latency, accuracy, against the ``--standard`` model when given, the input
 contract, versions). Both programs take float32 RGB images in [0, 1], shape (B, 3, H, W) at the
 training size, and return the class scores. With tracking on (the run's ``tracking.*``, or
-``--set tracking.tracking_uri=...``) the module is logged as an MLflow ONNX model, nested under the
-source run when the store has it; ``--register NAME`` adds a version of registered model NAME.
+``--set tracking.tracking_uri=...``) the module is logged as an MLflow model (the ONNX program behind
+a check that refuses, with HTTP 400 when served, NaN, infinite or out-of-range values and other
+shapes), nested under the source run when the store has it; ``--register NAME`` adds a version of
+registered model NAME.
 """
 from __future__ import annotations
 

@@ -490,6 +490,23 @@ def export_cases() -> list[Case]:
         case("tracking store is not a database", base + ["--classes", "3,5", "--set", "tracking.enabled=true", "--set",
              "tracking.tracking_uri=sqlite:///{tmp}/in/notes.db"], "is not an sqlite database",
              setup=write("in/notes.db", "hello\n")),
+        case("--out holding a folder named module.onnx", base + ["--classes", "3,5"] + store,
+             "out/module.onnx is a folder; the export writes a file of that name there", setup=folder("out/module.onnx")),
+        case("--out holding a folder named module.json", base + ["--classes", "3,5"],
+             "out/module.json is a folder", setup=folder("out/module.json")),
+        case("--out holding a FIFO named module.pt2", base + ["--classes", "3,5"], "out/module.pt2 is not a regular file",
+             setup=lambda tmp: [folder("out")(tmp), os.mkfifo(tmp / "out" / "module.pt2")]),
+        case("--out that is a file", ["--run", "{tmp}/runs/base", "--out", "{tmp}/in/notes", "--classes", "3,5"],
+             "is not a folder", setup=write("in/notes", "x")),
+        case("--out name longer than the file system allows", ["--run", "{tmp}/runs/base", "--out", "{tmp}/" + "n" * 300,
+             "--classes", "3,5"], "is 300 bytes, longer than the 255 its file system allows"),
+        case("--out path longer than the file system allows", ["--run", "{tmp}/runs/base", "--out",
+             "{tmp}/" + "/".join(["p" * 200] * 21), "--classes", "3,5"], "longer than the 4095 its file system allows"),
+        case("checkpoint with NaN weights", ["--run", "{tmp}/in/forged.pt", "--out", "{tmp}/out", "--classes", "3,5"],
+             "holds NaN or infinite values", setup=forged_checkpoint(poison_weights)),
+        case("standard model with infinite weights", base + ["--classes", "3,5", "--standard", "{tmp}/in/std.pt"],
+             "the --standard model", setup=forged_checkpoint(lambda s: [as_standard(s), poison_weights(s, float("inf"))],
+                                                              "std.pt")),
     ]
 
 
@@ -646,6 +663,12 @@ def limit_cases() -> list[Case]:
               setup=write("keys", "a file\n")),
     ]
     return cases
+
+
+def poison_weights(state: dict, value: float = float("nan")) -> None:
+    """A few weights of the first convolution set to ``value``, as a diverged training run leaves them."""
+    name = next(k for k, v in state["model_state"].items() if v.is_floating_point() and v.dim() == 4)
+    state["model_state"][name].view(-1)[:3] = value
 
 
 CASES = (config_cases() + cli_cases() + data_cases() + place_cases() + distributed_cases() + resume_cases()

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def test_summary_says_what_the_module_is_and_costs(exported):
     assert all(v > 0 for v in s["latency_ms"]["batch_4"].values())
     assert 0 <= s["accuracy"]["module"] <= 1 and 0 <= s["accuracy"]["standard"] <= 1
     assert s["input"]["range"] == [0.0, 1.0] and s["input"]["shape"] == ["batch", 3, 32, 32]
+    assert "in [0, 1] (0-255 pixels: divide by 255 first)" in s["input"]["values"]
     assert s["versions"]["torch"] == torch.__version__.split("+")[0] and s["versions"]["mwt-ray"]
     assert s["source"]["mlflow_run"]["run_id"] == exported["run_id"]
     assert s["files"]["module.onnx"] == (exported["out"] / "module.onnx").stat().st_size
@@ -175,8 +177,33 @@ def test_mlflow_run_is_nested_under_the_training_run_and_the_version_is_tagged(e
     assert artifacts == {"module_files/module.pt2", "module_files/module.json"}
 
 
+def _invoke(port: int, inputs) -> tuple[int, dict]:
+    """POST ``{"inputs": inputs}`` (NaN and Infinity as the JSON tokens Python writes) to /invocations."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                     data=json.dumps({"inputs": inputs}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with open_local(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+# What the served model is sent that it cannot score, and what its 400 answer must say.
+REFUSED = {
+    "NaN pixel": (lambda x: x.index_fill_(0, torch.tensor([0]), float("nan")), "are NaN or infinite"),
+    "infinite pixel": (lambda x: x.index_fill_(3, torch.tensor([5]), float("inf")), "are NaN or infinite"),
+    "0-255 pixels": (lambda x: (x * 255).round(), "outside [0, 1]"),
+    "negative pixel": (lambda x: x - 0.5, "outside [0, 1]"),
+    "another size": (lambda x: x[:, :, :16, :16], "has shape (5, 3, 16, 16), not (B, 3, 32, 32)"),
+    "one channel": (lambda x: x[:, :1], "has shape (5, 1, 32, 32), not (B, 3, 32, 32)"),
+}
+
+
 def test_served_model_answers_invocations_with_the_module_scores(exported, tmp_path):
-    """``mlflow models serve -m models:/NAME/1 --env-manager local`` on 127.0.0.1, started and stopped here."""
+    """``mlflow models serve -m models:/NAME/1 --env-manager local`` on 127.0.0.1, started and stopped
+    here: valid images get the module's scores; images the module cannot score (``REFUSED``) get a
+    400 whose message says what is wrong and what the module takes, never scores."""
     images = _test_images(CLASSES, count=5)
     expected = _expected_scores(exported, CLASSES, images)
     port = free_port()
@@ -203,16 +230,21 @@ def test_served_model_answers_invocations_with_the_module_scores(exported, tmp_p
             assert time.monotonic() < deadline, f"no answer to /ping in 300 s ({last_error!r}); the server's log ends:\n" + \
                 log_path.read_text(errors="replace")[-3000:]
             time.sleep(1)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with open_local(request, timeout=60) as answer:
-            predictions = json.loads(answer.read())["predictions"]
+        status, answer = _invoke(port, images.tolist())
+        refused = {name: _invoke(port, change(images.clone()).tolist()) for name, (change, _) in REFUSED.items()}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+    assert status == 200, answer
+    predictions = answer["predictions"]
     scores = torch.tensor(predictions["scores"] if isinstance(predictions, dict) else predictions)
     torch.testing.assert_close(scores, expected, atol=1e-4 * max(1.0, expected.abs().max().item()), rtol=0)
+    for name, (status, answer) in refused.items():
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (name, status, str(answer)[:500])
+        message = answer["message"]
+        assert REFUSED[name][1] in message, (name, message[-600:])
+        assert "float32 RGB images of shape (B, 3, 32, 32) with every value finite and in [0, 1]" in message, name
+        assert "predictions" not in answer, name
 
 
 def test_fine_tuned_module_by_class_order_and_its_reported_accuracy(trained):
@@ -281,3 +313,10 @@ def test_sweep_last_stage_registers_the_best_trials_modules(trained, tmp_path):
     version = client.get_model_version("tiny-6-2", "1")
     assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == trained["run_id"]
     assert json.loads(version.tags["classes"]) == ["6", "2"]
+
+
+def test_progress_line_names_the_classes_once():
+    from mwt_ray.jobs.export_job import _classes_text
+
+    assert _classes_text([4, 6], ["4", "6"]) == "4, 6"  # digits: the names are the indices
+    assert _classes_text([3, 5], ["cat", "dog"]) == "cat (3), dog (5)"

@@ -342,3 +342,100 @@ def test_store_filling_up_mid_job_says_the_run_could_not_be_ended(small_disk, tm
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- an export killed or out of disk
+
+@pytest.fixture(scope="module")
+def export_source(tmp_path_factory):
+    """The checkpoint of one tiny modular job (tracking off: each test's export has its own store)."""
+    import torch
+
+    from mwt_ray.config import load_config
+    from mwt_ray.jobs import train_in_process
+
+    out = tmp_path_factory.mktemp("export-source") / "runs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_in_process(load_config(None, ["name=src", f"output_dir={out}", "train.epochs=1", "data.train_limit=100",
+                                            "model.width=0.125", "train.batch_size=32", "tracking.enabled=false",
+                                            "modularize.cohesion_samples_per_class=10"]), log=None)
+    finally:
+        torch.set_num_threads(threads)
+    return out / "src" / "checkpoint.pt"
+
+
+def export_command(source: Path, out: Path, tmp: Path, *more: str) -> list[str]:
+    return [sys.executable, "-m", "mwt_ray.export", "--run", str(source), "--classes", "3,5", "--out", str(out),
+            "--set", "reuse.epochs=0", "--set", "reuse.latency_batch_sizes=[1]", "--set", "reuse.latency_repeats=1",
+            "--set", "tracking.enabled=true", "--set", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *more]
+
+
+def module_runs(tmp: Path) -> list:
+    client = mlflow_client(tmp)
+    experiment = client.get_experiment_by_name("mwt-ray")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id], "tags.`mwt.kind` = 'module'")
+
+
+@pytest.mark.parametrize("size, file", [("1m", "module.pt2"), ("2m", "module.onnx")])
+def test_export_to_a_full_disk_is_one_line_and_publishes_nothing(export_source, tmp_path, size, file):
+    """The output folder on a disk that fills up while ``file`` is written (the tiny model's
+    module.pt2 and module.onnx are about 1.1 MB each): one line, exit 1, no module file, no staging
+    folder, and no MLflow run, where torch.export.save used to abort the process (exit 134)."""
+    disk = tmp_path / "disk"
+    mount_small_disk(disk, size)
+    try:
+        empty_store(tmp_path / "mlflow.db")
+        out = disk / "module"
+        result = subprocess.run(export_command(export_source, out, tmp_path, "--register", "m"), cwd=tmp_path,
+                                env=environment(tmp_path), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, lines[:5]
+        assert lines[0] == f"error: disk full (ENOSPC): no space left on the device of {out} to write {file}; " \
+                           "nothing was written", lines[0]
+        assert sorted(p.name for p in disk.iterdir()) == [], sorted(disk.rglob("*"))  # --out itself removed again
+        assert module_runs(tmp_path) == []
+    finally:
+        unmount(disk)
+
+
+def test_export_killed_mid_way_is_cleaned_by_the_next_export(export_source, tmp_path):
+    """SIGKILL while the module is being logged to MLflow (its files published, its run RUNNING): the
+    staging folder stays with the run's id; the next export into the folder removes it, marks that
+    run FAILED, and ends with the module's files and its own FINISHED run."""
+    import json
+
+    empty_store(tmp_path / "mlflow.db")
+    out = tmp_path / "module"
+    process = subprocess.Popen(export_command(export_source, out, tmp_path, "--register", "m"), cwd=tmp_path,
+                               env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, run_id = time.monotonic() + 240, None
+    while run_id is None:
+        for record in out.glob(".export-*/owner.json"):
+            try:
+                run_id = json.loads(record.read_text()).get("run_id")
+            except (OSError, ValueError):  # replaced as it was read
+                pass
+        assert process.poll() is None, f"the export ended (status {process.returncode}) before its run was recorded"
+        assert time.monotonic() < deadline, "no MLflow run recorded in 240 s"
+        time.sleep(0.02)
+    process.kill()
+    process.communicate(timeout=30)
+    (staging,) = out.glob(".export-*")
+    assert staging.name.startswith(f".export-{process.pid}-")
+    assert mlflow_client(tmp_path).get_run(run_id).info.status == "RUNNING"  # nobody could end it
+
+    result = subprocess.run(export_command(export_source, out, tmp_path), cwd=tmp_path, env=environment(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"removed {staging.name}, left by an export that was killed (pid {process.pid}); its MLflow run {run_id} " \
+           "was left RUNNING, marked FAILED" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["module.json", "module.onnx", "module.pt2"]
+    # Nothing but the export's own lines: no ONNX Runtime warning about a CUDA provider, no MLflow chatter.
+    assert result.stderr.strip() == "", result.stderr[-3000:]
+    assert "module of classes 3, 5 at tau 0.9" in result.stdout
+    statuses = {run.info.run_id: run.info.status for run in module_runs(tmp_path)}
+    assert statuses.pop(run_id) == "FAILED" and list(statuses.values()) == ["FINISHED"]
+    assert json.loads((out / "module.json").read_text())["mlflow"]["run_id"] in statuses

@@ -17,6 +17,7 @@ off on a ResNet18, found by ``check_scores``); ONNX Runtime optimises the graph 
 from __future__ import annotations
 
 import copy
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,12 @@ def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Path:
-    return _write_atomically(path, lambda temporary: torch.export.save(program, str(temporary)))
+    """The program saved in memory first, then written by Python: torch.export.save's own file
+    writer (C++) aborts the whole process (SIGABRT, exit 134) when the disk fills up mid-write,
+    where Python's write raises ENOSPC (``DiskFull``). A module's program is a few MB."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return _write_atomically(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
 
 
 def load_program(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -9,17 +9,22 @@ the classes at tau (``reuse_module``: with ``reuse.epochs`` 0 the union of their
 original classifier's logits restricted to them, else the better of that and the paper's
 fine-tuned head on held-out training samples), writes the ``torch.export`` program and the ONNX
 file, checks ONNX Runtime against PyTorch on the sub-task's test images, measures FLOPs, latency
-and accuracy, logs the module in MLflow and registers it when asked (``tracking.modules``),
-and last writes ``module.json``. The files are made in a hidden folder inside the output folder
-and renamed into place at the end, so a failure leaves none of them behind.
+and accuracy and writes ``module.json``, all in a hidden folder inside the output folder; then it
+renames the three files into place and only then logs the module in MLflow and registers it when
+asked (``tracking.modules``), so a failure before that leaves none of them behind and no MLflow
+trace. ``plan_export`` refuses an output folder the files cannot be renamed into (a folder of one
+of their names, names too long) and a checkpoint with non-finite weights.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
 import json
+import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,7 @@ from ..core.checkpoint import build_model
 from ..core.data import validate_classes
 from ..core.export import (ImagesToScores, check_scores, export_program, fastest_calls, load_program, onnx_scores,
                            onnx_session, save_program, write_onnx)
-from ..core.files import atomic_write_text, writable_folder_error
+from ..core.files import DiskFull, atomic_write_text, full_disk_message, is_disk_full, writable_folder_error
 from ..core.flops import count_flops
 from ..core.modularize import KernelUsage, module_masks
 from ..core.models import create_model
@@ -39,6 +44,7 @@ from ..core.reuse import mixed_module_mask, reuse_module
 from ..core.training import evaluate
 from .reuse_job import ReuseSources, load_sources
 from .setup import JobFailed, SetupError
+from .storage import _alive
 
 __all__ = ["ExportPlan", "plan_export", "export_module", "parse_classes", "EXPORT_FILES", "check_registry_name"]
 
@@ -138,9 +144,10 @@ def plan_export(run_ref: str, classes: str, out_dir: str | Path, *, standard_ref
         raise SetupError(f"{sources.where} holds module masks for tau {state.get('tau')} only (no kernel counts): "
                          f"it cannot make modules at tau {chosen:g}")
     out = Path(out_dir).expanduser().resolve()
-    reason = writable_folder_error(out)
+    reason = _name_length_error(out) or writable_folder_error(out) or _target_error(out)
     if reason:
-        raise SetupError(f"--out {str(out)!r} cannot be written ({reason})")
+        shown = str(out) if len(str(out)) <= 200 else f"{str(out)[:120]}...{str(out)[-60:]}"  # a path too long, cut
+        raise SetupError(f"--out {shown!r} cannot be written ({reason})")
     if register is not None:
         if not sources.cfg.tracking.enabled:
             raise SetupError(f"--register {register!r} needs MLflow: tracking.enabled is false")
@@ -150,6 +157,54 @@ def plan_export(run_ref: str, classes: str, out_dir: str | Path, *, standard_ref
 
         check_store(resolve_tracking_uri(sources.cfg.tracking.tracking_uri))
     return ExportPlan(sources, indices, chosen, tau_from, out, register)
+
+
+# The longest name the export writes inside --out: its staging folder (".export-<pid>-<8 random>")
+# holding a file's temporary copy (".module.json.<pid>.tmp"); pids have at most 7 digits on Linux.
+_LONGEST_INSIDE = len(".export-9999999-xxxxxxxx/.module.json.9999999.tmp")
+
+
+def _name_length_error(out: Path) -> str | None:
+    """Why the file system would refuse ``out`` or the paths written in it for their length (the
+    limits of the nearest folder that exists: PC_NAME_MAX per name, PC_PATH_MAX in all), else None."""
+    def exists(path: Path) -> bool:  # Path.exists raises on a name too long (ENAMETOOLONG)
+        try:
+            path.stat()
+        except OSError:
+            return False
+        return True
+
+    existing = next((p for p in [out, *out.parents] if exists(p)), Path("/"))
+    if not existing.is_dir():
+        return None  # said by writable_folder_error
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return None
+    for part in out.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            return f"the name {part[:40]}... is {len(os.fsencode(part))} bytes, longer than the {name_max} its file system allows"
+    longest = len(os.fsencode(str(out))) + 1 + _LONGEST_INSIDE
+    if longest >= path_max:  # PC_PATH_MAX counts the terminating NUL
+        return (f"the paths written in it would be {longest} bytes, longer than the {path_max - 1} its file system "
+                f"allows; choose a shorter --out")
+    return None
+
+
+def _target_error(out: Path) -> str | None:
+    """A name the export would rename a file onto that holds something else (a folder, a FIFO): the
+    rename would fail after all the work, with some files already in place."""
+    for name in EXPORT_FILES:
+        try:
+            mode = (out / name).lstat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            return f"{out / name}: {error.strerror or error}"
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            return f"{out / name} is {kind}; the export writes a file of that name there"
+    return None
 
 
 def _masks(plan: ExportPlan) -> torch.Tensor:
@@ -171,7 +226,15 @@ def _parameters(module: torch.nn.Module) -> int:
 
 
 def export_module(plan: ExportPlan, log=print) -> dict:
-    """Build, write, check and (with tracking on) log the module; returns what module.json holds."""
+    """Build, write, check and publish the module, then (with tracking on) log it; returns what
+    module.json holds.
+
+    The three files are made and checked in a staging folder inside ``--out`` (same file system:
+    the renames that publish them cannot fail for space) and only then renamed into place, so a
+    failure before that leaves nothing; MLflow hears of the module only once its files are
+    published. The staging folder stays until MLflow is done and records this process and its
+    MLflow run: an export killed part-way leaves it, and the next export into the folder removes
+    it and marks that run FAILED (``_clean_abandoned``)."""
     cfg, sources = plan.cfg, plan.sources
     device = torch.device("cpu")  # the files are CPU programs; fine-tuning a small sub-task fits a CPU
     data = sources.data
@@ -181,8 +244,9 @@ def export_module(plan: ExportPlan, log=print) -> dict:
     classes, names = plan.classes, plan.class_names
     size = data.train_images.shape[-1]
     settings = cfg.reuse.fine_tune_settings(cfg.train.seed)
-    log(f"module of classes {classes} ({', '.join(names)}) at tau {plan.tau:g} ({plan.tau_from}); "
+    log(f"module of classes {_classes_text(classes, names)} at tau {plan.tau:g} ({plan.tau_from}); "
         + ("no fine-tuning (reuse.epochs=0)" if settings.epochs == 0 else f"fine-tuning up to {settings.epochs} epochs"))
+    _clean_abandoned(plan.out_dir, log)
     module, chosen = reuse_module(modular, masks, data, classes, settings, device)
     portable = ImagesToScores(module, data.mean, data.std).eval()
     standard = build_model(sources.standard_state).eval() if sources.standard_state is not None else None
@@ -192,65 +256,132 @@ def export_module(plan: ExportPlan, log=print) -> dict:
     test_images = sub.test_images.to(torch.float32) / 255
     made = [p for p in (plan.out_dir, *plan.out_dir.parents) if not p.exists()]  # removed again if the export fails
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=plan.out_dir))
-    finished = False
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=plan.out_dir))
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    published = False
     try:
-        program = export_program(portable, size, data.train_images.shape[1])
-        save_program(program, staging / "module.pt2")
-        write_onnx(program, staging / "module.onnx")
-        session = onnx_session(staging / "module.onnx")
-        onnx_check = check_scores(lambda x: onnx_scores(session, x), portable, test_images)
-        if not onnx_check.agrees:
-            raise JobFailed(f"module.onnx gives scores up to {onnx_check.difference:.3g} away from the module's exact "
-                            f"(float64) scores on the {len(test_images)} test images, where PyTorch's float32 scores "
-                            f"are {onnx_check.pytorch_difference:.3g} away (allowed {onnx_check.allowed:.3g}: "
-                            f"{onnx_check.as_dict()['rule']}); nothing was kept")
-        saved = load_program(staging / "module.pt2")
-        program_check = check_scores(saved, portable, test_images)
-        if not program_check.agrees:
-            raise JobFailed(f"module.pt2 gives scores up to {program_check.difference:.3g} away from the module's exact "
-                            f"(float64) scores (allowed {program_check.allowed:.3g}); nothing was kept")
-        keep = mixed_module_mask(masks, classes)
-        summary = {
-            "source": {"reference": sources.where, "checkpoint": sources.modular.get("path") or
-                       f"artifact checkpoint.pt of MLflow run {sources.modular['mlflow']['run_id']}",
-                       "mlflow_run": sources.source_run()},
-            "architecture": {k: arch[k] for k in ("name", "width", "num_classes") if k in arch},
-            "classes": [{"index": c, "name": n} for c, n in zip(classes, names)],
-            "tau": plan.tau, "tau_from": plan.tau_from,
-            "krr": keep.float().mean().item(), "kernels_kept": int(keep.sum()), "kernels_total": int(keep.numel()),
-            "flops": {"module": count_flops(module, size), "full_model": count_flops(whole, size)},
-            "parameters": {"module": _parameters(module), "full_model": _parameters(whole)},
-            "fine_tuning": {"epochs": settings.epochs, **{k: v for k, v in chosen.items() if k != "history"}},
-            "accuracy": {"test_images": len(test_images),
-                         "module": evaluate(module, sub.test_images, sub.test_labels, sub, device)},
-            "input": {"name": "images", "shape": ["batch", data.train_images.shape[1], size, size], "dtype": "float32",
-                      "colour": "RGB", "range": [0.0, 1.0],
-                      "normalisation": {"mean": data.mean.tolist(), "std": data.std.tolist(), "applied": "inside"}},
-            "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
-            "onnx_check": {"test_images": len(test_images), **onnx_check.as_dict()},
-            "latency_ms": _latency(saved, session, module, whole, test_images.shape[1:], cfg),
-            "files": {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")},
-            "versions": {p: _version(p) for p in ("torch", "mwt-ray", "onnx", "onnxruntime", "mlflow")},
-        }
-        if standard is not None:
-            summary["accuracy"]["standard"] = evaluate(standard, sub.test_images, sub.test_labels, sub, device,
-                                                       classes=list(classes))
+        try:
+            atomic_write_text(staging / _OWNER_FILE, json.dumps(owner))
+            summary = _write_and_check(plan, staging, module, portable, whole, standard, masks, chosen,
+                                                       settings, sub, test_images, size, device)
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            # Said of --out, not of the staging folder that is removed; the file it failed on kept.
+            what = str(error).replace(str(staging), str(plan.out_dir)) if isinstance(error, DiskFull) else \
+                full_disk_message("the module's files", plan.out_dir)
+            raise DiskFull(f"{what}; nothing was written") from error
+        reason = _target_error(plan.out_dir)  # something put in the way while the module was made
+        if reason:
+            raise JobFailed(f"{reason}; nothing was written")
+        for name in EXPORT_FILES:  # module.json last: its presence says the other two are complete
+            (staging / name).replace(plan.out_dir / name)
+        published = True
         if cfg.tracking.enabled:
             from ..tracking.modules import log_module
 
-            summary["mlflow"] = log_module(cfg, staging, summary, test_images[:2], register=plan.register, log=log)
-        atomic_write_text(staging / "module.json", json.dumps(summary, indent=2))
-        for name in EXPORT_FILES:
-            (staging / name).replace(plan.out_dir / name)
-        finished = True
+            def record(uri: str, run_id: str) -> None:
+                atomic_write_text(staging / _OWNER_FILE, json.dumps({**owner, "tracking_uri": uri, "run_id": run_id}))
+            try:
+                summary["mlflow"] = log_module(cfg, plan.out_dir, summary, test_images[:2], register=plan.register,
+                                               log=log, on_run=record)
+            except Exception as error:
+                error.add_note(f"{', '.join(EXPORT_FILES)} were written to {plan.out_dir}, but not logged in MLflow")
+                raise
+            atomic_write_text(plan.out_dir / "module.json", json.dumps(summary, indent=2))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if not finished:
+        if not published:
             for folder in made:  # innermost first; a folder something else wrote into stays
                 with contextlib.suppress(OSError):
                     folder.rmdir()
     log(_summary_line(summary, plan.out_dir))
+    return summary
+
+
+def _classes_text(classes: list[int], names: list[str]) -> str:
+    """``3, 5`` where the names are the indices (digits), else ``cat (3), dog (5)``."""
+    if all(name == str(index) for index, name in zip(classes, names)):
+        return ", ".join(names)
+    return ", ".join(f"{name} ({index})" for index, name in zip(classes, names))
+
+
+_OWNER_FILE = "owner.json"  # in a staging folder: the export's host and pid, then its MLflow run
+
+
+def _clean_abandoned(out: Path, log) -> None:
+    """Remove the staging folders that exports killed in ``out`` left (their process on this host is
+    gone; another host's are left alone), and mark FAILED the MLflow runs they left RUNNING."""
+    for folder in sorted(out.glob(".export-*")) if out.is_dir() else []:
+        try:
+            record = json.loads((folder / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            # Killed before its record was written (just after the folder was made): the pid is in the name.
+            found = re.fullmatch(r"\.export-(\d+)-.*", folder.name)
+            record = {"host": socket.gethostname(), "pid": int(found.group(1)) if found else 0}
+        if not folder.is_dir() or _alive(record):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        line = f"removed {folder.name}, left by an export that was killed (pid {record.get('pid')})"
+        if record.get("run_id") and record.get("tracking_uri"):
+            from ..tracking.runs import fail_if_running
+
+            if fail_if_running(record["tracking_uri"], record["run_id"]):
+                line += f"; its MLflow run {record['run_id']} was left RUNNING, marked FAILED"
+        log(line)
+
+
+def _write_and_check(plan, staging, module, portable, whole, standard, masks, chosen, settings, sub, test_images,
+                     size, device) -> dict:
+    """module.pt2, module.onnx and module.json in ``staging``, each read back and checked."""
+    cfg, sources, data = plan.cfg, plan.sources, plan.sources.data
+    arch, classes, names = sources.state["architecture"], plan.classes, plan.class_names
+    program = export_program(portable, size, data.train_images.shape[1])
+    save_program(program, staging / "module.pt2")
+    write_onnx(program, staging / "module.onnx")
+    session = onnx_session(staging / "module.onnx")
+    onnx_check = check_scores(lambda x: onnx_scores(session, x), portable, test_images)
+    if not onnx_check.agrees:
+        raise JobFailed(f"module.onnx gives scores up to {onnx_check.difference:.3g} away from the module's exact "
+                        f"(float64) scores on the {len(test_images)} test images, where PyTorch's float32 scores "
+                        f"are {onnx_check.pytorch_difference:.3g} away (allowed {onnx_check.allowed:.3g}: "
+                        f"{onnx_check.as_dict()['rule']}); nothing was kept")
+    saved = load_program(staging / "module.pt2")
+    program_check = check_scores(saved, portable, test_images)
+    if not program_check.agrees:
+        raise JobFailed(f"module.pt2 gives scores up to {program_check.difference:.3g} away from the module's exact "
+                        f"(float64) scores (allowed {program_check.allowed:.3g}); nothing was kept")
+    keep = mixed_module_mask(masks, classes)
+    summary = {
+        "source": {"reference": sources.where, "checkpoint": sources.modular.get("path") or
+                   f"artifact checkpoint.pt of MLflow run {sources.modular['mlflow']['run_id']}",
+                   "mlflow_run": sources.source_run()},
+        "architecture": {k: arch[k] for k in ("name", "width", "num_classes") if k in arch},
+        "classes": [{"index": c, "name": n} for c, n in zip(classes, names)],
+        "tau": plan.tau, "tau_from": plan.tau_from,
+        "krr": keep.float().mean().item(), "kernels_kept": int(keep.sum()), "kernels_total": int(keep.numel()),
+        "flops": {"module": count_flops(module, size), "full_model": count_flops(whole, size)},
+        "parameters": {"module": _parameters(module), "full_model": _parameters(whole)},
+        "fine_tuning": {"epochs": settings.epochs, **{k: v for k, v in chosen.items() if k != "history"}},
+        "accuracy": {"test_images": len(test_images),
+                     "module": evaluate(module, sub.test_images, sub.test_labels, sub, device)},
+        "input": {"name": "images", "shape": ["batch", data.train_images.shape[1], size, size], "dtype": "float32",
+                  "colour": "RGB", "range": [0.0, 1.0],
+                  "values": "finite, in [0, 1] (0-255 pixels: divide by 255 first); the MLflow model refuses "
+                            "others with HTTP 400, module.pt2 and module.onnx do not check and score them wrongly",
+                  "normalisation": {"mean": data.mean.tolist(), "std": data.std.tolist(), "applied": "inside"}},
+        "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
+        "onnx_check": {"test_images": len(test_images), **onnx_check.as_dict()},
+        "latency_ms": _latency(saved, session, module, whole, test_images.shape[1:], cfg),
+        "files": {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")},
+        "versions": {p: _version(p) for p in ("torch", "mwt-ray", "onnx", "onnxruntime", "mlflow")},
+    }
+    if standard is not None:
+        summary["accuracy"]["standard"] = evaluate(standard, sub.test_images, sub.test_labels, sub, device,
+                                                   classes=list(classes))
+    atomic_write_text(staging / "module.json", json.dumps(summary, indent=2))
+    if json.loads((staging / "module.json").read_text()) != json.loads(json.dumps(summary)):
+        raise JobFailed("module.json does not read back as written; nothing was kept")
     return summary
 
 
