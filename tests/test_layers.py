@@ -52,11 +52,6 @@ def test_imports_run_one_way():
     assert not upward, upward
 
 
-def test_no_module_is_very_long():
-    long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
-    assert not long, long
-
-
 def test_ray_is_started_and_stopped_in_one_place():
     """Every command starts Ray through cluster.ray_session (quiet, the command's SIGTERM handler
     kept, only its own Ray shut down): no other module of the package calls ray.init or ray.shutdown."""

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,11 +38,12 @@ from ..core.messages import one_line
 from ..jobs import JobFailed, SetupError, check_inputs, load_data, resolve_device
 from ..jobs.objective import best_tau, scan_checkpoint
 from ..jobs.reuse_job import plan_subtasks
-from .failures import is_lost_process_or_node, lost_where
+from .failures import is_lost_process_or_node
 from .ray_output import ray_output_to
 from .ray_session import ray_session
 from .reuse_pool import pool_size
 from .search import scheduler, search_space, searcher
+from .sweep_progress import progress_callback, read_retries
 from .shared_storage import check_job_places, check_shared_places, job_places
 from .sweep_integrity import check_signing_key, sign_sweep, verify_sweep
 from .trainer import check_cluster_resources, run_training
@@ -292,95 +292,6 @@ def _check_stages(cfg: Config, num_classes: int) -> None:
     check_shared_places(job_places(cfg))  # trials, baseline and reuse actors run on any node
 
 
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-RETRIES_FILE = "retries.json"  # trial id -> times it lost its process or node and ran again
-
-
-def read_retries(folder: Path) -> dict[str, int]:
-    """The retries of each trial of the sweep in ``folder`` (none recorded: empty)."""
-    path = folder / RETRIES_FILE
-    try:
-        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-class _Progress:
-    """A line per trial epoch and per finished, stopped, failed or retried trial, each naming its
-    trial (a Tune callback, built lazily to keep Ray imports local; Tune pickles its callbacks, so
-    it writes to stdout itself). The driver prints them, so no worker's lines are folded together.
-    Retries are also counted in ``retries.json`` of the sweep's folder (a resumed sweep adds to it)."""
-
-    def __new__(cls, cfg: Config, folder: Path):
-        from ray.tune import Callback
-
-        log = _say
-
-        class Progress(Callback):
-            def __init__(self):
-                self.done = 0
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if "tau" not in result and "epoch" in result and "trial_error" not in result:
-                    log(f"  trial {trial.trial_id} epoch {result['epoch']}/{cfg.train.epochs}: val "
-                        f"{result.get('val_accuracy', float('nan')):.2%}  kernel rate "
-                        f"{result.get('kernel_rate', float('nan')):.3f}  score {result['epoch_score']:.4f}")
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                m, params = trial.last_result or {}, trial.config
-                values = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                                  for k, v in params.items())
-                if "trial_error" in m:
-                    log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): failed ({m['trial_error']}; "
-                        "an error of its own: not retried)")
-                elif "tau" in m and "krr" in m:
-                    log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): objective "
-                        f"{m['objective']:.4f}  tau {m['tau']:.2f}  KRR {m['krr']:.3f}  module acc "
-                        f"{m['module_accuracy']:.2%}  test {m['test_accuracy']:.2%}")
-                else:
-                    log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id} ({values}): stopped early at epoch "
-                        f"{m.get('epoch', 0)}, val {m.get('val_accuracy', float('nan')):.2%}")
-
-            def on_trial_recover(self, iteration, trials, trial, **info):
-                retries = read_retries(folder)
-                retries[trial.trial_id] = retries.get(trial.trial_id, 0) + 1
-                atomic_write_text(folder / RETRIES_FILE, json.dumps(retries, indent=1))
-                epoch = (trial.last_result or {}).get("epoch")
-                log(f"  trial {trial.trial_id}: {_last_failure(trial)}; retry {retries[trial.trial_id]} of "
-                    f"{cfg.sweep.max_failures}: it resumes from its last finished epoch"
-                    + (f" ({epoch})" if epoch else ""))
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                from ..tracking.sweep_report import error_line
-
-                self.done += 1
-                written = Path(trial.error_file) if trial.error_file else None  # local: not yet synced to storage
-                reason = error_line(written.read_text()) if written and written.exists() else "no error file"
-                log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id}: failed ({reason})")
-
-        return Progress()
-
-
-def _last_failure(trial) -> str:
-    """Where a trial Tune is about to retry was lost: its node, when the node it reported from is
-    gone, else what the last failure in its error file says."""
-    import ray
-
-    node = (trial.last_result or {}).get("node_id")
-    known = {n["NodeID"]: n for n in ray.nodes()}
-    if node in known and not known[node].get("Alive"):
-        return f"node {node[:8]} ({known[node].get('NodeManagerAddress', '?')}) lost"
-    written = Path(trial.error_file) if trial.error_file else None
-    if not written or not written.exists():
-        return "its process or node lost"
-    return lost_where(written.read_text().split("Failure # ")[-1])
-
-
 def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
     """Every check that needs no Ray, before anything is written; returns the dataset's class count."""
     if not cfg.train.modular:
@@ -513,7 +424,7 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_fo
                  {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
     trainable = tune.with_resources(trainable, resources)
     run_config = tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
-                                callbacks=[_Progress(cfg, folder)], log_to_file=True,
+                                callbacks=[progress_callback(cfg, folder)], log_to_file=True,
                                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures))
     tune_path = folder / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
