@@ -505,7 +505,7 @@ def export_cases() -> list[Case]:
         case("checkpoint with NaN weights", ["--run", "{tmp}/in/forged.pt", "--out", "{tmp}/out", "--classes", "3,5"],
              "holds NaN or infinite values", setup=forged_checkpoint(poison_weights)),
         case("standard model with infinite weights", base + ["--classes", "3,5", "--standard", "{tmp}/in/std.pt"],
-             "the --standard model", setup=forged_checkpoint(lambda s: [as_standard(s), poison_weights(s, float("inf"))],
+             "holds NaN or infinite values", setup=forged_checkpoint(lambda s: [as_standard(s), poison_weights(s, float("inf"))],
                                                               "std.pt")),
     ]
 
