@@ -364,3 +364,21 @@ def test_experiment_is_marked_as_model_training(tmp_path):
     mine = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
     open_run(tiny_config(tmp_path, "y", "tracking.experiment=chosen"), log=None).end()
     assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_a_run_id_against_a_server_that_never_answers_is_refused_in_bounded_time():
+    """A server that accepts connections and never answers (a hung MLflow behind a load balancer):
+    looking up a run id there is one TrackingError within seconds, where MLflow's client retries
+    for minutes (an export by run id hung past 3 minutes)."""
+    import socket
+
+    from mwt_ray.jobs.reuse_job import resolve_reference
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(TrackingError, match="does not answer"):
+            resolve_reference("0123456789abcdef0123456789abcdef", uri)
+        assert time.monotonic() - started < 30

@@ -181,6 +181,8 @@ def run_exists(uri: str, run_id: str) -> bool:
     path = _sqlite_path(uri)
     if path is not None and not path.is_file():
         return False
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)  # bounded: MLflow's client retries for minutes against a server that does not answer
     _quiet_mlflow_logs()
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
