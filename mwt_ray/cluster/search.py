@@ -9,6 +9,7 @@ of its state and makes a new one when it is unpickled (the lock guards a cache, 
 from __future__ import annotations
 
 import threading
+import warnings
 
 import optuna
 
@@ -51,6 +52,11 @@ def searcher(cfg: Config):
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A trial that runs again (resumed by --resume, or retried after a lost node) starts Tune's
+    # iteration count anew, so its first reports repeat steps Optuna has: Optuna keeps the first value
+    # and warns once per step. Nothing is wrong; the epoch lines say where the trial resumed.
+    warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=\d+` is already "
+                            r"reported", category=UserWarning)
     sampler = (optuna.samplers.RandomSampler(seed=cfg.sweep.seed) if cfg.sweep.sampler == "random"
                else optuna.samplers.TPESampler(seed=cfg.sweep.seed))
     if cfg.sweep.objective == "pareto":
