@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import stat
 import subprocess
 import sys
 import time
@@ -38,6 +40,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def read_plan(path: Path) -> list[tuple[str, str, list[str]]]:
+    try:  # os.stat first: opening a FIFO for reading waits for a writer forever, /dev/zero never ends
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = True  # the read below says why it cannot be read
+    if not regular:
+        raise ValueError(f"plan {str(path)!r} is not a regular file (a FIFO, a device or a folder)")
     try:
         text = path.read_text()
     except OSError as error:

@@ -128,6 +128,18 @@ def test_bad_plan_is_one_error_line_and_writes_nothing(tmp_path, plan_text, extr
     assert not Path("/sys/mwt_ray_parallel_runs").exists()
 
 
+def test_a_plan_that_is_a_pipe_is_refused_without_waiting(tmp_path):
+    """Opening a FIFO for reading waits for a writer forever; the plan is refused from os.stat alone."""
+    import os
+
+    plan = tmp_path / "plan.fifo"
+    os.mkfifo(plan)
+    result = run(plan, tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.strip() == \
+        f"error: plan '{plan}' is not a regular file (a FIFO, a device or a folder)", result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_parallel_below_one_and_missing_plan(tmp_path):
     plan = tmp_path / "plan.txt"
     plan.write_text("a tune_configs/quickstart.yaml\n")
