@@ -17,6 +17,13 @@ from ..config import Config, flatten_space
 
 __all__ = ["search_space", "searcher", "scheduler", "PicklableNSGAIISampler"]
 
+# A trial that runs again (resumed by --resume, or retried after a lost node) starts Tune's iteration
+# count anew, so its first reports repeat steps Optuna has: Optuna keeps the first value and warns once
+# per step. Nothing is wrong; the epoch lines say where the trial resumed. Set at import: a resumed
+# sweep unpickles its searcher instead of building it here.
+warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=\d+` is already "
+                        r"reported", category=UserWarning)
+
 
 class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
     """NSGA-II whose lock is rebuilt on unpickling; the generation cache travels as it is."""
@@ -52,11 +59,6 @@ def searcher(cfg: Config):
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A trial that runs again (resumed by --resume, or retried after a lost node) starts Tune's
-    # iteration count anew, so its first reports repeat steps Optuna has: Optuna keeps the first value
-    # and warns once per step. Nothing is wrong; the epoch lines say where the trial resumed.
-    warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=\d+` is already "
-                            r"reported", category=UserWarning)
     sampler = (optuna.samplers.RandomSampler(seed=cfg.sweep.seed) if cfg.sweep.sampler == "random"
                else optuna.samplers.TPESampler(seed=cfg.sweep.seed))
     if cfg.sweep.objective == "pareto":
