@@ -53,12 +53,12 @@ class _Stamp(torch.autograd.Function):
 def bench_loop(config: dict) -> None:
     import torch.distributed as dist
 
-    from mwt_ray.core.data import iterate_batches, load_dataset
     from mwt_ray.cluster.worker import wrap_model
+    from mwt_ray.config import TrainConfig
+    from mwt_ray.core.data import iterate_batches, load_dataset
     from mwt_ray.core.losses import LayerMasks, modular_objective
     from mwt_ray.core.metrics import batch_modularity
     from mwt_ray.core.models import create_model
-    from mwt_ray.config import TrainConfig
     from mwt_ray.core.training import gather_global_batch, make_optimizer, world
 
     torch.set_num_threads(config["threads"])
@@ -192,8 +192,11 @@ def main() -> None:
     ray.shutdown()
     lines = [header] + [
         f"{r['workers']:>7} {r['cpus_per_worker']:>10} {r['per_worker_batch']:>12} {r['samples_per_s']:>10.1f} "
-        f"{r['samples_per_s_median_step']:>13.1f} {r['step_s_median']:>8.3f} {1000 * r['gather_fwd_s_median']:>13.2f} {1000 * r['gather_bwd_s_median']:>13.2f} "
-        f"{r['gather_share']:>11.2%}" for r in rows]
+        f"{r['samples_per_s_median_step']:>13.1f} {r['step_s_median']:>8.3f} "
+        f"{1000 * r['gather_fwd_s_median']:>13.2f} {1000 * r['gather_bwd_s_median']:>13.2f} "
+        f"{r['gather_share']:>11.2%}"
+        for r in rows
+    ]
     print("\n".join(lines))
     meta = {"model": args.model, "width": args.width, "global_batch": args.batch, "steps": args.steps,
             "warmup": args.warmup, "data": args.data, "device": "gpu" if args.gpu else "cpu",

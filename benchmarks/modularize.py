@@ -64,7 +64,9 @@ def main() -> None:
     for size in args.sizes:
         command = [sys.executable, __file__, "--worker", str(size), "--model", args.model, "--width", str(args.width),
                    "--batch", str(args.batch), "--cohesion-samples", str(args.cohesion_samples)]
-        row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        row = json.loads(
+            subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
         rows.append(row)
         print(f"{row['images']:>8}{row['seconds']:>10.1f}{row['images_per_s']:>10.0f}{row['peak_rss_mib']:>14.0f}"
               f"{row['counting_state_mib']:>11.2f}", flush=True)

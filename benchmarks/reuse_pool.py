@@ -7,9 +7,9 @@ measured latency of 2-class modules against the whole model.
 
 Without ``--modular`` it first trains (``--train-epochs``, 2) a modular and a standard VGG16 at
 width 1/4 (the CIFAR-10 configuration's network: 32x32 inputs, 10 classes) on scikit-learn's
-digits; sub-task throughput needs the real evaluation, not well-trained modules. Then the same sub-tasks (M = 2..9, ``--per-size`` each,
-seeded) are evaluated by ``cluster.evaluate_reuse`` with 1 and with 2 actors of one CPU each on
-a local Ray cluster of ``--cpus`` CPUs. For each pool size:
+digits; sub-task throughput needs the real evaluation, not well-trained modules. Then the same
+sub-tasks (M = 2..9, ``--per-size`` each, seeded) are evaluated by ``cluster.evaluate_reuse``
+with 1 and with 2 actors of one CPU each on a local Ray cluster of ``--cpus`` CPUs. For each pool size:
 
 - sub-tasks per minute over the pool's wall time (from the pool starting, actor start-up and
   loading included, to the last result), and the same from the first result on;
@@ -68,10 +68,18 @@ def run_pool(modular: str, standard: str, actors: int, args, out: Path) -> dict:
         if line.startswith("["):
             print(f"  {actors} actor(s) {line}", flush=True)
 
-    overrides = [f"reuse.sizes={args.sizes}", f"reuse.per_size={args.per_size}", f"reuse.epochs={args.fine_tune_epochs}",
-                 f"reuse.num_actors={actors}", "reuse.cpus_per_actor=1", "reuse.latency_batch_sizes=[1,128]",
-                 f"reuse.latency_repeats={args.latency_repeats}", f"reuse.output_dir={out / f'actors{actors}'}",
-                 "tracking.enabled=false", *args.set]
+    overrides = [
+        f"reuse.sizes={args.sizes}",
+        f"reuse.per_size={args.per_size}",
+        f"reuse.epochs={args.fine_tune_epochs}",
+        f"reuse.num_actors={actors}",
+        "reuse.cpus_per_actor=1",
+        "reuse.latency_batch_sizes=[1,128]",
+        f"reuse.latency_repeats={args.latency_repeats}",
+        f"reuse.output_dir={out / f'actors{actors}'}",
+        "tracking.enabled=false",
+        *args.set,
+    ]
     start = time.perf_counter()
     tables = evaluate_reuse(modular, standard, None, overrides=overrides, log=log)
     total = time.perf_counter() - start
@@ -98,10 +106,14 @@ def latency_summary(rows: list[dict]) -> dict:
     two = [r for r in rows if r["m"] == 2]
     pick = lambda key: [r[key] for r in two]  # noqa: E731
     return {
-        "subtasks": len(two), "mean_krr": statistics.mean(pick("krr")),
+        "subtasks": len(two),
+        "mean_krr": statistics.mean(pick("krr")),
         "flops_ratio": statistics.mean(1 - r["flops_reduction"] for r in two),
         **{f"latency_ratio_b{b}": statistics.median(pick(f"latency_ratio_b{b}")) for b in (1, 128)},
-        **{f"latency_ratio_b{b}_range": [min(pick(f"latency_ratio_b{b}")), max(pick(f"latency_ratio_b{b}"))] for b in (1, 128)},
+        **{
+            f"latency_ratio_b{b}_range": [min(pick(f"latency_ratio_b{b}")), max(pick(f"latency_ratio_b{b}"))]
+            for b in (1, 128)
+        },
         **{f"module_ms_b{b}": statistics.median(pick(f"module_ms_b{b}")) for b in (1, 128)},
         **{f"model_ms_b{b}": statistics.median(pick(f"model_ms_b{b}")) for b in (1, 128)},
     }
@@ -134,8 +146,12 @@ def shaped_latency(repeats: int, threads: list[int]) -> list[dict]:
     before = torch.get_num_threads()
     out = []
     for name, profile in profiles.items():
-        keep = torch.cat([torch.zeros(k, dtype=torch.bool).index_fill_(0, torch.randperm(k)[:max(1, round(p * k))], True)
-                          for k, p in zip(sizes, profile)])
+        keep = torch.cat(
+            [
+                torch.zeros(k, dtype=torch.bool).index_fill_(0, torch.randperm(k)[: max(1, round(p * k))], True)
+                for k, p in zip(sizes, profile)
+            ]
+        )
         module = extract_module(modular, keep).eval()
         row = {"module": name, "krr": keep.float().mean().item(), "flops_ratio": count_flops(module) / model_flops}
         for n in threads:
@@ -145,9 +161,13 @@ def shaped_latency(repeats: int, threads: list[int]) -> list[dict]:
                 row[f"latency_ratio_b{b}_t{n}"] = module_s / model_s
                 row[f"model_ms_b{b}_t{n}"] = model_s * 1e3
         out.append(row)
-        print(f"  {name}: KRR {row['krr']:.3f}  FLOPs x{row['flops_ratio']:.2f}  latency "
-              + "  ".join(f"{k[len('latency_ratio_'):]} x{v:.2f}" for k, v in row.items() if k.startswith("latency_ratio")),
-              flush=True)
+        print(
+            f"  {name}: KRR {row['krr']:.3f}  FLOPs x{row['flops_ratio']:.2f}  latency "
+            + "  ".join(
+                f"{k[len('latency_ratio_') :]} x{v:.2f}" for k, v in row.items() if k.startswith("latency_ratio")
+            ),
+            flush=True,
+        )
     torch.set_num_threads(before)
     return out
 
@@ -185,7 +205,9 @@ def main() -> None:
             print(f"using the models trained before in {work}", flush=True)
         else:
             modular, standard = train_models(work / "runs", args.train_epochs)
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)  # not a running cluster
+        ray.init(
+            address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False
+        )  # not a running cluster
         try:
             runs = [run_pool(modular, standard, n, args, scratch) for n in args.actors]
         finally:
@@ -209,20 +231,29 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
-    print("\n| actors | sub-tasks | pool wall s | sub-tasks/min | after 1st result | s per sub-task (fine-tune + latency) "
-          "| CPU s per sub-task | share of a core an actor got | busy share |")
+    print(
+        "\n| actors | sub-tasks | pool wall s | sub-tasks/min | after 1st result "
+        "| s per sub-task (fine-tune + latency) "
+        "| CPU s per sub-task | share of a core an actor got | busy share |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         after = f"{r['subtasks_per_min_after_first']:.1f}" if r["subtasks_per_min_after_first"] else "-"
-        print(f"| {r['actors']} | {r['subtasks']} | {r['pool_wall_s']:.1f} | {r['subtasks_per_min']:.1f} | {after} | "
-              f"{r['mean_subtask_s']:.2f} ({r['mean_fine_tune_s']:.2f} + {r['mean_latency_s']:.2f}) | {r['mean_cpu_s']:.2f} | "
-              f"{r['core_share']:.0%} | {r['busy_share']:.0%} |")
+        print(
+            f"| {r['actors']} | {r['subtasks']} | {r['pool_wall_s']:.1f} | {r['subtasks_per_min']:.1f} | {after} | "
+            f"{r['mean_subtask_s']:.2f} ({r['mean_fine_tune_s']:.2f} + {r['mean_latency_s']:.2f}) | "
+            f"{r['mean_cpu_s']:.2f} | "
+            f"{r['core_share']:.0%} | {r['busy_share']:.0%} |"
+        )
     if result["speedup"]:
         print(f"\nspeed-up with {max(by_actors)} actors: {result['speedup']:.2f}x")
-    print(f"\n2-class modules ({latency['subtasks']}): KRR {latency['mean_krr']:.3f}, FLOPs {latency['flops_ratio']:.2f} "
-          f"of the model's; measured latency module/model: batch 1 {latency['latency_ratio_b1']:.2f} "
-          f"({latency['module_ms_b1']:.2f} vs {latency['model_ms_b1']:.2f} ms), batch 128 {latency['latency_ratio_b128']:.2f} "
-          f"({latency['module_ms_b128']:.1f} vs {latency['model_ms_b128']:.1f} ms)")
+    print(
+        f"\n2-class modules ({latency['subtasks']}): KRR {latency['mean_krr']:.3f}, FLOPs {latency['flops_ratio']:.2f} "
+        f"of the model's; measured latency module/model: batch 1 {latency['latency_ratio_b1']:.2f} "
+        f"({latency['module_ms_b1']:.2f} vs {latency['model_ms_b1']:.2f} ms), "
+        f"batch 128 {latency['latency_ratio_b128']:.2f} "
+        f"({latency['module_ms_b128']:.1f} vs {latency['model_ms_b128']:.1f} ms)"
+    )
     print("\n| module shape | KRR | FLOPs ratio | latency ratio b1 (1 / 2 threads) | b128 (1 / 2 threads) |")
     print("|---|---|---|---|---|")
     for r in shapes:

@@ -1,7 +1,7 @@
 """Step time of modular vs standard training: same model, same batch, same step code, one run.
 
     python benchmarks/step_time.py --grid cpu                    # VGG16, ResNet18: width 1 and 1/4 eager, 1/4 compiled
-    python benchmarks/step_time.py --grid cuda                   # vgg16, resnet18, simcnn at width 1: fp32 eager, bf16+compile
+    python benchmarks/step_time.py --grid cuda                   # width 1: fp32 eager, bf16+compile
     python benchmarks/step_time.py --models vgg16 --widths 0.25 --steps 10 --precision bf16 --compile
     python benchmarks/step_time.py --batch 32 --widths 0.25 --out benchmarks/results/step_time_b32.json
 
@@ -184,8 +184,10 @@ def print_row(row: dict, cuda: bool) -> None:
             f"{row['modular_s']:>9.4f}{row['time_ratio']:>7.3f}{row['standard_aten_events']:>10}"
             f"{row['modular_aten_events']:>10}{row['aten_ratio']:>7.2f}{breaks:>7}")
     if cuda:
-        line += (f"{row['standard_gpu_busy']:>9.1%}{row['modular_gpu_busy']:>9.1%}{row['standard_samples_per_s']:>11.0f}"
-                 f"{row['modular_samples_per_s']:>11.0f}{row['standard_epoch_s']:>9.2f}{row['modular_epoch_s']:>9.2f}")
+        line += (
+            f"{row['standard_gpu_busy']:>9.1%}{row['modular_gpu_busy']:>9.1%}{row['standard_samples_per_s']:>11.0f}"
+            f"{row['modular_samples_per_s']:>11.0f}{row['standard_epoch_s']:>9.2f}{row['modular_epoch_s']:>9.2f}"
+        )
     print(line, flush=True)
 
 

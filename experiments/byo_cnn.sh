@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's CPU experiment: torchvision's MobileNetV2 and ResNet18 (untrained, their own width) on a
+# Bring-your-own-CNN experiment on the CPU: torchvision's MobileNetV2 and ResNet18 (untrained, their own width) on a
 # class-balanced CIFAR-10 subset, standard and modular (the paper's alpha 0.5 / beta 1.5, 3 seeds for
 # MobileNetV2, and the warm-up + sparsity setting of experiments/README.md scaled to the epochs),
 # modules at tau 0.9, then 2-class reuse against the standard model. Two runs at a time, one torch

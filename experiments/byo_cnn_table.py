@@ -1,4 +1,4 @@
-"""The table of ``byo_cnn.sh`` (issue 17) from its run folders: accuracy, KRR, cohesion, coupling, 2-class reuse.
+"""The table of ``byo_cnn.sh`` from its run folders: accuracy, KRR, cohesion, coupling, 2-class reuse.
 
     python experiments/byo_cnn_table.py [RUNS]     # RUNS: the script's OUT (default experiments/results)
 
@@ -38,7 +38,9 @@ def main() -> None:
     print(table.to_markdown(index=False, floatfmt=".4f"))
     for model, group in table.groupby("model"):
         standard = group.loc[group["setting"] == "standard", "test_acc"]
-        seeds = group.loc[group["setting"].str.fullmatch(r"paper(-s\d+)?"), "test_acc"]  # the seeds of the paper setting
+        seeds = group.loc[
+            group["setting"].str.fullmatch(r"paper(-s\d+)?"), "test_acc"
+        ]  # the seeds of the paper setting
         if standard.empty or seeds.empty:
             continue
         gap, spread = standard.iloc[0] - seeds.min(), seeds.max() - seeds.min()

@@ -1,4 +1,4 @@
-"""Issue 18's closing note, the runtime half: the exported modules against the full model in the
+"""Exported modules at run time: the exported modules against the full model in the
 same runtimes, on this CPU. The export's module.json times the .pt2 program and ONNX Runtime of
 the module against the full model in PyTorch; this adds the full (standard) model as a .pt2
 program and in ONNX Runtime, so each runtime's module / model ratio compares like with like.
@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 
 from mwt_ray.core.checkpoint import build_model, load_checkpoint
-from mwt_ray.core.export import (ImagesToScores, export_program, fastest_calls, load_program, onnx_scores, onnx_session,
-                                 write_onnx)
+from mwt_ray.core.export import (
+    ImagesToScores,
+    export_program,
+    fastest_calls,
+    load_program,
+    onnx_scores,
+    onnx_session,
+    write_onnx,
+)
 
 
 def main(runs: Path) -> dict:
@@ -39,7 +46,7 @@ def main(runs: Path) -> dict:
             for batch in (1, 128):
                 images = torch.rand(batch, 3, 32, 32)
                 with torch.no_grad():
-                    times = fastest_calls([module_program, full_program, lambda x: onnx_scores(module_session, x),
+                    times = fastest_calls([module_program, full_program, lambda x, s=module_session: onnx_scores(s, x),
                                            lambda x: onnx_scores(full_session, x)], images, repeats=10)
                 result[f"{folder.name} batch {batch}"] = dict(zip(
                     ("module_pt2_ms", "full_pt2_ms", "module_onnxruntime_ms", "full_onnxruntime_ms"),

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 18's closing note: a CIFAR-10 VGG16-BN/4 at the recommended setting (warm-up 9 + sparsity 2,
+# Exported modules of a CIFAR-10 VGG16-BN/4 at the recommended setting (warm-up 9 + sparsity 2,
 # 15 epochs) on the class-balanced 10k-image subset and its standard model, then a 2-class and a
 # 5-class module exported (python -m mwt_ray.export), measured on this CPU.
-#   bash experiments/export_modules.sh            # OUT=runs/issue18 by default
+#   bash experiments/export_modules.sh            # OUT=runs/export_modules by default
 # Each module's module.json (sizes, FLOPs, KRR, latency of the .pt2 program, ONNX Runtime and the
 # full model at batch 1 and 128, accuracy vs the standard model) lands in $OUT/modules/<classes>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/issue18}
+OUT=${OUT:-runs/export_modules}
 DATA=${DATA:-../shared/datasets/cifar10-jpeg.tar.gz}
 mkdir -p "$OUT"
 COMMON=(--config tune_configs/cifar10_vgg16.yaml --set "data.root=$DATA" --set data.train_limit=10000

@@ -1,4 +1,4 @@
-"""The accuracy / KRR frontier of issue 9: modular runs against a standard run of the same budget,
+"""The accuracy / KRR frontier: modular runs against a standard run of the same budget,
 one panel per budget, in a table (Markdown + CSV) and a plot.
 
     python experiments/frontier.py --out experiments/results/frontier \
@@ -114,10 +114,19 @@ def plot(table: pd.DataFrame, path: Path, references: list[tuple[str, float, flo
         shown_change = rows["change_pp"].clip(lower=floor + 0.5)  # collapsed runs sit on the bottom edge
         for name, group in rows.groupby("family"):
             front = pareto_front(group)
-            ax.plot(group["krr"], shown_change[group.index], "o", color=colours[name], label=name.replace("_", " "), alpha=0.85)
+            ax.plot(
+                group["krr"],
+                shown_change[group.index],
+                "o",
+                color=colours[name],
+                label=name.replace("_", " "),
+                alpha=0.85,
+            )
             if len(front) > 1:
                 ax.plot(front["krr"], shown_change[front.index], "-", color=colours[name], alpha=0.85)
-        for i, (index, row) in enumerate(rows.sort_values("krr").iterrows()):  # alternate sides: close points stay legible
+        for i, (index, row) in enumerate(
+            rows.sort_values("krr").iterrows()
+        ):  # alternate sides: close points stay legible
             text = row["label"] + (f" ({row['change_pp']:.1f} pp)" if row["change_pp"] < floor else "")
             ax.annotate(text, (row["krr"], shown_change[index]), fontsize=6, xytext=(3, 4 if i % 2 else -10),
                         textcoords="offset points")
@@ -139,8 +148,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--panel", nargs="+", action="append", required=True, metavar="TITLE RUN",
                         help="a title, the standard run folder, then the modular run folders")
-    parser.add_argument("--reference", action="append", default=[], metavar="LABEL:KRR:CHANGE",
-                        help="a point from elsewhere, drawn as a cross in the first panel, e.g. 'earlier run:0.336:-6.22'")
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="LABEL:KRR:CHANGE",
+        help="a point from elsewhere, drawn as a cross in the first panel, e.g. 'earlier run:0.336:-6.22'",
+    )
     parser.add_argument("--out", required=True, help="folder for frontier.csv, frontier.md, frontier.png")
     args = parser.parse_args()
     if any(len(p) < 3 for p in args.panel):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's frontier plot and table from the committed run summaries (experiments/results/*/metrics.json).
+# The accuracy / KRR frontier plot and table from the committed run summaries (experiments/results/*/metrics.json).
 # The runs themselves: experiments/cifar10_vgg16.sh for the references, then e.g.
 #   python -m mwt_ray.train --config tune_configs/cifar10_vgg16.yaml --set name=cifar10-vgg16-warmup3-sparsity0.5 \
 #       --set train.warmup_epochs=3 --set train.sparsity=0.5

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's confirmation runs on one lent GPU, where PyTorch is installed but Ray and MLflow are not:
+# The frontier's confirmation runs on one lent GPU, where PyTorch is installed but Ray and MLflow are not:
 # the jobs of PLAN through experiments/parallel_runs.py, PARALLEL at a time, stopped BUDGET seconds
 # after this script starts (less the time to pack); then the summaries, and the checkpoints a reuse
 # check may need, packed into OUT. RESUME=1 continues the jobs an earlier call stopped (same WORK).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's checks on one lent GPU (PyTorch there; Ray, MLflow, pydantic and fvcore not):
+# The GPU step's checks on one lent GPU (PyTorch there; Ray, MLflow, pydantic and fvcore not):
 #  (a) benchmarks/step_time.py --grid cuda: vgg16, resnet18, simcnn at width 1, batch 128, fp32 eager
 #      and bf16+compile, standard vs modular (step time, aten events, GPU busy share, samples/s);
 #  (b) end to end: 2 epochs of modular VGG16/4 (tune_configs/cifar10_vgg16.yaml) on all of CIFAR-10

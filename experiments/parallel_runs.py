@@ -69,7 +69,9 @@ def read_plan(path: Path) -> list[tuple[str, str, list[str]]]:
 def job_config(name: str, config: str, overrides: list[str], out: Path, extra: list[str]):
     from mwt_ray.config import load_config
 
-    return load_config(config, overrides + extra + [f"name={name}", f"output_dir={out / 'runs'}", "tracking.enabled=false"])
+    return load_config(
+        config, overrides + extra + [f"name={name}", f"output_dir={out / 'runs'}", "tracking.enabled=false"]
+    )
 
 
 def run_one(name: str, config: str, overrides: list[str], out: Path, extra: list[str], resume: bool) -> None:
@@ -123,7 +125,10 @@ def run_plan(args) -> bool:
             log.close()
             del running[name]
             done[name] = (process.returncode, time.monotonic() - began)
-            print(f"[{time.monotonic() - start:6.0f}s] {name}: exit {process.returncode} after {done[name][1]:.0f}s", flush=True)
+            print(
+                f"[{time.monotonic() - start:6.0f}s] {name}: exit {process.returncode} after {done[name][1]:.0f}s",
+                flush=True,
+            )
         if waiting and time.monotonic() - start >= args.deadline:
             for name, _, _ in waiting:
                 done[name] = (None, 0.0)
@@ -148,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", type=Path, nargs="?")
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (default 2)")
-    parser.add_argument("--deadline", type=float, default=float("inf"), help="stop unfinished jobs after this many seconds")
+    parser.add_argument(
+        "--deadline", type=float, default=float("inf"), help="stop unfinished jobs after this many seconds"
+    )
     parser.add_argument("--out", type=Path, default=Path("parallel_runs"))
     parser.add_argument("--resume", action="store_true",
                         help="continue each job from its latest checkpoint under --out (one a deadline stopped, say)")

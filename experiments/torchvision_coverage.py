@@ -49,8 +49,16 @@ def main() -> None:
                          "masked_kernels": sum(u.num_kernels for u in units)})
         rows[-1]["seconds"] = round(time.perf_counter() - start, 1)
         row = rows[-1]
-        print(f"{model_name:36s} " + (f"ok   {row['units']:4d} units {row['masked_kernels']:6d} kernels"
-                                       if row["ok"] else f"no   {row['reason'][:110]}") + f"  {row['seconds']}s", flush=True)
+        print(
+            f"{model_name:36s} "
+            + (
+                f"ok   {row['units']:4d} units {row['masked_kernels']:6d} kernels"
+                if row["ok"]
+                else f"no   {row['reason'][:110]}"
+            )
+            + f"  {row['seconds']}s",
+            flush=True,
+        )
     passed = sum(r["ok"] for r in rows)
     print(f"{passed} of {len(rows)} models can be modularized at {args.size}x{args.size} "
           f"(torch {torch.__version__}, torchvision {torchvision.__version__})")

@@ -4,8 +4,9 @@ Exit 2: bad input (``ValueError``: ``ConfigError``, ``SetupError``, ``TrackingEr
 before anything was trained or written. Exit 1: a job that started and could not finish
 (``JobFailed``, a non-finite loss, an I/O error, or any other error: set ``MWT_RAY_TRACEBACK=1``
 to see its traceback); a full disk (ENOSPC, wherever it was hit) is exit 1 with a line that starts
-``disk full (ENOSPC)`` and says what is kept (``interrupted_hint``), also when it came as bad input. Exit 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; the job's MLflow run
-is marked KILLED and its checkpoints are kept.
+``disk full (ENOSPC)`` and says what is kept (``interrupted_hint``), also when it came as bad input.
+Exit 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; the job's MLflow run is marked KILLED
+and its checkpoints are kept.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from .core.files import is_disk_full, remove_stale_scratch
 from .core.messages import one_line

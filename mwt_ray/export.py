@@ -31,7 +31,9 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, with_config=False)
-    parser.add_argument("--run", required=True, help="the modular model: an MLflow run id, a checkpoint, or a run folder")
+    parser.add_argument(
+        "--run", required=True, help="the modular model: an MLflow run id, a checkpoint, or a run folder"
+    )
     parser.add_argument("--classes", required=True, help="class indices or names, comma-separated: 3,5 or cat,dog")
     parser.add_argument("--out", required=True, help="the folder module.pt2, module.onnx and module.json go to")
     parser.add_argument("--standard", help="the standard model to compare with (same kinds of reference as --run)")

@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--standard", action="store_true", help="standard training (no mask generators)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (0: this process, no Ray)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the latest job of this name (its checkpoint and MLflow run) instead of a new job")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest job of this name (its checkpoint and MLflow run) instead of a new job",
+    )
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.standard:

@@ -66,7 +66,10 @@ def empty_store(path: Path) -> str:
 
     template = _STORE_TEMPLATE_DIR[0] / "mlflow.db"
     if not template.exists():  # made in a subprocess: this one keeps no MLflow state from it
-        code = "import sys\nfrom mlflow import MlflowClient\nMlflowClient(tracking_uri='sqlite:///' + sys.argv[1]).search_experiments()\n"
+        code = (
+            "import sys\nfrom mlflow import MlflowClient\n"
+            "MlflowClient(tracking_uri='sqlite:///' + sys.argv[1]).search_experiments()\n"
+        )
         subprocess.run([sys.executable, "-c", code, str(template)], check=True, capture_output=True, timeout=300)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():

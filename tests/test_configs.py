@@ -43,7 +43,11 @@ def _numeric_fields(model, prefix=""):
         if info.exclude:
             continue
         annotation = info.annotation
-        args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+        args = (
+            typing.get_args(annotation)
+            if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            else (annotation,)
+        )
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _numeric_fields(annotation, f"{prefix}{name}.")
         elif bool not in args and any(a in (int, float) for a in args):
@@ -54,7 +58,13 @@ NUMERIC = sorted(_numeric_fields(__import__("mwt_ray.config", fromlist=["Config"
 
 
 def test_every_section_has_numeric_fields_to_check():
-    assert len(NUMERIC) > 40 and {"train.epochs", "train.lr", "reuse.per_size", "sweep.trials", "sweep.krr_weight"} <= set(NUMERIC)
+    assert len(NUMERIC) > 40 and {
+        "train.epochs",
+        "train.lr",
+        "reuse.per_size",
+        "sweep.trials",
+        "sweep.krr_weight",
+    } <= set(NUMERIC)
 
 
 @pytest.mark.parametrize("key", NUMERIC)

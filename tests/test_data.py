@@ -36,7 +36,10 @@ def test_rank_slices_tile_the_global_batch():
     data = tiny_data()
     kwargs = dict(mean=data.mean, std=data.std, shuffle=True, augment=True, seed=7, drop_last=True)
     single = list(iterate_batches(data.train_images, data.train_labels, 12, **kwargs))
-    shards = [list(iterate_batches(data.train_images, data.train_labels, 12, rank=r, world_size=3, **kwargs)) for r in range(3)]
+    shards = [
+        list(iterate_batches(data.train_images, data.train_labels, 12, rank=r, world_size=3, **kwargs))
+        for r in range(3)
+    ]
     assert len(single) == 3
     for step, (x, y) in enumerate(single):
         torch.testing.assert_close(torch.cat([s[step][0] for s in shards]), x)
@@ -45,7 +48,9 @@ def test_rank_slices_tile_the_global_batch():
 
 def test_normalisation_and_epoch_coverage():
     data = tiny_data()
-    batches = list(iterate_batches(data.train_images, data.train_labels, 16, mean=data.mean, std=data.std, shuffle=True, seed=3))
+    batches = list(
+        iterate_batches(data.train_images, data.train_labels, 16, mean=data.mean, std=data.std, shuffle=True, seed=3)
+    )
     labels = torch.cat([y for _, y in batches])
     assert sorted(labels.tolist()) == sorted(data.train_labels.tolist())
     x = torch.cat([b[0] for b in batches])

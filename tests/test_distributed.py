@@ -20,15 +20,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
+from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from mwt_ray.core.checkpoint import build_model, load_checkpoint  # noqa: E402
 from mwt_ray.cluster import loop_config, run_distributed, train_loop_per_worker  # noqa: E402
 from mwt_ray.cluster.trainer import _prune_checkpoints, preflight  # noqa: E402
+from mwt_ray.core.checkpoint import build_model, load_checkpoint  # noqa: E402
 from mwt_ray.jobs import RunStorage, SetupError, job_storage, latest_training_state, list_jobs  # noqa: E402
 from mwt_ray.tracking import TrackingError  # noqa: E402
-
-from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
@@ -286,11 +285,14 @@ def test_cli_reports_unreachable_server_in_one_line(tmp_path):
 
 def test_resume_checkpoint_of_another_model(two_worker_run):
     cfg, _, _, _ = two_worker_run
-    for section, key, value, expected in (("model", "width", 0.25, "width 0.125"), ("model", "name", "resnet18", "vgg16"),
-                                          ("train", "modular", False, "modular training")):
+    for section, key, value, expected in (
+        ("model", "width", 0.25, "width 0.125"),
+        ("model", "name", "resnet18", "vgg16"),
+        ("train", "modular", False, "modular training"),
+    ):
         other = cfg.model_copy(deep=True)
         setattr(getattr(other, section), key, value)
-        message = one_line_error(SetupError, lambda: run_distributed(other, resume=True))
+        message = one_line_error(SetupError, lambda cfg=other: run_distributed(cfg, resume=True))
         assert expected in message and "run without --resume" in message
 
 
@@ -335,7 +337,9 @@ def test_describe_failure_names_the_dead_worker_first():
 
     dead = WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(pid=4242, ip=10.0.0.1)",
                                         failure=RuntimeError("The actor died unexpectedly"))
-    lost = UserExceptionWithTraceback(RuntimeError("gloo: Connection reset by peer"), "Traceback (most recent call last): ...")
+    lost = UserExceptionWithTraceback(
+        RuntimeError("gloo: Connection reset by peer"), "Traceback (most recent call last): ..."
+    )
     message = describe_failure(WorkerGroupError("two failures", {1: lost, 0: dead}))
     assert message.startswith("worker rank 0 (pid 4242) died") and "rank(s) 1 then failed" in message
     assert "Connection reset" not in message and "\n" not in message

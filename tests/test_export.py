@@ -1,4 +1,4 @@
-"""``python -m mwt_ray.export`` (issue 18): a module's files run without mwt_ray, give the module's
+"""``python -m mwt_ray.export``: a module's files run without mwt_ray, give the module's
 scores, and its MLflow model loads, registers and serves.
 
 The truth the files are checked against is computed here independently: with ``reuse.epochs=0``
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import free_port, open_local, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +95,8 @@ def _expected_scores(trained, classes: list[int], images: torch.Tensor) -> torch
     """The module's scores from the full modular model with hard masks (see the module docstring)."""
     from mwt_ray.core.checkpoint import build_model, load_checkpoint
     from mwt_ray.core.data import load_dataset
-    from mwt_ray.core.modularize import KernelUsage, module_masks
     from mwt_ray.core.graph import fixed_masks
+    from mwt_ray.core.modularize import KernelUsage, module_masks
 
     state = load_checkpoint(trained["modular"] / "checkpoint.pt")
     model = build_model(state).eval()
@@ -120,7 +119,7 @@ def _without_mwt_ray(folder: Path, images: torch.Tensor, uri: str = "", model_ur
     result = subprocess.run([sys.executable, "-c", WITHOUT_MWT_RAY, str(folder), str(folder.parent / "images.npy"), uri,
                              model_uri], capture_output=True, text=True, timeout=600, env=env, cwd=folder.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(out for out in result.stdout.splitlines() if out.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -227,8 +226,10 @@ def test_served_model_answers_invocations_with_the_module_scores(exported, tmp_p
                         break
             except OSError as error:
                 last_error = error
-            assert time.monotonic() < deadline, f"no answer to /ping in 300 s ({last_error!r}); the server's log ends:\n" + \
-                log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (
+                f"no answer to /ping in 300 s ({last_error!r}); the server's log ends:\n"
+                + log_path.read_text(errors="replace")[-3000:]
+            )
             time.sleep(1)
         status, answer = _invoke(port, images.tolist())
         refused = {name: _invoke(port, change(images.clone()).tolist()) for name, (change, _) in REFUSED.items()}

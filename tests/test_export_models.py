@@ -4,11 +4,19 @@ sum, which onnxscript 0.7.2's optimizer rewrote into a copy (4% off) before it w
 agreement check itself (``check_scores``) against the module run in float64."""
 import pytest
 import torch
-
 from torch import nn
 
-from mwt_ray.core.export import (ImagesToScores, ScoreCheck, check_scores, export_program, load_program, onnx_scores,
-                                 onnx_session, save_program, write_onnx)
+from mwt_ray.core.export import (
+    ImagesToScores,
+    ScoreCheck,
+    check_scores,
+    export_program,
+    load_program,
+    onnx_scores,
+    onnx_session,
+    save_program,
+    write_onnx,
+)
 from mwt_ray.core.extract import extract_module
 from mwt_ray.core.graph import mask_units
 from mwt_ray.core.models import create_model

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import empty_store, mlflow_client, only_run
 
 from mwt_ray.core.checkpoint import load_checkpoint
-
-from conftest import empty_store, mlflow_client, only_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,9 @@ def wait_for_epoch(process: subprocess.Popen, tmp: Path, name: str, epoch: int, 
             time.sleep(0.5)
             return
         if process.poll() is not None:
-            pytest.fail(f"the job ended (status {process.returncode}) before epoch {epoch}: {process.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"the job ended (status {process.returncode}) before epoch {epoch}: {process.stderr.read()[-2000:]}"
+            )
         time.sleep(0.1)
     process.kill()
     pytest.fail(f"no checkpoint of epoch {epoch} after {timeout} s")
@@ -115,7 +116,9 @@ def test_sigkill_then_new_job_marks_the_abandoned_run_failed(tmp_path):
     assert len(second) == 1 and list(second[0].glob("final_*"))
     client = mlflow_client(tmp_path)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])}
-    statuses = sorted(r.info.status for r in client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id]))
+    statuses = sorted(
+        r.info.status for r in client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])
+    )
     assert statuses == ["FAILED", "FINISHED"], runs
     state = load_checkpoint(next(second[0].glob("final_*")) / "training_state.pt")
     assert state["resumes"] == [] and [m["epoch"] for m in state["history"]] == [1]
@@ -129,7 +132,9 @@ def test_sigterm_and_sigint_end_in_one_line_and_a_killed_run(tmp_path, sig, stat
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: stopped by {name}") and "--resume" in lines[0], stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: stopped by {name}") and "--resume" in lines[0], stderr[
+        -3000:
+    ]
     run = only_run(mlflow_client(tmp_path))
     assert run.info.status == "KILLED"
     (job,) = jobs(tmp_path, "t")
@@ -261,8 +266,8 @@ def store_runs(disk: Path):
 
 @pytest.mark.parametrize("scratch_on_disk", [False, True], ids=["scratch elsewhere", "scratch on the full disk"])
 def test_full_disk_is_one_line_leaves_no_partial_checkpoint_and_ends_the_run(small_disk, tmp_path, scratch_on_disk):
-    """Issue 15, section 5: a full disk printed 125 lines (MLflow's logged tracebacks), left a
-    .partial-checkpoint folder and its run RUNNING. Now: one line that says the disk is full (ENOSPC),
+    """A full disk prints none of MLflow's logged tracebacks and leaves no .partial-checkpoint
+    folder nor a run RUNNING: one line that says the disk is full (ENOSPC),
     exit 1, no partial copy, and the run FAILED, or the line says it could not be marked. With room
     again, --resume continues in the same run. The checkpoint's scratch folder (TMPDIR) is either on
     another disk or on the full one (torch.save then fails without an errno)."""
@@ -272,12 +277,16 @@ def test_full_disk_is_one_line_leaves_no_partial_checkpoint_and_ends_the_run(sma
                             timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: disk full (ENOSPC): no space left on the device of "), lines[:5]
+    assert len(lines) == 1 and lines[0].startswith("error: disk full (ENOSPC): no space left on the device of "), lines[
+        :5
+    ]
     assert "--resume" in lines[0]
     assert not [p for p in small_disk.rglob(".partial-*")], sorted(small_disk.rglob("*"))
     _, (run,) = store_runs(small_disk)
     if "could not be marked FAILED" in lines[0]:  # the store shares the full disk: said, and it stays RUNNING
-        assert run.info.status == "RUNNING" and f"MLflow run {run.info.run_id}" in lines[0] and "stays RUNNING" in lines[0]
+        assert (
+            run.info.status == "RUNNING" and f"MLflow run {run.info.run_id}" in lines[0] and "stays RUNNING" in lines[0]
+        )
     else:
         assert run.info.status == "FAILED"
     if not scratch_on_disk:  # the copy failed, its partial folder was removed: the store was writable again
@@ -317,7 +326,9 @@ def test_store_filling_up_mid_job_says_the_run_could_not_be_ended(small_disk, tm
     argv = [a for a in disk_command(small_disk, "mid", 2)[3:]]
     argv[argv.index(f"tracking.tracking_uri=sqlite:///{small_disk / 'mlflow.db'}")] = \
         f"tracking.tracking_uri=sqlite:///{store_folder / 'mlflow.db'}"
-    argv[argv.index(f"output_dir={small_disk / 'runs'}")] = f"output_dir={tmp_path / 'runs'}"  # checkpoints fit elsewhere
+    argv[argv.index(f"output_dir={small_disk / 'runs'}")] = (
+        f"output_dir={tmp_path / 'runs'}"  # checkpoints fit elsewhere
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -325,8 +336,10 @@ def test_store_filling_up_mid_job_says_the_run_could_not_be_ended(small_disk, tm
         assert main(argv) == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1, lines[:5]
-        assert lines[0].startswith(f"error: disk full (ENOSPC): the MLflow store sqlite:///{store_folder / 'mlflow.db'} "
-                                   "cannot be written (metrics of epoch 1)"), lines[0]
+        assert lines[0].startswith(
+            f"error: disk full (ENOSPC): the MLflow store sqlite:///{store_folder / 'mlflow.db'} "
+            "cannot be written (metrics of epoch 1)"
+        ), lines[0]
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=f"sqlite:///{store_folder / 'mlflow.db'}")

@@ -1,4 +1,4 @@
-"""The GPU-shaped step (issue 16): exact against the literal equations, free of host syncs, traceable
+"""The GPU-shaped step: exact against the literal equations, free of host syncs, traceable
 without graph breaks, and its options (compile, precision, channels_last, device-resident data)
 changing speed, not results beyond their documented tolerance.
 
@@ -13,9 +13,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_masks, tiny_config
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import random_masks, tiny_config
 from mwt_ray.config import TrainConfig
 from mwt_ray.core.data import iterate_batches, load_dataset, place_data
 from mwt_ray.core.losses import modular_objective
@@ -37,8 +37,11 @@ def literal_objective(logits, labels, masks, alpha, beta, sparsity):
     members = {c: [i for i, y in enumerate(labels.tolist()) if y == c] for c in range(logits.shape[1])}
     cohesion_terms = [sum(similarity(j, k) for j, k in itertools.combinations(idx, 2)) / (len(idx) * (len(idx) - 1) / 2)
                       for idx in members.values() if len(idx) >= 2]
-    coupling_terms = [sum(similarity(j, k) for j in members[h] for k in members[i]) / (len(members[h]) * len(members[i]))
-                      for h, i in itertools.combinations(members, 2) if members[h] and members[i]]
+    coupling_terms = [
+        sum(similarity(j, k) for j in members[h] for k in members[i]) / (len(members[h]) * len(members[i]))
+        for h, i in itertools.combinations(members, 2)
+        if members[h] and members[i]
+    ]
     cohesion = 1 - sum(cohesion_terms) / len(cohesion_terms) if cohesion_terms else logits.new_zeros(())
     coupling = sum(coupling_terms) / len(coupling_terms) if coupling_terms else logits.new_zeros(())
     mean_mask = sum(m.mean() for m in masks) / len(masks)
@@ -116,7 +119,7 @@ def test_a_modular_step_never_reads_a_tensor_on_the_host(name):
     assert row.shape == (len(step_value_names(True)),)
 
 
-# torchvision's CNNs come through the same traced graph (issue 17): a residual one, an inverted-residual one
+# torchvision's CNNs come through the same traced graph: a residual one, an inverted-residual one
 # with a width multiplier, and one with squeeze-excitation and stochastic depth.
 TRACED = ["torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:efficientnet_b0"]
 

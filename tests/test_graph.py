@@ -100,7 +100,14 @@ def hooked_reference(model: nn.Module, masks_for: dict[str, callable]) -> list:
 def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
     gm = modularize(PatternNet())
     assert [u.conv for u in mask_units(gm)] == MASKED
-    assert [u.relu for u in mask_units(gm)] == [True, False, False, False, False, True]  # only a's BN goes into a ReLU alone
+    assert [u.relu for u in mask_units(gm)] == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]  # only a's BN goes into a ReLU alone
     assert [u.num_kernels for u in mask_units(gm)] == [8, 8, 8, 4, 6, 6]
     assert all(u.generator.in_channels == gm.get_submodule(u.conv).in_channels for u in mask_units(gm))
 
@@ -132,7 +139,9 @@ def test_hard_masks_equal_the_hooked_original(training):
     keep = [torch.rand(u.num_kernels, generator=g) < 0.6 for u in mask_units(gm)]
     keep[1][:] = False  # one side of the addition keeps nothing
     x = torch.randn(4, 3, 16, 16)
-    hooked_reference(reference, {c: (lambda inp, k=k: k.float().expand(inp.shape[0], -1)) for c, k in zip(MASKED, keep)})
+    hooked_reference(
+        reference, {c: (lambda inp, k=k: k.float().expand(inp.shape[0], -1)) for c, k in zip(MASKED, keep)}
+    )
     with fixed_masks(gm, keep):
         assert torch.allclose(gm(x), reference(x), rtol=1e-5, atol=1e-6)
     with fixed_masks(gm, [torch.ones(u.num_kernels, dtype=torch.bool) for u in mask_units(gm)]):
@@ -149,7 +158,9 @@ def test_generator_masks_and_gradients_equal_the_hooked_original():
     gm = modularize(model).eval()
     units = {u.conv: u.generator for u in mask_units(gm)}
     seen = []
-    handles = hooked_reference(reference, {c: (lambda inp, g=g: seen.append(g(inp)) or seen[-1]) for c, g in units.items()})
+    handles = hooked_reference(
+        reference, {c: (lambda inp, g=g: seen.append(g(inp)) or seen[-1]) for c, g in units.items()}
+    )
     x = torch.randn(4, 3, 16, 16)
     logits, masks = gm(x, return_masks=True)
     (logits.square().sum() + sum(m.sum() for m in masks)).backward()
@@ -331,5 +342,7 @@ def test_modules_equal_the_hard_masked_model(name):
             assert conv_kernels(module) == conv_kernels(gm) - removed
     floor = check_extraction(gm, random_keep(gm, 0, empty_side=True), 32, batch=2)
     x = torch.zeros(1, 3, 32, 32)
-    flops = lambda m: FlopCountAnalysis(m.eval(), x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+    def flops(m):
+        return FlopCountAnalysis(m.eval(), x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+
     assert flops(floor) < flops(module) < flops(gm)

@@ -21,7 +21,7 @@ def literal_losses(masks, labels, num_classes):
 
     members = {c: [i for i, y in enumerate(labels.tolist()) if y == c] for c in range(num_classes)}
     cohesion_terms = []
-    for c, idx in members.items():
+    for idx in members.values():
         if len(idx) < 2:
             continue
         pairs = list(itertools.combinations(idx, 2))

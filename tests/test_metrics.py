@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from mwt_ray.core.metrics import (batch_modularity, class_cohesion, cohesion, coupling, jaccard_matrix,
-                                  kernel_retention_rate, module_cohesion, module_cohesions)
+from mwt_ray.core.metrics import (
+    batch_modularity,
+    class_cohesion,
+    cohesion,
+    coupling,
+    jaccard_matrix,
+    kernel_retention_rate,
+    module_cohesion,
+    module_cohesions,
+)
 
 
 def ji(a, b):

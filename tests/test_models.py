@@ -20,7 +20,10 @@ def test_kernel_counts_match_the_paper():
     assert sum(u.num_kernels for u in mask_units(vgg)) == 4160  # all but the first conv
     resnet = create_model("resnet18")
     # Table 2's 3904 counts the 3x3 convs; the three 1x1 shortcut convs (896 kernels) are masked too.
-    assert sum(m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)) == 3904
+    assert (
+        sum(m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        == 3904
+    )
     assert sum(u.num_kernels for u in mask_units(resnet)) == 4800 - 64
 
 
@@ -80,7 +83,9 @@ def test_masked_activation_follows_its_parameter_in_place_and_to_new_storage():
     x, y = torch.randn(4, 6, 3, 3), torch.randn(4, 5, 3, 3)
 
     def reference(y, x):
-        mask = torch.relu(torch.tanh(torch.relu(x.mean(dim=(2, 3)) @ generator.w1.t()) @ generator.w2.t() + generator.b2))
+        mask = torch.relu(
+            torch.tanh(torch.relu(x.mean(dim=(2, 3)) @ generator.w1.t()) @ generator.w2.t() + generator.b2)
+        )
         return y * mask[:, :, None, None]
 
     with torch.inference_mode():
@@ -102,7 +107,11 @@ def test_masked_activation_follows_its_parameter_in_place_and_to_new_storage():
 def test_generator_loads_checkpoints_with_separate_layer_weights():
     """Checkpoints written before the weights were packed hold fc1.weight, fc2.weight and fc2.bias."""
     generator = MaskGenerator(6, 5)
-    old = {"fc1.weight": generator.w1.detach() + 1, "fc2.weight": generator.w2.detach() + 2, "fc2.bias": generator.b2.detach() + 3}
+    old = {
+        "fc1.weight": generator.w1.detach() + 1,
+        "fc2.weight": generator.w2.detach() + 2,
+        "fc2.bias": generator.b2.detach() + 3,
+    }
     fresh = MaskGenerator(6, 5)
     fresh.load_state_dict(old)
     assert torch.equal(fresh.w1, old["fc1.weight"]) and torch.equal(fresh.w2, old["fc2.weight"])

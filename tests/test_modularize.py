@@ -2,11 +2,17 @@
 import pytest
 import torch
 
-from mwt_ray.core.metrics import coupling, kernel_retention_rate
-from mwt_ray.core.modularize import (TAU_GRID, KernelUsage, count_kernel_usage, modularity_by_tau, modularity_report,
-                                     module_masks)
 from mwt_ray.core.graph import mask_units
+from mwt_ray.core.metrics import coupling, kernel_retention_rate
 from mwt_ray.core.models import create_model
+from mwt_ray.core.modularize import (
+    TAU_GRID,
+    KernelUsage,
+    count_kernel_usage,
+    modularity_by_tau,
+    modularity_report,
+    module_masks,
+)
 
 
 def test_streaming_counts_equal_one_in_memory_pass():

@@ -73,7 +73,9 @@ def test_deadline_stops_a_job_and_resume_finishes_it(tmp_path, monkeypatch, caps
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code = script.main([str(plan), "--out", str(out), "--parallel", "2", "--deadline", str(deadline)])
     printed = capsys.readouterr()
-    assert fell == ["events"], f"the jobs stalled: after 600 s quick had not exited or slow had no checkpoint\n{printed.out}"
+    assert fell == ["events"], (
+        f"the jobs stalled: after 600 s quick had not exited or slow had no checkpoint\n{printed.out}"
+    )
     assert code == 1, printed.err
     assert children["quick"].returncode == 0, (out / "quick.log").read_text()
     assert children["slow"].returncode == -9, (out / "slow.log").read_text()  # killed at the deadline
@@ -93,27 +95,42 @@ def test_deadline_stops_a_job_and_resume_finishes_it(tmp_path, monkeypatch, caps
 GOOD = "a tune_configs/quickstart.yaml\n"
 
 
-@pytest.mark.parametrize("plan_text, extra, message", [
-    ("only-a-name\n", [], "plan.txt:1: expected '<name> <config.yaml> [key=value ...]'"),
-    ("a tune_configs/quickstart.yaml\na tune_configs/quickstart.yaml\n", [], "plan.txt:2: job name 'a' is used twice"),
-    ("a tune_configs/quickstart.yaml train.epochs\n", [], "plan.txt:1: expected"),
-    ("# nothing but a comment\n", [], "holds no job"),
-    ("a tune_configs/missing.yaml\n", [], "plan job 1 (a): config file 'tune_configs/missing.yaml' does not exist"),
-    ("a tune_configs/quickstart.yaml train.epochs=0\n", [], "plan job 1 (a): invalid config"),
-    ("a tune_configs/quickstart.yaml data.name=folder data.root=/nonexistent\n", [], "plan job 1 (a): data path"),
-    # An --out that cannot be written is bad input too (it was an OSError from mkdir: exit 1). A file in
-    # the way, and sysfs, where no one can create files: CI runs as root, for whom chmod blocks nothing.
-    (GOOD, ["--out", "{tmp}/a-file"], "--out '{tmp}/a-file' cannot be written ({tmp}/a-file is not a folder)"),
-    (GOOD, ["--out", "{tmp}/a-file/out"], "--out '{tmp}/a-file/out' cannot be written ({tmp}/a-file is not a folder)"),
-    (GOOD, ["--out", "/sys/mwt_ray_parallel_runs/out"], "--out '/sys/mwt_ray_parallel_runs/out' cannot be written (/sys:"),
-    # Argument errors: one line, not argparse's usage block.
-    (GOOD, ["--parallel", "two"], "argument --parallel: invalid int value: 'two'"),
-    (GOOD, ["--deadline", "soon"], "argument --deadline: invalid float value: 'soon'"),
-    (GOOD, ["--deadline", "0"], "--deadline is 0; it must be a positive number of seconds"),
-    (GOOD, ["--deadline", "nan"], "--deadline is nan; it must be a positive number of seconds"),
-    (GOOD, ["--bogus"], "unrecognized arguments: --bogus"),
-    (GOOD, ["--set"], "argument --set: expected one argument"),
-])
+@pytest.mark.parametrize(
+    "plan_text, extra, message",
+    [
+        ("only-a-name\n", [], "plan.txt:1: expected '<name> <config.yaml> [key=value ...]'"),
+        (
+            "a tune_configs/quickstart.yaml\na tune_configs/quickstart.yaml\n",
+            [],
+            "plan.txt:2: job name 'a' is used twice",
+        ),
+        ("a tune_configs/quickstart.yaml train.epochs\n", [], "plan.txt:1: expected"),
+        ("# nothing but a comment\n", [], "holds no job"),
+        ("a tune_configs/missing.yaml\n", [], "plan job 1 (a): config file 'tune_configs/missing.yaml' does not exist"),
+        ("a tune_configs/quickstart.yaml train.epochs=0\n", [], "plan job 1 (a): invalid config"),
+        ("a tune_configs/quickstart.yaml data.name=folder data.root=/nonexistent\n", [], "plan job 1 (a): data path"),
+        # An --out that cannot be written is bad input too (it was an OSError from mkdir: exit 1). A file in
+        # the way, and sysfs, where no one can create files: CI runs as root, for whom chmod blocks nothing.
+        (GOOD, ["--out", "{tmp}/a-file"], "--out '{tmp}/a-file' cannot be written ({tmp}/a-file is not a folder)"),
+        (
+            GOOD,
+            ["--out", "{tmp}/a-file/out"],
+            "--out '{tmp}/a-file/out' cannot be written ({tmp}/a-file is not a folder)",
+        ),
+        (
+            GOOD,
+            ["--out", "/sys/mwt_ray_parallel_runs/out"],
+            "--out '/sys/mwt_ray_parallel_runs/out' cannot be written (/sys:",
+        ),
+        # Argument errors: one line, not argparse's usage block.
+        (GOOD, ["--parallel", "two"], "argument --parallel: invalid int value: 'two'"),
+        (GOOD, ["--deadline", "soon"], "argument --deadline: invalid float value: 'soon'"),
+        (GOOD, ["--deadline", "0"], "--deadline is 0; it must be a positive number of seconds"),
+        (GOOD, ["--deadline", "nan"], "--deadline is nan; it must be a positive number of seconds"),
+        (GOOD, ["--bogus"], "unrecognized arguments: --bogus"),
+        (GOOD, ["--set"], "argument --set: expected one argument"),
+    ],
+)
 def test_bad_plan_is_one_error_line_and_writes_nothing(tmp_path, plan_text, extra, message):
     plan, out, a_file = tmp_path / "plan.txt", tmp_path / "out", tmp_path / "a-file"
     plan.write_text(plan_text)
@@ -121,7 +138,9 @@ def test_bad_plan_is_one_error_line_and_writes_nothing(tmp_path, plan_text, extr
     result = run(plan, out, *[e.format(tmp=tmp_path) for e in extra])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0], (
+        result.stderr
+    )
     # Nothing written: no output folder, nothing else beside the plan, the file left as it was.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "plan.txt"] and not out.exists()
     assert a_file.read_text() == "not a folder\n"

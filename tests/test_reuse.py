@@ -6,7 +6,13 @@ from mwt_ray.core.data import ImageData
 from mwt_ray.core.extract import extract_module
 from mwt_ray.core.graph import mask_units
 from mwt_ray.core.models import create_model
-from mwt_ray.core.reuse import FineTuneSettings, build_reused_model, evaluate_subtask, mixed_module_mask, sample_subtasks
+from mwt_ray.core.reuse import (
+    FineTuneSettings,
+    build_reused_model,
+    evaluate_subtask,
+    mixed_module_mask,
+    sample_subtasks,
+)
 from mwt_ray.core.training import evaluate
 
 
@@ -45,7 +51,9 @@ def test_fine_tuning_learns_the_subtask_and_standard_is_scored_on_restricted_log
     model = create_model("vgg16", num_classes=4, width=0.125)
     sizes = [u.num_kernels for u in mask_units(model)]
     masks = torch.ones(4, sum(sizes), dtype=torch.bool)
-    settings = FineTuneSettings(epochs=4, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0)
+    settings = FineTuneSettings(
+        epochs=4, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0
+    )
     result = evaluate_subtask(model, masks, data, [2, 0], settings, torch.device("cpu"), standard_model=model,
                               arch={"name": "vgg16", "num_classes": 4, "width": 0.125})
     assert result["module_accuracy"] >= 0.9
@@ -58,7 +66,9 @@ def test_fine_tuning_learns_the_subtask_and_standard_is_scored_on_restricted_log
         x = (sub.test_images.float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
         manual = (model(x)[:, [2, 0]].argmax(1) == sub.test_labels).float().mean().item()
     assert result["standard_accuracy"] == pytest.approx(manual)
-    assert evaluate(model, sub.test_images, sub.test_labels, sub, torch.device("cpu"), classes=[2, 0]) == pytest.approx(manual)
+    assert evaluate(model, sub.test_images, sub.test_labels, sub, torch.device("cpu"), classes=[2, 0]) == pytest.approx(
+        manual
+    )
 
 
 def test_sampled_subtasks_are_distinct_and_valid():
@@ -143,7 +153,9 @@ def test_evaluate_subtask_reports_zero_fine_tune_loss_and_latency():
     sizes = [u.num_kernels for u in mask_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.5
     masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
-    settings = FineTuneSettings(epochs=1, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0)
+    settings = FineTuneSettings(
+        epochs=1, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0
+    )
     standard = create_model("vgg16", num_classes=4, width=0.125, modular=False)
     row = evaluate_subtask(model, masks, data, [1, 3], settings, torch.device("cpu"), standard,
                            {"name": "vgg16", "num_classes": 4, "width": 0.125}, zero_fine_tune=True,
@@ -179,7 +191,7 @@ def _trained_plain(data, epochs=3):
 
 
 def test_a_collapsing_fine_tune_hands_back_the_module_without_fine_tuning():
-    """Issue 18, part 4: fine-tuning that makes the module worse (here a learning rate that blows the
+    """Fine-tuning that makes the module worse (here a learning rate that blows the
     weights up) loses the held-out choice to the module without fine-tuning, which is returned."""
     from mwt_ray.core.reuse import RestrictedLogits, accuracy_without_fine_tuning, reuse_module
 
@@ -187,7 +199,9 @@ def test_a_collapsing_fine_tune_hands_back_the_module_without_fine_tuning():
     model, masks = _trained_plain(data)
     classes = [3, 1]
     assert accuracy_without_fine_tuning(model, masks, data, classes, torch.device("cpu")) >= 0.9
-    collapsing = FineTuneSettings(epochs=2, lr=50.0, batch_size=16, momentum=0.9, weight_decay=0, val_fraction=0.25, seed=0)
+    collapsing = FineTuneSettings(
+        epochs=2, lr=50.0, batch_size=16, momentum=0.9, weight_decay=0, val_fraction=0.25, seed=0
+    )
     module, info = reuse_module(model, masks, data, classes, collapsing, torch.device("cpu"))
     assert max(h["val_accuracy"] for h in info["history"]) < info["baseline_val_accuracy"]  # it did collapse
     assert isinstance(module, RestrictedLogits) and info["best_epoch"] == 0 and info["chosen"] == "no fine-tuning"
@@ -197,7 +211,9 @@ def test_a_collapsing_fine_tune_hands_back_the_module_without_fine_tuning():
     row = evaluate_subtask(model, masks, data, classes, collapsing, torch.device("cpu"))
     assert row["chosen"] == "no fine-tuning" and row["fine_tune_won"] is False and row["best_epoch"] == 0
     # A fine-tune that helps wins: an untrained model's restricted logits are near chance.
-    helpful = FineTuneSettings(epochs=2, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.25, seed=0)
+    helpful = FineTuneSettings(
+        epochs=2, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.25, seed=0
+    )
     untrained = create_model("vgg16", num_classes=4, width=0.125)
     module, info = reuse_module(untrained, masks, data, classes, helpful, torch.device("cpu"))
     assert info["best_epoch"] >= 1 and info["val_accuracy"] > info["baseline_val_accuracy"]

@@ -1,6 +1,5 @@
 """Reuse evaluation on a pool of Ray actors: tiny digits models, a real local Ray cluster."""
 import os
-from math import comb
 from pathlib import Path
 
 import pandas as pd
@@ -10,8 +9,8 @@ import torch
 from mwt_ray.config import load_config
 from mwt_ray.core.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mwt_ray.core.files import atomic_torch_save
-from mwt_ray.core.modularize import KernelUsage, module_masks
 from mwt_ray.core.models import create_model
+from mwt_ray.core.modularize import KernelUsage, module_masks
 from mwt_ray.jobs import JobFailed, load_data, train_in_process
 from mwt_ray.jobs.reuse_job import load_reference
 from mwt_ray.tracking.reuse_report import REPORT_FILES
@@ -60,7 +59,9 @@ def force_module_masks(checkpoint: Path, tracking_uri: str, run_id: str) -> None
 
     state = load_checkpoint(checkpoint)
     usage = KernelUsage.from_state_dict(state["kernel_usage"])
-    assert max(usage.layer_sizes) >= 2 * len(usage.class_sizes), "no layer is wide enough for kernels of each class's own"
+    assert max(usage.layer_sizes) >= 2 * len(usage.class_sizes), (
+        "no layer is wide enough for kernels of each class's own"
+    )
     masks = distinct_module_masks(usage.layer_sizes, len(usage.class_sizes))
     usage.counts = masks.to(torch.int64) * usage.class_sizes[:, None]
     state["kernel_usage"], state["module_masks"] = usage.state_dict(), masks
@@ -172,7 +173,9 @@ def test_an_actor_killed_mid_subtask_is_restarted_and_its_subtask_retried(traine
 
     client = MlflowClient(tracking_uri=trained["uri"])
     target = client.create_run(client.get_experiment_by_name("mwt-ray").experiment_id).info.run_id
-    tables = evaluate_reuse(trained["mod_ckpt"], None, cfg, {"tracking_uri": trained["uri"], "run_id": target}, log=None)
+    tables = evaluate_reuse(
+        trained["mod_ckpt"], None, cfg, {"tracking_uri": trained["uri"], "run_id": target}, log=None
+    )
     # The run given is logged to although tracking.enabled is false in the config.
     assert "reuse/reuse_rows.csv" in {f.path for f in client.list_artifacts(target, "reuse")}
     marker = (out / ".fault_injected_subtask_1").read_text()

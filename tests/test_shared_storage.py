@@ -17,10 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
-from mwt_ray.cluster.shared_storage import (CHECK_FILE_PREFIX, _node_probe, check_not_in_ray_package,
-                                            check_shared_places, ray_package_folder)
+
+from mwt_ray.cluster.shared_storage import (
+    CHECK_FILE_PREFIX,
+    _node_probe,
+    check_not_in_ray_package,
+    check_shared_places,
+    ray_package_folder,
+)
 from mwt_ray.jobs import SetupError
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
@@ -86,8 +91,12 @@ def cluster(tmp_path_factory):
         pytest.skip("a node with a folder of its own needs root and unshare (unshare -m, mount -t tmpfs)")
     hidden = tmp_path_factory.mktemp("hidden-from-one-node")
     shared = tmp_path_factory.mktemp("seen-by-every-node")
-    tried = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs '{hidden}'"],
-                           capture_output=True, text=True, timeout=30)
+    tried = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs '{hidden}'"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if tried.returncode != 0:
         pytest.skip(f"unshare -m with mount -t tmpfs is not permitted here: {tried.stderr.strip()}")
     (hidden / "data").mkdir()
@@ -119,8 +128,15 @@ def cluster(tmp_path_factory):
         patches.setenv("RAY_ADDRESS", ray_cluster.address)
         ray.init(address=ray_cluster.address, logging_level="ERROR")
         visible = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        ports = " ".join(f"--{name}={free_port()}" for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"))
+        ports = " ".join(
+            f"--{name}={free_port()}"
+            for name in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            )
+        )
         start = (f"mount -t tmpfs tmpfs '{hidden}' && exec '{RAY_CLI}' start --address={ray_cluster.address} "
                  f"--node-ip-address={ray.util.get_node_ip_address()} --num-cpus=1 {ports} --block")
         with open(log, "w") as output:
@@ -182,7 +198,9 @@ class TestThreeNodes:
         before = sorted(os.listdir(hidden))
         value = str(hidden / "runs")
         message = _refusal({"output_dir": value})
-        assert message.startswith(f"output_dir {value} is not reachable from 1 of 3 Ray nodes (node {hidden_node[:8]} at ")
+        assert message.startswith(
+            f"output_dir {value} is not reachable from 1 of 3 Ray nodes (node {hidden_node[:8]} at "
+        )
         assert f"sees {hidden}, but not the check file the driver wrote there" in message
         assert message.endswith("use a shared mount (e.g. /mnt/shared/...)")  # output_dir is no object store URI
         assert sorted(os.listdir(hidden)) == before
@@ -190,9 +208,15 @@ class TestThreeNodes:
     def test_places_every_node_sees_pass_and_leave_nothing_behind(self, cluster):
         _, shared, _, _, _ = cluster
         before = sorted(os.listdir(shared))
-        check_shared_places({"output_dir": str(shared / "runs"), "scaling.storage_path": str(shared / "runs" / "n" / "jobs"),
-                             "data.root": str(shared / "data"), "tracking.tracking_uri": f"sqlite:///{shared / 'mlflow.db'}",
-                             "reuse.output_dir": None})
+        check_shared_places(
+            {
+                "output_dir": str(shared / "runs"),
+                "scaling.storage_path": str(shared / "runs" / "n" / "jobs"),
+                "data.root": str(shared / "data"),
+                "tracking.tracking_uri": f"sqlite:///{shared / 'mlflow.db'}",
+                "reuse.output_dir": None,
+            }
+        )
         assert sorted(os.listdir(shared)) == before
         assert not [name for name in os.listdir(shared) if name.startswith(CHECK_FILE_PREFIX)]
 
@@ -226,7 +250,11 @@ class TestThreeNodes:
         ray.get(ray.remote(make).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
             hidden_node, soft=False)).remote(str(stale)))  # on the hidden node's tmpfs: empty
         message = _refusal({"data.root": str(stale)})
-        assert f"node {hidden_node[:8]} " in message and "sees another folder" in message and "(0 entries, 1 here)" in message
+        assert (
+            f"node {hidden_node[:8]} " in message
+            and "sees another folder" in message
+            and "(0 entries, 1 here)" in message
+        )
 
     def test_an_sqlite_store_one_node_cannot_see_is_refused(self, cluster):
         hidden, shared, hidden_node, _, _ = cluster
@@ -311,8 +339,10 @@ class TestThreeNodes:
                 except OSError:
                     pass
         assert time.monotonic() - started < 10
-        assert message.startswith(f"the shared-storage check of output_dir {shared / 'runs'} got no answer from 1 of 3 Ray nodes "
-                                  f"(node {hidden_node[:8]} at ")
+        assert message.startswith(
+            f"the shared-storage check of output_dir {shared / 'runs'} got no answer from 1 of 3 Ray nodes "
+            f"(node {hidden_node[:8]} at "
+        )
         assert "did not answer within 3 s" in message
         assert not [name for name in os.listdir(shared) if name.startswith(CHECK_FILE_PREFIX)]
 
@@ -370,7 +400,9 @@ def test_a_hung_place_is_named_in_time(tmp_path):
 
 def ray_package(tmp_path: Path, name: str = "_ray_pkg_5f0c3e2a9b7d41c6") -> Path:
     """A folder laid out like the one Ray 2.60 unpacks a submitted job's working_dir into."""
-    package = tmp_path / "ray" / "session_2026-01-01_00-00-00_000000_1" / "runtime_resources" / "working_dir_files" / name
+    package = (
+        tmp_path / "ray" / "session_2026-01-01_00-00-00_000000_1" / "runtime_resources" / "working_dir_files" / name
+    )
     package.mkdir(parents=True)
     return package
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import empty_store, free_port
 
 from mwt_ray.config import load_config
@@ -259,7 +258,7 @@ def test_trials_on_ray_train_workers_with_early_stopping(tmp_path):
     """Each trial on its own Ray Train worker group (Train V2 inside Tune), two trials one at a time,
     ASHA on: every trial ends, completed or stopped, and the second does not wait forever for
     resources the first kept (ray-project/ray#54305 hung exactly this on a Ray without its
-    dashboard). The model is torchvision's MobileNetV2 (issue 17: any CNN in a sweep trial)."""
+    dashboard). The model is torchvision's MobileNetV2 (any CNN in a sweep trial)."""
     tree = yaml.safe_load(sweep_yaml(tmp_path, "workers", trials=2, max_concurrent=1, standard_baseline=False,
                                      tau_range={"low": 0.5, "high": 1.0}).read_text())  # tau searched by Optuna
     tree["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.99}
@@ -438,10 +437,14 @@ BAD = [
     (["--set", "sweep.max_concurrent=0"], "sweep.max_concurrent"),
     (["--set", "sweep.krr_weight=-1"], "sweep.krr_weight"),
     (["--set", "sweep.colour=blue"], "sweep.colour: unknown key"),
-    (["--set", "sweep.points=[]", "--set", "sweep.space={train.alpah: {low: 0.1, high: 1}}"],
-     "'train.alpah' is not a config key"),
-    (["--set", "sweep.points=[]", "--set", "sweep.space={scaling.num_workers: {choices: [1, 2]}}"],
-     "cannot search 'scaling.num_workers'"),
+    (
+        ["--set", "sweep.points=[]", "--set", "sweep.space={train.alpah: {low: 0.1, high: 1}}"],
+        "'train.alpah' is not a config key",
+    ),
+    (
+        ["--set", "sweep.points=[]", "--set", "sweep.space={scaling.num_workers: {choices: [1, 2]}}"],
+        "cannot search 'scaling.num_workers'",
+    ),
     (["--set", "sweep.points=[]", "--set", "sweep.space={train.lr: {low: 0, high: 0.1}}"], "sweep.space.train.lr"),
     (["--set", "sweep.points=[{train.lr: 0.1}]"], "not in sweep.space"),
     (["--set", "sweep.points=[{train.alpha: 0.5}]"], "a point misses train.beta"),
@@ -453,23 +456,48 @@ BAD = [
     (["--set", "sweep.points=[{train.alpha: -1, train.beta: 1}]"], "outside the searched range [0.1, 3]"),
     (["--set", "sweep.points=[{train.alpha: abc, train.beta: 1}]"], "train.alpha='abc', not a number"),
     (["--set", "sweep.points=[{train.alpha: true, train.beta: 1}]"], "train.alpha=true: true/false is not a number"),
-    (["--set", "sweep.tau_range={low: 0.5, high: 1}", "--set", "sweep.points=[{train.alpha: 0.5, train.beta: 1, tau: 0.2}]"],
-     "tau=0.2, outside"),
-    (["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {choices: [vgg16, alexnet]}}"],
-     "the value 'alexnet' makes an invalid trial"),
+    (
+        [
+            "--set",
+            "sweep.tau_range={low: 0.5, high: 1}",
+            "--set",
+            "sweep.points=[{train.alpha: 0.5, train.beta: 1, tau: 0.2}]",
+        ],
+        "tau=0.2, outside",
+    ),
+    (
+        ["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {choices: [vgg16, alexnet]}}"],
+        "the value 'alexnet' makes an invalid trial",
+    ),
     (["--set", "sweep.points=[]", "--set", "sweep.space={}"], "sweep.space is empty"),
-    (["--set", "sweep.register_modules=[[0, 12]]"], "sweep.register_modules [0, 12] 0,12: target classes [12] are out of range"),
-    (["--set", "sweep.register_modules=[[cat, 1]]"], "sweep.register_modules ['cat', 1]: 'cat' is neither a class name"),
+    (
+        ["--set", "sweep.register_modules=[[0, 12]]"],
+        "sweep.register_modules [0, 12] 0,12: target classes [12] are out of range",
+    ),
+    (
+        ["--set", "sweep.register_modules=[[cat, 1]]"],
+        "sweep.register_modules ['cat', 1]: 'cat' is neither a class name",
+    ),
     (["--set", "sweep.register_modules=[[3, 3]]"], "repeat a class"),
     (["--set", "sweep.register_modules=[[3]]"], "a sub-task needs at least 2 classes"),
     (["--set", "sweep.register_modules=[[0, 1]]", "--set", "tracking.enabled=false"], "tracking.enabled is false"),
     (["--set", "sweep.register_modules=[[0, true]]"], "sweep.register_modules: true/false is not a number"),
-    (["--set", "sweep.points=[]", "--set", "sweep.space={train.modular: {low: 0, high: 1}}"],
-     "sweep.space.train.modular: a low/high range searches numbers, but train.modular is true/false"),
-    (["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {low: 0, high: 1}}"], "model.name is not a number"),
-    (["--set", "sweep.points=[]", "--set", "sweep.space={train.epochs: {low: 2, high: 5}}"],
-     "train.epochs takes whole numbers; add integer: true"),
-    (["--set", "sweep.points=[{train.alpha: 0.5, train.beta: 1.5, tau: 0.9}]"], "point 1 gives tau, but tau is not searched"),
+    (
+        ["--set", "sweep.points=[]", "--set", "sweep.space={train.modular: {low: 0, high: 1}}"],
+        "sweep.space.train.modular: a low/high range searches numbers, but train.modular is true/false",
+    ),
+    (
+        ["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {low: 0, high: 1}}"],
+        "model.name is not a number",
+    ),
+    (
+        ["--set", "sweep.points=[]", "--set", "sweep.space={train.epochs: {low: 2, high: 5}}"],
+        "train.epochs takes whole numbers; add integer: true",
+    ),
+    (
+        ["--set", "sweep.points=[{train.alpha: 0.5, train.beta: 1.5, tau: 0.9}]"],
+        "point 1 gives tau, but tau is not searched",
+    ),
 ]
 
 
@@ -540,7 +568,9 @@ class TestSettingsTheClusterCannotHold:
     """On one local Ray of 2 CPUs for the whole class (the sweep joins a Ray its process is on),
     instead of a Ray started and stopped per case."""
 
-    @pytest.mark.parametrize("args, message", BAD_FOR_THE_CLUSTER, ids=[" ".join(a)[:60] for a, _ in BAD_FOR_THE_CLUSTER])
+    @pytest.mark.parametrize(
+        "args, message", BAD_FOR_THE_CLUSTER, ids=[" ".join(a)[:60] for a, _ in BAD_FOR_THE_CLUSTER]
+    )
     def test_bad_input_fails_before_any_trial(self, tmp_path, capsys, args, message):
         assert_fails_before_any_trial(tmp_path, capsys, args, message)
 

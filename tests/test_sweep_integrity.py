@@ -21,8 +21,16 @@ import ray
 from ray import tune
 
 from mwt_ray.cli import run_command
-from mwt_ray.cluster.sweep_integrity import (CONFIG_DIR_ENV, KEY_FILE, SweepIntegrityError, config_dir, manifest_path,
-                                             secret_key, sign_sweep, verify_sweep)
+from mwt_ray.cluster.sweep_integrity import (
+    CONFIG_DIR_ENV,
+    KEY_FILE,
+    SweepIntegrityError,
+    config_dir,
+    manifest_path,
+    secret_key,
+    sign_sweep,
+    verify_sweep,
+)
 from mwt_ray.jobs import SetupError
 
 # --------------------------------------------------------------------------- the experiment

@@ -1,4 +1,4 @@
-"""torchvision's CNNs through the whole product (issue 17): ``create_model("torchvision:<name>")``, then
+"""torchvision's CNNs through the whole product: ``create_model("torchvision:<name>")``, then
 ``python -m mwt_ray.train``, ``python -m mwt_ray.reuse`` and ``python -m mwt_ray.export`` on the embedded
 digits. (A sweep trial of one is in ``test_sweep.py``; the graph mechanism itself in ``test_graph.py``;
 the models that are refused in ``test_bad_input.py``.)"""

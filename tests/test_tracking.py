@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from mwt_ray.core.checkpoint import load_checkpoint
-from mwt_ray.tracking.plots import plot_convergence
-from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
-from mwt_ray.cluster import run_training as run
-
 from conftest import free_port, mlflow_client, open_local
 from conftest import tiny_config as _tiny_config
+
+from mwt_ray.cluster import run_training as run
+from mwt_ray.core.checkpoint import load_checkpoint
+from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
+from mwt_ray.tracking.plots import plot_convergence
 
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
                "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
@@ -140,10 +139,27 @@ def test_a_resume_refuses_to_continue_a_run_of_another_job(tmp_path, capsys):
     forged = job_storage(theirs, list_jobs(theirs)[-1]).read_bytes("mlflow_run.json")
     job = Path(job_storage(mine, list_jobs(mine)[-1]).uri)
     (job / "mlflow_run.json").write_bytes(forged)
-    code = main(["--resume", "--set", "name=mine", "--set", f"output_dir={tmp_path / 'runs'}", "--set", "model.width=0.125",
-                 "--set", "data.train_limit=160", "--set", "train.batch_size=32", "--set", "train.epochs=2",
-                 "--set", "modularize.cohesion_samples_per_class=20", "--set",
-                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    code = main(
+        [
+            "--resume",
+            "--set",
+            "name=mine",
+            "--set",
+            f"output_dir={tmp_path / 'runs'}",
+            "--set",
+            "model.width=0.125",
+            "--set",
+            "data.train_limit=160",
+            "--set",
+            "train.batch_size=32",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "modularize.cohesion_samples_per_class=20",
+            "--set",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, errors
     assert f"MLflow run {other}" in errors[0] and "is not this job's (it is run 'theirs'" in errors[0], errors
@@ -299,7 +315,7 @@ REUSE_QUICK = ["--set", "reuse.num_actors=0", "--set", "reuse.sizes=[2]", "--set
 
 
 def test_reuse_of_a_checkpoint_copied_away_from_its_store_logs_to_a_new_run(tracked_checkpoint, tmp_path, capsys):
-    """Issue 15, section 5: the checkpoint names a run the store here does not hold; reuse says so in
+    """The checkpoint names a run the store here does not hold; reuse says so in
     one line before evaluating and logs the tables to a new run (before: exit 1 after evaluating)."""
     import shutil
 
@@ -342,7 +358,7 @@ def test_reuse_refuses_an_explicit_run_that_is_not_in_the_store_before_evaluatin
 
 
 def test_experiment_is_marked_as_model_training(tmp_path):
-    """Issue 15, section 6: MLflow 3 opens an experiment on its GenAI overview unless it is marked as
+    """MLflow 3 opens an experiment on its GenAI overview unless it is marked as
     machine learning. The mark (the tag the UI's kind selector writes) is set when the project makes
     the experiment, added to one an earlier version made, and a kind set by hand is kept; the line
     that names the run gives the address that opens the training runs in MLflow 3.17's UI."""

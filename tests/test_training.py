@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mwt_ray.core.checkpoint import build_model, check_architecture, load_checkpoint
 from mwt_ray.config import load_config
+from mwt_ray.core.checkpoint import build_model, check_architecture, load_checkpoint
 from mwt_ray.jobs import reuse_from_checkpoints, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,16 +1,16 @@
-"""Training options beyond the paper (issue 9): sparsity term, warm-up shapes, generator learning
+"""Training options beyond the paper: sparsity term, warm-up shapes, generator learning
 rate, generator bias initialisation; each checked against a literal computation, and the paper's
 method unchanged when they are at their defaults."""
 import math
 
 import pytest
 import torch
-
 from conftest import random_masks
+
 from mwt_ray import create_model
 from mwt_ray.config import load_config
-from mwt_ray.core.losses import modular_objective
 from mwt_ray.core.graph import init_mask_bias, mask_units
+from mwt_ray.core.losses import modular_objective
 from mwt_ray.core.training import loss_weight_ramp, make_optimizer, make_scheduler
 from mwt_ray.jobs import train_in_process
 
@@ -91,9 +91,22 @@ def test_training_job_applies_the_options(tmp_path):
     them off: the first epoch's kernel rate is exactly 0 (1 with the default bias)."""
     base = ["data.train_limit=200", "model.width=0.125", "train.batch_size=50", "train.epochs=1",
             "tracking.enabled=false", f"output_dir={tmp_path}", "modularize.cohesion_samples_per_class=0"]
-    off = train_in_process(load_config(None, base + ["name=bias-off", "train.mask_bias_init=-1e4", "train.sparsity=0.5",
-                                                     "train.generator_lr_scale=2", "train.warmup_epochs=1",
-                                                     "train.warmup_shape=cosine", "train.detach_generator_input=true"]), log=None)
+    off = train_in_process(
+        load_config(
+            None,
+            base
+            + [
+                "name=bias-off",
+                "train.mask_bias_init=-1e4",
+                "train.sparsity=0.5",
+                "train.generator_lr_scale=2",
+                "train.warmup_epochs=1",
+                "train.warmup_shape=cosine",
+                "train.detach_generator_input=true",
+            ],
+        ),
+        log=None,
+    )
     on = train_in_process(load_config(None, base + ["name=bias-on"]), log=None)
     assert off["final"]["kernel_rate"] == 0.0
     assert on["final"]["kernel_rate"] > 0.5
@@ -101,8 +114,8 @@ def test_training_job_applies_the_options(tmp_path):
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone(detach):
-    from mwt_ray.core.losses import cohesion_coupling_losses
     from mwt_ray.core.graph import detach_generator_inputs
+    from mwt_ray.core.losses import cohesion_coupling_losses
 
     model = create_model("vgg16", width=0.125)
     detach_generator_inputs(model, detach)

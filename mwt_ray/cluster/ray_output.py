@@ -24,8 +24,8 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["ray_output_to", "RAY_PREFIX"]
 

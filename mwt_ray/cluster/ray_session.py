@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["ray_session"]
 

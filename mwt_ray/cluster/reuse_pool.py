@@ -29,8 +29,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..config import Config
 from ..core.messages import one_line
@@ -70,7 +70,9 @@ class ReuseActor:
             return None
 
         def kill(step: int) -> None:
-            marker.write_text(f"killed pid {os.getpid()} at fine-tuning step {step} of sub-task {self.fault['index']}\n")
+            marker.write_text(
+                f"killed pid {os.getpid()} at fine-tuning step {step} of sub-task {self.fault['index']}\n"
+            )
             os.kill(os.getpid(), signal.SIGKILL)
 
         return kill
@@ -123,7 +125,10 @@ def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> li
     r = plan.cfg.reuse
     fault = None
     if r.fail_at_subtask is not None:
-        fault = {"index": r.fail_at_subtask, "marker": str(plan.out_dir / f".fault_injected_subtask_{r.fail_at_subtask}")}
+        fault = {
+            "index": r.fail_at_subtask,
+            "marker": str(plan.out_dir / f".fault_injected_subtask_{r.fail_at_subtask}"),
+        }
         plan.out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if r.gpus_per_actor > 0 else "cpu"
     remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,

@@ -50,9 +50,9 @@ import ipaddress
 import os
 import re
 import secrets
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection
 from urllib.parse import unquote, urlparse
 
 from ..jobs import SetupError
@@ -298,7 +298,9 @@ def _fix(place: _Place, head: str) -> str:
         return ("on a multi-node cluster every node must see the same data; put it on a shared mount "
                 "(e.g. /mnt/shared/...) or the same copy at this path on every node")
     uri = " or an object store URI (s3://..., gs://...)" if place.key.endswith("storage_path") else ""
-    return f"on a multi-node cluster every node must see the same storage; use a shared mount (e.g. /mnt/shared/...){uri}"
+    return (
+        f"on a multi-node cluster every node must see the same storage; use a shared mount (e.g. /mnt/shared/...){uri}"
+    )
 
 
 def _refuse_loopback(plan: list[_Place], nodes: list[dict]) -> None:

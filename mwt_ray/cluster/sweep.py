@@ -19,8 +19,9 @@ Everything lands in ``<output_dir>/<name>/<start time>/``: ``tune/`` (Tune's exp
 ``reuse/`` tables when ``sweep.reuse`` is on), ``standard/`` (the standard baseline),
 ``results.csv`` / ``results.md`` / ``pareto.png``, and ``sweep.json`` (the MLflow parent run, the
 status). The last stage evaluates the best trial's modules on sampled M-class sub-tasks against
-the standard baseline on a pool of Ray actors (``cluster.reuse_pool``). MLflow: one parent run per sweep, a nested run per trial (and the
-baseline); the parent holds the table and the plot as artifacts and the best trial as tags.
+the standard baseline on a pool of Ray actors (``cluster.reuse_pool``).
+MLflow: one parent run per sweep, a nested run per trial (and the baseline); the parent
+holds the table and the plot as artifacts and the best trial as tags.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..config import Config, apply_overrides, flatten_space, validate_config
 from ..core.files import atomic_write_text
@@ -43,9 +44,9 @@ from .ray_output import ray_output_to
 from .ray_session import ray_session
 from .reuse_pool import pool_size
 from .search import scheduler, search_space, searcher
-from .sweep_progress import progress_callback, read_retries
 from .shared_storage import check_job_places, check_shared_places, job_places
 from .sweep_integrity import check_signing_key, sign_sweep, verify_sweep
+from .sweep_progress import progress_callback, read_retries
 from .trainer import check_cluster_resources, run_training
 
 __all__ = ["run_sweep", "sweep_folder", "trial_config", "SWEEP_FILE"]
@@ -247,7 +248,9 @@ def _check_range_key(key: str, dimension) -> None:
 
     section, name = key.split(".")
     field = type(getattr(Config(), section)).model_fields.get(name)
-    kinds = {a for a in typing.get_args(field.annotation) or (field.annotation,) if a is not type(None)} if field else set()
+    kinds = (
+        {a for a in typing.get_args(field.annotation) or (field.annotation,) if a is not type(None)} if field else set()
+    )
     if not kinds or not kinds <= {int, float} or bool in kinds:
         shown = "true/false" if bool in kinds else "not a number"
         raise SetupError(f"sweep.space.{key}: a low/high range searches numbers, but {key} is {shown}; give "
@@ -402,8 +405,11 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
         log(f"{int(retried['retries'].sum())} retr{'y' if retried['retries'].sum() == 1 else 'ies'} after a lost "
             f"process or node, of {len(retried)} trial(s): {', '.join(map(str, retried['trial']))}")
     if len(failed):  # the last line a user reads says so
-        log(f"{len(failed)} of {len(table)} trials failed (trial {failed.iloc[0]['trial']}: {failed.iloc[0]['error']}); "
-            f"the others' results are in {folder / 'results.csv'}")
+        log(
+            f"{len(failed)} of {len(table)} trials failed "
+            f"(trial {failed.iloc[0]['trial']}: {failed.iloc[0]['error']}); "
+            f"the others' results are in {folder / 'results.csv'}"
+        )
     return outcome
 
 

@@ -18,20 +18,21 @@ to SyncBatchNorm for exact global-batch statistics, which PyTorch only supports 
 (``scaling.use_gpu=true``).
 
 Checkpoints: after every epoch rank 0 writes ``training_state.pt`` (model, optimizer, scheduler,
-epoch, metric history, RNG state, the epochs it was resumed from, MLflow run id) and every rank calls ``ray.train.report`` (only
-rank 0 attaches the checkpoint). Storage is ``scaling.storage_path`` (a shared folder or an
-object-store URI on a multi-node cluster), by default ``<output_dir>/<name>/checkpoints`` (the
-layout is in ``jobs.storage``).
+epoch, metric history, RNG state, the epochs it was resumed from, MLflow run id) and every rank
+calls ``ray.train.report`` (only rank 0 attaches the checkpoint).
+Storage is ``scaling.storage_path`` (a shared folder or an object-store URI on a multi-node cluster),
+by default ``<output_dir>/<name>/checkpoints`` (the layout is in ``jobs.storage``).
 
 With ``scaling.max_failures`` > 0 a dead worker restarts the worker group from the latest
 checkpoint. Every run is a new job (its own folder in the run storage, its own MLflow run);
 ``resume=True`` (``--resume``) continues the latest job of the same ``name`` instead. A job that
 fails after starting ends in one line naming the worker that failed first (a worker whose process
 died before the workers that then lost their connection to it); the workers' stderr (tracebacks,
-Ray's own log lines) goes to ``worker_stderr.log`` in the job's folder instead of the terminal. ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way
-through epoch N, to exercise that path; a marker file in the storage keeps the restarted attempt
-from failing again. After training, rank 0 modularizes and writes the same ``checkpoint.pt``,
-``metrics.json`` and ``history.csv`` as single-process training (``jobs.finish_run``).
+Ray's own log lines) goes to ``worker_stderr.log`` in the job's folder instead of the terminal.
+``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way through epoch N, to
+exercise that path; a marker file in the storage keeps the restarted attempt from failing again.
+After training, rank 0 modularizes and writes the same ``checkpoint.pt``, ``metrics.json``
+and ``history.csv`` as single-process training (``jobs.finish_run``).
 
 Before anything trains, bad input stops the job with one line: a global batch not divisible by
 the workers, a storage path that cannot be written, a checkpoint to resume whose architecture is
@@ -50,13 +51,21 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..config import Config
-from ..jobs import (RESULT_FILES, JobFailed, JobPlan, SetupError, preflight_training, start_job, storage_root,
-                    train_in_process)
-from ..jobs.storage import RUN_FILE, KEEP_CHECKPOINTS, RunStorage
+from ..jobs import (
+    RESULT_FILES,
+    JobFailed,
+    JobPlan,
+    SetupError,
+    preflight_training,
+    start_job,
+    storage_root,
+    train_in_process,
+)
+from ..jobs.storage import KEEP_CHECKPOINTS, RUN_FILE, RunStorage
 from .ray_output import ray_output_to
 from .ray_session import ray_session
 from .shared_storage import check_job_places, check_shared_places, job_places
@@ -93,9 +102,12 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
     total = ray.cluster_resources()
     asked = f"{cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu else "")
     have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if use_gpu else "")
-    raise SetupError(f"scaling asks for {num_workers} worker{'s' if num_workers != 1 else ''} with {asked} each, but the Ray cluster has {have} "
-                     f"on {len(nodes)} node(s): room for {room}; lower scaling.num_workers or "
-                     "scaling.cpus_per_worker, or add nodes (Ray would wait forever)")
+    raise SetupError(
+        f"scaling asks for {num_workers} worker{'s' if num_workers != 1 else ''} with {asked} each, "
+        f"but the Ray cluster has {have} "
+        f"on {len(nodes)} node(s): room for {room}; lower scaling.num_workers or "
+        "scaling.cpus_per_worker, or add nodes (Ray would wait forever)"
+    )
 
 
 def worker_runtime_env() -> dict | None:
@@ -152,7 +164,10 @@ def describe_failure(error: BaseException) -> str:
         return f"worker rank {rank} failed: {kind}{_one_line(base)}"
     cause = getattr(error, "controller_failure", None) or error
     lines = [line for line in str(cause).splitlines() if line.strip()]
-    return next((line.strip() for line in lines if "Error" in line or "error" in line), lines[0] if lines else type(cause).__name__)
+    return next(
+        (line.strip() for line in lines if "Error" in line or "error" in line),
+        lines[0] if lines else type(cause).__name__,
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -171,7 +186,9 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     log = log or (lambda line: None)
     cfg, plan = preflight(cfg, sync_batchnorm, resume, log)
     local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
-    stderr_log = Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
+    stderr_log = (
+        Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
+    )
     # The redirect lasts until Ray is shut down: Ray forwards the workers' lines asynchronously, and
     # tracebacks of the surviving workers still arrive after fit() has failed.
     with ray_output_to(stderr_log):
@@ -194,17 +211,29 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
                 f"{plan.storage.uri}; the workers' stderr goes to {stderr_log})")
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config=loop_config(cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri),
+                train_loop_config=loop_config(
+                    cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri
+                ),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
                 scaling_config=ray.train.ScalingConfig(
-                    num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+                    num_workers=cfg.scaling.num_workers,
+                    use_gpu=cfg.scaling.use_gpu,
+                    resources_per_worker={
+                        "CPU": cfg.scaling.cpus_per_worker,
+                        **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+                    },
+                ),
                 run_config=ray.train.RunConfig(
-                    name=plan.job_id, storage_path=storage_root(cfg),
+                    name=plan.job_id,
+                    storage_path=storage_root(cfg),
                     failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                    logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
-                    worker_runtime_env=worker_runtime_env(), callbacks=callbacks),
+                    logging_config=ray.train.LoggingConfig(
+                        log_level=os.environ.get("MWT_RAY_TRAIN_LOG_LEVEL", "WARNING")
+                    ),
+                    worker_runtime_env=worker_runtime_env(),
+                    callbacks=callbacks,
+                ),
             )
             try:
                 result = trainer.fit()

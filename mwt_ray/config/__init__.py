@@ -14,20 +14,53 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..core.data import DATASETS
 from ..core.files import input_file_error
-from ..core.models import MAX_PARAMETERS, TORCHVISION_PREFIX, check_model_name, create_model, list_models, model_size_error
+from ..core.messages import one_line
+from ..core.models import (
+    TORCHVISION_PREFIX,
+    check_model_name,
+    create_model,
+    list_models,
+    model_size_error,
+)
 from ..core.reuse import FineTuneSettings
 from ..core.training import OptimSettings
-from ..core.messages import one_line
-from .base import (MAX_BATCH, MAX_COUNT, MAX_CPUS, MAX_EPOCHS, MAX_GPUS, MAX_RESTARTS, MAX_SAMPLES,
-                   MAX_SUBTASKS, LIMIT_REASONS, SEED, Section, shown, taus_in_range)
+from .base import (
+    LIMIT_REASONS,
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_CPUS,
+    MAX_EPOCHS,
+    MAX_GPUS,
+    MAX_RESTARTS,
+    MAX_SAMPLES,
+    MAX_SUBTASKS,
+    SEED,
+    Section,
+    shown,
+    taus_in_range,
+)
 from .sweep import SEARCHABLE_SECTIONS, SearchRange, SweepConfig, flatten_space
 
-__all__ = ["Config", "ConfigError", "TrainConfig", "ReuseConfig", "SweepConfig", "SearchRange", "flatten_space", "SEARCHABLE_SECTIONS", "load_config", "apply_overrides", "validate_config",
-           "build_parser", "parse_yaml", "MAX_YAML_VALUES"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "TrainConfig",
+    "ReuseConfig",
+    "SweepConfig",
+    "SearchRange",
+    "flatten_space",
+    "SEARCHABLE_SECTIONS",
+    "load_config",
+    "apply_overrides",
+    "validate_config",
+    "build_parser",
+    "parse_yaml",
+    "MAX_YAML_VALUES",
+]
 
 
 class ConfigError(ValueError):
@@ -50,7 +83,7 @@ class ModelConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _width(self) -> "ModelConfig":
+    def _width(self) -> ModelConfig:
         """Unset becomes the model's default; an explicit width is checked against the constructor and,
         since every channel count scales with it, against the parameter count (its square)."""
         if self.width is None:
@@ -103,8 +136,10 @@ class TrainConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     alpha: float = Field(0.5, ge=0, description="weight of the cohesion loss (Eq. 6)")
     beta: float = Field(1.5, ge=0, description="weight of the coupling loss (Eq. 6)")
-    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS, description="ramp alpha, beta and sparsity from 0 over this many epochs")
-    # Options beyond the paper (issue 9's frontier study); the defaults are the paper's method.
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=MAX_EPOCHS, description="ramp alpha, beta and sparsity from 0 over this many epochs"
+    )
+    # Options beyond the paper (the accuracy / KRR frontier study); the defaults are the paper's method.
     warmup_shape: Literal["linear", "cosine", "step"] = Field(
         "linear", description="the warm-up ramp: linear, cosine (slow start and end) or step (off, then on)")
     sparsity: float = Field(0.0, ge=0, description="weight of the mean mask value in the objective (0 = off)")
@@ -115,7 +150,7 @@ class TrainConfig(Section):
     augment: bool = True
     seed: int = Field(0, **SEED)
     device: str = Field("auto", description="auto (a GPU if there is one), cpu, cuda or cuda:N")
-    # GPU speed options (issue 16); the defaults keep fp32 eager numerics.
+    # GPU speed options; the defaults keep fp32 eager numerics.
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32; bf16 autocast (masks and pair losses stay fp32); fp16 autocast with a grad scaler")
     channels_last: bool = Field(False, description="NHWC activations and weights (faster convs on tensor cores)")
@@ -137,7 +172,11 @@ class TrainConfig(Section):
 class ModularizeConfig(Section):
     tau: float = Field(0.9, gt=0, le=1, description="keep a kernel used by >= tau of a class's samples")
     cohesion_samples_per_class: int | None = Field(
-        None, ge=0, le=MAX_SAMPLES, description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip")
+        None,
+        ge=0,
+        le=MAX_SAMPLES,
+        description="samples per class for the Jaccard cohesion: null = all (exact Eq. 2), 0 = skip",
+    )
     report_taus: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="taus whose "
                                      "module cohesion, KRR and coupling metrics.json lists (by_tau), besides tau")
 
@@ -145,29 +184,57 @@ class ModularizeConfig(Section):
 
 
 class ReuseConfig(Section):
-    subtasks: list[list[int]] = Field(default_factory=list, max_length=MAX_SUBTASKS, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]")
-    sizes: list[int] = Field(default_factory=list, max_length=MAX_SUBTASKS, description="M values to sample sub-tasks for, e.g. [2, 5] or "
-                             "'2..9'; empty = 2..N-1 unless subtasks are given")
-    per_size: int = Field(10, ge=1, le=MAX_SUBTASKS, description="K: sampled sub-tasks per M (all of them when C(N, M) <= K)")
+    subtasks: list[list[int]] = Field(
+        default_factory=list, max_length=MAX_SUBTASKS, description="explicit class lists, e.g. [[0, 1], [2, 3, 4]]"
+    )
+    sizes: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_SUBTASKS,
+        description="M values to sample sub-tasks for, e.g. [2, 5] or '2..9'; empty = 2..N-1 unless subtasks are given",
+    )
+    per_size: int = Field(
+        10, ge=1, le=MAX_SUBTASKS, description="K: sampled sub-tasks per M (all of them when C(N, M) <= K)"
+    )
     sampling_seed: int | None = Field(None, **SEED, description="seed of the sub-task sampling; null = train.seed")
     epochs: int = Field(5, ge=0, le=MAX_EPOCHS, description="fine-tuning epochs of a reused module")
     lr: float = Field(0.01, gt=0)
     batch_size: int = Field(64, ge=2, le=MAX_BATCH)
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of the sub-task's training data that picks the best epoch")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="held-out share of the sub-task's training data that picks the best epoch"
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     zero_fine_tune: bool = Field(True, description="also score the mixed module with no training (restricted logits)")
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 128], max_length=16, description="batch sizes of the "
-                                           "measured inference latency of module vs model; [] = none")
-    latency_repeats: int = Field(10, ge=1, le=MAX_COUNT, description="timed forward passes per model and batch size (the fastest counts)")
-    num_actors: int | None = Field(None, ge=0, le=MAX_COUNT, description="Ray actors evaluating sub-tasks; null = as many as the "
-                                   "cluster can place; 0 = in this process without Ray")
+    latency_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 128],
+        max_length=16,
+        description="batch sizes of the measured inference latency of module vs model; [] = none",
+    )
+    latency_repeats: int = Field(
+        10, ge=1, le=MAX_COUNT, description="timed forward passes per model and batch size (the fastest counts)"
+    )
+    num_actors: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COUNT,
+        description="Ray actors evaluating sub-tasks; null = as many as the "
+        "cluster can place; 0 = in this process without Ray",
+    )
     cpus_per_actor: float = Field(1.0, gt=0, le=MAX_CPUS, description="CPUs per actor (also its torch thread count)")
     gpus_per_actor: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs per actor (> 0: sub-tasks run on the GPU)")
-    max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS, description="times a sub-task may lose its actor (a lost node, a killed "
-                              "process) and run again on a new one")
-    fail_at_subtask: int | None = Field(None, ge=0, le=MAX_SUBTASKS, description="fault injection: the actor evaluating this "
-                                        "sub-task (index in the plan) kills its own process once, mid-fine-tuning")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=MAX_RESTARTS,
+        description="times a sub-task may lose its actor (a lost node, a killed process) and run again on a new one",
+    )
+    fail_at_subtask: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SUBTASKS,
+        description="fault injection: the actor evaluating this "
+        "sub-task (index in the plan) kills its own process once, mid-fine-tuning",
+    )
     output_dir: str | None = Field(None, description="where the tables and plots go; null = a reuse/ folder "
                                    "beside the modular checkpoint (<output_dir>/reuse-<run id> for an MLflow run)")
 
@@ -206,7 +273,9 @@ class ScalingConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, le=MAX_CPUS)
     max_failures: int = Field(0, ge=-1, le=MAX_RESTARTS, description="worker-group restarts allowed (-1: unlimited)")
-    fail_at_epoch: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="fault injection: kill a worker once at this epoch")
+    fail_at_epoch: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS, description="fault injection: kill a worker once at this epoch"
+    )
     storage_path: str | None = Field(None, description="Ray Train storage (shared path or URI on a cluster)")
 
 
@@ -245,7 +314,7 @@ class Config(Section):
         return Path(self.output_dir) / self.name
 
     @model_validator(mode="after")
-    def _sweep_keys_exist(self) -> "Config":
+    def _sweep_keys_exist(self) -> Config:
         for key in self.sweep.space:
             section, field = key.split(".")
             known = type(getattr(self, section)).model_fields
@@ -363,7 +432,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"config file {str(path)!r} cannot be read ({getattr(error, 'strerror', None) or error})") from None
+            raise ConfigError(
+                f"config file {str(path)!r} cannot be read ({getattr(error, 'strerror', None) or error})"
+            ) from None
         tree = parse_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")

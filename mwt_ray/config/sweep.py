@@ -5,8 +5,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import (MAX_COUNT, MAX_CPUS, MAX_EPOCHS, MAX_GPUS, MAX_RESTARTS, MAX_SUBTASKS, SEED, Section, shown,
-                   taus_in_range)
+from .base import (
+    MAX_COUNT,
+    MAX_CPUS,
+    MAX_EPOCHS,
+    MAX_GPUS,
+    MAX_RESTARTS,
+    MAX_SUBTASKS,
+    SEED,
+    Section,
+    shown,
+    taus_in_range,
+)
 
 __all__ = ["SEARCHABLE_SECTIONS", "SearchRange", "SweepConfig", "flatten_space"]
 
@@ -25,7 +35,7 @@ class SearchRange(Section):
     choices: list | None = None
 
     @model_validator(mode="after")
-    def _shape(self) -> "SearchRange":
+    def _shape(self) -> SearchRange:
         if self.choices is not None:
             if self.low is not None or self.high is not None:
                 raise ValueError("give either choices or low/high, not both")
@@ -64,9 +74,13 @@ class SweepConfig(Section):
     trials: int = Field(8, ge=1, le=MAX_COUNT, description="Optuna trials (the reference points included)")
     max_concurrent: int = Field(2, ge=1, le=MAX_COUNT, description="trials running at once")
     seed: int = Field(0, **SEED)
-    space: dict[str, SearchRange] = Field(default_factory=lambda: {
-        "train.alpha": SearchRange(low=0.1, high=3.0, log=True), "train.beta": SearchRange(low=0.3, high=3.0, log=True)},
-        description="dotted config key -> range or choices")
+    space: dict[str, SearchRange] = Field(
+        default_factory=lambda: {
+            "train.alpha": SearchRange(low=0.1, high=3.0, log=True),
+            "train.beta": SearchRange(low=0.3, high=3.0, log=True),
+        },
+        description="dotted config key -> range or choices",
+    )
     points: list[dict] = Field(default_factory=list, description="settings tried first, e.g. the paper's "
                                "[{train.alpha: 0.5, train.beta: 1.5}]; keys must be in space")
     tau_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0], max_length=MAX_COUNT,
@@ -75,8 +89,11 @@ class SweepConfig(Section):
     objective: Literal["score", "pareto"] = Field(
         "score", description="score: module accuracy - krr_weight * KRR (one value); pareto: accuracy vs KRR")
     krr_weight: float = Field(0.1, ge=0, description="accuracy (0..1) one unit of KRR is worth in the score")
-    subtask_sizes: list[int] = Field(default_factory=list, max_length=MAX_SUBTASKS, description="M of the sub-tasks that score tau; "
-                                     "default: 2 and N // 2")
+    subtask_sizes: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_SUBTASKS,
+        description="M of the sub-tasks that score tau; default: 2 and N // 2",
+    )
     subtasks_per_size: int = Field(3, ge=1, le=MAX_SUBTASKS)
     val_fraction: float = Field(0.1, gt=0, lt=1, description="training samples held out to score trials")
     sampler: Literal["tpe", "random"] = "tpe"
@@ -84,16 +101,28 @@ class SweepConfig(Section):
                                                "val_accuracy - krr_weight x kernel_rate")
     grace_period: int = Field(2, ge=1, le=MAX_EPOCHS, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: float = Field(2.0, gt=1)
-    cpus_per_trial: float = Field(1.0, gt=0, le=MAX_CPUS, description="CPUs of a one-process trial (scaling.num_workers=0)")
-    gpus_per_trial: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs of a one-process trial (a fraction shares one GPU)")
-    max_failures: int = Field(3, ge=0, le=MAX_RESTARTS, description="times a trial (or the standard baseline) may lose its process "
-                              "or node and run again, resuming from its last finished epoch; a trial's own errors "
-                              "are never retried")
+    cpus_per_trial: float = Field(
+        1.0, gt=0, le=MAX_CPUS, description="CPUs of a one-process trial (scaling.num_workers=0)"
+    )
+    gpus_per_trial: float = Field(
+        0.0, ge=0, le=MAX_GPUS, description="GPUs of a one-process trial (a fraction shares one GPU)"
+    )
+    max_failures: int = Field(
+        3,
+        ge=0,
+        le=MAX_RESTARTS,
+        description="times a trial (or the standard baseline) may lose its process "
+        "or node and run again, resuming from its last finished epoch; a trial's own errors "
+        "are never retried",
+    )
     standard_baseline: bool = Field(True, description="also train a standard model with the same settings")
     reuse: bool = Field(True, description="evaluate the best trial's modules on sampled sub-tasks at the end")
     register_modules: list[list[int | str]] = Field(
-        default_factory=list, max_length=MAX_SUBTASKS, description="class sets (indices or names) whose module of the best trial is exported "
-        "(python -m mwt_ray.export) and registered in MLflow as <name>-<classes> at the end, e.g. [[4, 6]]")
+        default_factory=list,
+        max_length=MAX_SUBTASKS,
+        description="class sets (indices or names) whose module of the best trial is exported "
+        "(python -m mwt_ray.export) and registered in MLflow as <name>-<classes> at the end, e.g. [[4, 6]]",
+    )
 
     @field_validator("space", mode="before")
     @classmethod
@@ -129,7 +158,7 @@ class SweepConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _points(self) -> "SweepConfig":
+    def _points(self) -> SweepConfig:
         for point in self.points:
             flat = flatten_space(point)
             given = set(flat) - {"tau"}

@@ -32,7 +32,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     reason = input_file_error(path)
     if reason == "is a folder":
-        raise ValueError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file (e.g. {str(path / 'checkpoint.pt')!r})")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a folder, not a checkpoint file (e.g. {str(path / 'checkpoint.pt')!r})"
+        )
     if reason:
         raise ValueError(f"checkpoint {str(path)!r} {reason}" + ("" if reason.startswith(("does not", "cannot"))
                                                                  else ", not a checkpoint file"))
@@ -172,7 +174,9 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
     if names is not None and (not isinstance(names, (list, tuple)) or len(names) != classes
                               or not all(isinstance(c, str) for c in names)):
         _fail(source, f"architecture classes {names!r:.80} are not {classes} class names")
-    trained_as = ((state.get("config") or {}).get("model") or {}).get("name") if isinstance(state.get("config"), dict) else None
+    trained_as = (
+        ((state.get("config") or {}).get("model") or {}).get("name") if isinstance(state.get("config"), dict) else None
+    )
     if trained_as not in (None, name):
         _fail(source, f"records architecture {name} but was trained as {trained_as} (its config): "
                       "the checkpoint is not the run's")

@@ -21,10 +21,10 @@ import shutil
 import tarfile
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def subset(self, classes: list[int]) -> "ImageData":
+    def subset(self, classes: list[int]) -> ImageData:
         """The samples of ``classes`` only, labels remapped to 0..M-1 in the given order.
 
         Normalisation statistics stay those of the full dataset: a reused module sees inputs
@@ -90,7 +90,7 @@ class ImageData:
         return ImageData(*parts["train"], *parts["test"], [self.classes[c] for c in classes], self.mean, self.std,
                          *parts["val"])
 
-    def holdout(self, fraction: float, seed: int) -> tuple["ImageData", torch.Tensor, torch.Tensor]:
+    def holdout(self, fraction: float, seed: int) -> tuple[ImageData, torch.Tensor, torch.Tensor]:
         """Move ``fraction`` of each class's training samples to a validation set.
 
         Returns (data without them, validation images, validation labels); the test split is
@@ -107,13 +107,13 @@ class ImageData:
                          self.test_labels, self.classes, self.mean, self.std)
         return rest, self.train_images[held], self.train_labels[held]
 
-    def with_validation(self, fraction: float, seed: int) -> "ImageData":
+    def with_validation(self, fraction: float, seed: int) -> ImageData:
         """The same data with ``fraction`` of each class's training samples moved to ``val_*``."""
         rest, val_images, val_labels = self.holdout(fraction, seed)
         rest.val_images, rest.val_labels = val_images, val_labels
         return rest
 
-    def to(self, device) -> "ImageData":
+    def to(self, device) -> ImageData:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ImageData(move(self.train_images), move(self.train_labels), move(self.test_images),
                          move(self.test_labels), self.classes, move(self.mean), move(self.std),
@@ -260,7 +260,9 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
     try:
         if name == "cifar10":
             parts = [torchvision.datasets.CIFAR10(root, train=t, download=download) for t in (True, False)]
-            arrays = [(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets)) for p in parts]
+            arrays = [
+                (torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets)) for p in parts
+            ]
             classes = parts[0].classes
         else:
             parts = [torchvision.datasets.SVHN(root, split=s, download=download) for s in ("train", "test")]
@@ -352,7 +354,10 @@ def _decode_folder(path: Path, image_size: int) -> ImageData:
                              state["test_labels"], classes)
         except Exception:  # a cache file from another version, or damaged: decode again
             pass
-    print(f"decoding {len(files['train'])} + {len(files['test'])} images from {path} (once; cached at {cached})", flush=True)
+    print(
+        f"decoding {len(files['train'])} + {len(files['test'])} images from {path} (once; cached at {cached})",
+        flush=True,
+    )
     paths = [splits[s] / c / f.name for s in ("train", "test") for c, f in files[s]]
     images = _decode_all(paths, image_size, what=f"decoding {path.name}")
     n_train = len(files["train"])
@@ -410,7 +415,9 @@ def _decode_all(paths: list[Path], image_size: int, what: str = "decoding images
 def _extract_archive(archive: Path) -> tuple[Path, Callable[[], None]]:
     """The archive's contents, extracted once into the cache; and a function that removes what this
     call extracted (nothing when the extraction was there already)."""
-    digest = hashlib.sha1(f"{archive.resolve()}|{archive.stat().st_size}|{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1(
+        f"{archive.resolve()}|{archive.stat().st_size}|{archive.stat().st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     target = cache_dir() / "archives" / digest
     if target.exists():
         return target, lambda: None

@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -160,7 +160,9 @@ def check_scores(program: Callable[[torch.Tensor], torch.Tensor], module: nn.Mod
 
 
 @torch.no_grad()
-def fastest_calls(functions: list[Callable[[torch.Tensor], object]], images: torch.Tensor, repeats: int = 5) -> list[float]:
+def fastest_calls(
+    functions: list[Callable[[torch.Tensor], object]], images: torch.Tensor, repeats: int = 5
+) -> list[float]:
     """Seconds of one call of each function on ``images``: the fastest of ``repeats`` after two
     warm-up calls, the functions timed in turn (a b a b ...) so that load on the machine hits them
     alike (as ``reuse.compare_latency`` times modules; these may be programs or ONNX sessions)."""

@@ -251,7 +251,11 @@ class _Extraction:
         """A grouped conv as one conv per group that keeps kernels and inputs, each reading its
         group's kept input channels; kept kernels of a group whose inputs are all gone read zeros and
         are placed as zero channels before their BN, as in the depthwise case."""
-        groups, in_per, out_per = module.groups, module.in_channels // module.groups, module.out_channels // module.groups
+        groups, in_per, out_per = (
+            module.groups,
+            module.in_channels // module.groups,
+            module.out_channels // module.groups,
+        )
         convs, reads, computed = [], [], []
         for group in range(groups):
             group_out = outputs[(outputs // out_per) == group]
@@ -357,8 +361,16 @@ class _Extraction:
                 return self.graph.call_function(operator.add, (self.env[a], self.env[b]))
             union = torch.unique(torch.cat([sa, sb]))
             self.sets[node] = union
-            return self.graph.call_function(_sum_in_union, (self.env[a], self.constant(_positions(sa, union)),
-                                                            self.env[b], self.constant(_positions(sb, union)), len(union)))
+            return self.graph.call_function(
+                _sum_in_union,
+                (
+                    self.env[a],
+                    self.constant(_positions(sa, union)),
+                    self.env[b],
+                    self.constant(_positions(sb, union)),
+                    len(union),
+                ),
+            )
         if node.op == "call_function" and target in (operator.mul, torch.mul, operator.imul):
             return self.product(node)
         self.refuse(node, f"{self.op_name(node)} on pruned channels")
@@ -382,7 +394,9 @@ class _Extraction:
         for side, channels in ((a, sa), (b, sb)):
             value = self.env[side]
             if not torch.equal(channels, both):
-                value = self.graph.call_function(torch.index_select, (value, 1, self.constant(_positions(both, channels))))
+                value = self.graph.call_function(
+                    torch.index_select, (value, 1, self.constant(_positions(both, channels)))
+                )
             sides.append(value)
         self.sets[node] = both
         return self.graph.call_function(operator.mul, tuple(sides))

@@ -84,7 +84,9 @@ class _FixedMask(nn.Module):
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         childless = next(module.children(), None) is None
-        stateless = next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None
+        stateless = (
+            next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None
+        )
         return super().is_leaf_module(module, qualified_name) or (childless and stateless)
 
 
@@ -176,7 +178,7 @@ def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
             output = gm.graph.call_function(operator.getitem, (masked, 0))
         with gm.graph.inserting_after(output):
             mask = gm.graph.call_function(operator.getitem, (masked, 1))
-        replaced.replace_all_uses_with(output, delete_user_cb=lambda user: user is not masked)
+        replaced.replace_all_uses_with(output, delete_user_cb=lambda user, node=masked: user is not node)
         if fold:
             gm.graph.erase_node(replaced)
         for user in list(output.users):
@@ -200,7 +202,10 @@ def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
 
 def mask_units(model: nn.Module) -> list[MaskUnit]:
     """The mask units of a graph-modularized model, in the order its masks are returned."""
-    return [MaskUnit(generator=model.get_submodule(u["name"]), **u) for u in getattr(model, "meta", {}).get("mask_units", [])]
+    return [
+        MaskUnit(generator=model.get_submodule(u["name"]), **u)
+        for u in getattr(model, "meta", {}).get("mask_units", [])
+    ]
 
 
 def per_unit_masks(model: nn.Module, keep) -> list[torch.Tensor]:

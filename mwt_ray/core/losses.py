@@ -41,7 +41,7 @@ class LayerMasks:
     columns: torch.Tensor
 
     @classmethod
-    def of(cls, masks: "list[torch.Tensor] | LayerMasks") -> "LayerMasks":
+    def of(cls, masks: list[torch.Tensor] | LayerMasks) -> LayerMasks:
         """From a model's list of (B, K_l) masks (or unchanged)."""
         if isinstance(masks, LayerMasks):
             return masks
@@ -156,7 +156,7 @@ def transposed_view(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.as_strided((columns, rows), (1, columns))
 
 
-def cohesion_coupling_losses(masks: "list[torch.Tensor] | LayerMasks", labels: torch.Tensor,
+def cohesion_coupling_losses(masks: list[torch.Tensor] | LayerMasks, labels: torch.Tensor,
                              num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """L_ch (Eq. 4) and L_cp (Eq. 5) for one batch of per-layer masks ``(B, K_l)``.
 
@@ -168,7 +168,7 @@ def cohesion_coupling_losses(masks: "list[torch.Tensor] | LayerMasks", labels: t
         return _PairLosses.apply(masks.values, masks.columns, onehot)
 
 
-def modular_objective(logits: torch.Tensor, labels: torch.Tensor, masks: "list[torch.Tensor] | LayerMasks",
+def modular_objective(logits: torch.Tensor, labels: torch.Tensor, masks: list[torch.Tensor] | LayerMasks,
                       mask_labels: torch.Tensor, alpha: float, beta: float, sparsity: float = 0.0,
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """O = CE + alpha * L_ch + beta * L_cp (Eq. 6); also returns the three parts, detached.

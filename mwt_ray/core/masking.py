@@ -101,7 +101,11 @@ def _packed_views(packed: torch.Tensor, layout: tuple[int, int, int]) -> tuple[t
     cached = _PACKED_VIEWS.get(packed)
     if cached is None or cached[0] != packed.data_ptr():
         data = packed.detach()
-        views = (*_weights(data, layout, transposed=True), _bias(data, layout), *_weights(data, layout, transposed=False))
+        views = (
+            *_weights(data, layout, transposed=True),
+            _bias(data, layout),
+            *_weights(data, layout, transposed=False),
+        )
         cached = _PACKED_VIEWS[packed] = (packed.data_ptr(), views)
     return cached[1]
 
@@ -114,8 +118,12 @@ def _weights(packed: torch.Tensor, layout: tuple[int, int, int], transposed: boo
     as strided views, one op each; with ``transposed``, ``(W1^T, W2^T)``."""
     inputs, hidden, kernels = layout
     if transposed:
-        return packed.as_strided((inputs, hidden), (1, inputs)), packed.as_strided((hidden, kernels), (1, hidden), hidden * inputs)
-    return packed.as_strided((hidden, inputs), (inputs, 1)), packed.as_strided((kernels, hidden), (hidden, 1), hidden * inputs)
+        return packed.as_strided((inputs, hidden), (1, inputs)), packed.as_strided(
+            (hidden, kernels), (1, hidden), hidden * inputs
+        )
+    return packed.as_strided((hidden, inputs), (inputs, 1)), packed.as_strided(
+        (kernels, hidden), (hidden, 1), hidden * inputs
+    )
 
 
 def _bias(packed: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:

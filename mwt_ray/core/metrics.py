@@ -156,7 +156,7 @@ def kernel_rate(kernel_sets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def batch_modularity(masks: "list[torch.Tensor] | LayerMasks", labels: torch.Tensor,
+def batch_modularity(masks: list[torch.Tensor] | LayerMasks, labels: torch.Tensor,
                      num_classes: int) -> dict[str, torch.Tensor]:
     """Per-iteration cohesion, coupling and kernel rate of Fig. 5 (no tau filtering), as 0-dim
     tensors on the masks' device: the training step logs them every step without waiting for the
@@ -177,7 +177,9 @@ def batch_modularity(masks: "list[torch.Tensor] | LayerMasks", labels: torch.Ten
     pair_sums = (jaccard.mm(onehot) * onehot).sum(0) - counts
     ordered_pairs = counts * counts - counts
     has_pairs = ordered_pairs.clamp_max(1)
-    cohesion_value = (pair_sums / ordered_pairs.clamp_min(1)).dot(has_pairs) / has_pairs.sum()  # 0 / 0 = NaN without a pair
+    cohesion_value = (pair_sums / ordered_pairs.clamp_min(1)).dot(
+        has_pairs
+    ) / has_pairs.sum()  # 0 / 0 = NaN without a pair
 
     # Each present class's module is the union of its samples' sets; coupling sums the Jaccard index
     # over pairs of present modules h != i (a module's with itself is 1).
@@ -186,7 +188,11 @@ def batch_modularity(masks: "list[torch.Tensor] | LayerMasks", labels: torch.Ten
     unions = transposed_view(onehot).mm(kernel_sets).clamp_max_(1)
     between = present.dot(_self_jaccard(unions)[0].mv(present)) - modules
     coupling_value = between / (modules * modules - modules)  # NaN below 2
-    return {"batch_cohesion": cohesion_value, "batch_coupling": coupling_value, "kernel_rate": set_sizes.sum() / kernel_sets.numel()}
+    return {
+        "batch_cohesion": cohesion_value,
+        "batch_coupling": coupling_value,
+        "kernel_rate": set_sizes.sum() / kernel_sets.numel(),
+    }
 
 
 def _self_jaccard(sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +249,7 @@ MAX_PARAMETERS = 2e9
 MAX_CLASSES = 100_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parameters_at_width_one(name: str, num_classes: int = 10) -> int:
     """Parameters of ``name`` at width 1, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):

@@ -11,14 +11,14 @@ exist only during the counting pass (``max_samples_per_class``): ``modularity_re
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .metrics import coupling, kernel_rate, kernel_retention_rate, module_cohesions
 from .graph import mask_units
+from .metrics import coupling, kernel_rate, kernel_retention_rate, module_cohesions
 
 __all__ = ["KernelUsage", "count_kernel_usage", "module_masks", "split_layers", "modularity_by_tau",
            "modularity_report", "TAU_GRID"]
@@ -55,7 +55,7 @@ class KernelUsage:
                 "layer_sizes": torch.tensor(self.layer_sizes, dtype=torch.int64)}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "KernelUsage":
+    def from_state_dict(cls, state: dict) -> KernelUsage:
         return cls(state["counts"], state["class_sizes"], [int(v) for v in state["layer_sizes"]])
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from math import comb
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,9 @@ def fine_tune(model: nn.Module, data: ImageData, s: FineTuneSettings, device: to
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, nesterov=True,
                                 weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, s.epochs))
-    baseline_val = evaluate(baseline, val_images, val_labels, data, device) if baseline is not None and held_out else None
+    baseline_val = (
+        evaluate(baseline, val_images, val_labels, data, device) if baseline is not None and held_out else None
+    )
     best = {"epoch": 0, "val_accuracy": -1.0 if baseline_val is None else baseline_val, "state": None}
     history = []
     steps = 0
@@ -280,8 +282,9 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
                      latency_repeats: int = 5, model_flops: int | None = None,
                      whole_model: nn.Module | None = None, on_step: Callable[[int], None] | None = None) -> dict:
     """Reuse the mixed module of ``classes``: KRR, FLOPs vs the full network, accuracy of the module
-    ``reuse_module`` hands back (m-ACC; "chosen" says whether fine-tuning or none won), and given ``standard_model`` the standard model's accuracy on the sub-task
-    with its logits restricted to the M classes (M-ACC) and the loss M-ACC - m-ACC.
+    ``reuse_module`` hands back (m-ACC; "chosen" says whether fine-tuning or none won), and given
+    ``standard_model`` the standard model's accuracy on the sub-task with its
+    logits restricted to the M classes (M-ACC) and the loss M-ACC - m-ACC.
 
     ``arch`` ({"name", "num_classes", "width"}) adds the full network's FLOPs (``model_flops``
     skips recounting them) and the reduction; ``zero_fine_tune`` adds the mixed module's accuracy

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,7 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def gather_global_batch(masks: "list[torch.Tensor] | LayerMasks",
+def gather_global_batch(masks: list[torch.Tensor] | LayerMasks,
                         labels: torch.Tensor) -> tuple[LayerMasks, torch.Tensor]:
     """Masks and labels of the whole global batch; gradients flow back to each rank's slice."""
     masks = LayerMasks.of(masks)
@@ -212,7 +212,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
     step = step or TrainingStep(model, optimizer, s, data.num_classes, device)
     steps = len(data.train_labels) // s.batch_size
     if steps == 0:
-        raise ValueError(f"batch_size {s.batch_size} is larger than the training set ({len(data.train_labels)} samples)")
+        raise ValueError(
+            f"batch_size {s.batch_size} is larger than the training set ({len(data.train_labels)} samples)"
+        )
     start = time.perf_counter()
     batches = iterate_batches(data.train_images, data.train_labels, s.batch_size, mean=data.mean,
                               std=data.std, shuffle=True, augment=s.augment, seed=s.seed * 100_003 + epoch,

@@ -8,18 +8,61 @@ from __future__ import annotations
 import json
 
 from ..config import Config
-from .reuse_job import reuse_from_checkpoints
-from .setup import (RESULT_FILES, JobFailed, SetupError, absolute_paths, architecture, check_job, load_data,
-                    resolve_device, seed_everything)
-from .storage import (RUN_FILE, JobPlan, RunStorage, check_destinations, job_storage, latest_training_state, list_jobs,
-                      plan_job, start_job, storage_root)
 from .preflight import check_inputs, preflight_training
+from .reuse_job import reuse_from_checkpoints
+from .setup import (
+    RESULT_FILES,
+    JobFailed,
+    SetupError,
+    absolute_paths,
+    architecture,
+    check_job,
+    load_data,
+    resolve_device,
+    seed_everything,
+)
+from .storage import (
+    RUN_FILE,
+    JobPlan,
+    RunStorage,
+    check_destinations,
+    job_storage,
+    latest_training_state,
+    list_jobs,
+    plan_job,
+    start_job,
+    storage_root,
+)
 from .training_job import LocalSession, TrainingJob, finish_run, modularize_model
 
-__all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data", "architecture",
-           "check_job", "absolute_paths", "RunStorage", "job_storage", "latest_training_state", "storage_root",
-           "JobPlan", "plan_job", "start_job", "list_jobs", "check_destinations", "LocalSession", "TrainingJob", "finish_run",
-           "modularize_model", "reuse_from_checkpoints", "train_in_process", "check_inputs", "preflight_training"]
+__all__ = [
+    "SetupError",
+    "JobFailed",
+    "RESULT_FILES",
+    "resolve_device",
+    "seed_everything",
+    "load_data",
+    "architecture",
+    "check_job",
+    "absolute_paths",
+    "RunStorage",
+    "job_storage",
+    "latest_training_state",
+    "storage_root",
+    "JobPlan",
+    "plan_job",
+    "start_job",
+    "list_jobs",
+    "check_destinations",
+    "LocalSession",
+    "TrainingJob",
+    "finish_run",
+    "modularize_model",
+    "reuse_from_checkpoints",
+    "train_in_process",
+    "check_inputs",
+    "preflight_training",
+]
 
 
 def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=None) -> dict:
@@ -33,8 +76,11 @@ def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=Non
     uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
     session = LocalSession(plan.storage, cfg.train.device, resume=plan.resumed, report=report)
     if log:
-        log(f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} (checkpoints in {plan.storage.uri})"
-            + (" - it had finished: writing its results again" if plan.finished else ""))
+        log(
+            f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} "
+            f"(checkpoints in {plan.storage.uri})"
+            + (" - it had finished: writing its results again" if plan.finished else "")
+        )
     if not cfg.tracking.enabled:
         start_job(cfg, plan, None, log)
         return TrainingJob(cfg, session, data=data).run()

@@ -34,12 +34,21 @@ import torch
 from ..config import Config
 from ..core.checkpoint import build_model
 from ..core.data import validate_classes
-from ..core.export import (ImagesToScores, check_scores, export_program, fastest_calls, load_program, onnx_scores,
-                           onnx_session, save_program, write_onnx)
+from ..core.export import (
+    ImagesToScores,
+    check_scores,
+    export_program,
+    fastest_calls,
+    load_program,
+    onnx_scores,
+    onnx_session,
+    save_program,
+    write_onnx,
+)
 from ..core.files import DiskFull, atomic_write_text, full_disk_message, is_disk_full, writable_folder_error
 from ..core.flops import count_flops
-from ..core.modularize import KernelUsage, module_masks
 from ..core.models import create_model
+from ..core.modularize import KernelUsage, module_masks
 from ..core.reuse import mixed_module_mask, reuse_module
 from ..core.training import evaluate
 from .reuse_job import ReuseSources, load_sources
@@ -183,7 +192,10 @@ def _name_length_error(out: Path) -> str | None:
         return None
     for part in out.parts[1:]:
         if len(os.fsencode(part)) > name_max:
-            return f"the name {part[:40]}... is {len(os.fsencode(part))} bytes, longer than the {name_max} its file system allows"
+            return (
+                f"the name {part[:40]}... is {len(os.fsencode(part))} bytes, "
+                f"longer than the {name_max} its file system allows"
+            )
     longest = len(os.fsencode(str(out))) + 1 + _LONGEST_INSIDE
     if longest >= path_max:  # PC_PATH_MAX counts the terminating NUL
         return (f"the paths written in it would be {longest} bytes, longer than the {path_max - 1} its file system "
@@ -244,8 +256,10 @@ def export_module(plan: ExportPlan, log=print) -> dict:
     classes, names = plan.classes, plan.class_names
     size = data.train_images.shape[-1]
     settings = cfg.reuse.fine_tune_settings(cfg.train.seed)
-    log(f"module of classes {_classes_text(classes, names)} at tau {plan.tau:g} ({plan.tau_from}); "
-        + ("no fine-tuning (reuse.epochs=0)" if settings.epochs == 0 else f"fine-tuning up to {settings.epochs} epochs"))
+    log(
+        f"module of classes {_classes_text(classes, names)} at tau {plan.tau:g} ({plan.tau_from}); "
+        + ("no fine-tuning (reuse.epochs=0)" if settings.epochs == 0 else f"fine-tuning up to {settings.epochs} epochs")
+    )
     _clean_abandoned(plan.out_dir, log)
     module, chosen = reuse_module(modular, masks, data, classes, settings, device)
     portable = ImagesToScores(module, data.mean, data.std).eval()
@@ -394,8 +408,12 @@ def _latency(program, session, module, whole, image_shape: torch.Size, cfg: Conf
         with torch.no_grad():
             times = fastest_calls([program, lambda x: onnx_scores(session, x), module, whole], images,
                                   cfg.reuse.latency_repeats)
-        result[f"batch_{batch}"] = {name: seconds * 1e3 for name, seconds in
-                                    zip(("module_pt2", "module_onnxruntime", "module_pytorch", "full_model_pytorch"), times)}
+        result[f"batch_{batch}"] = {
+            name: seconds * 1e3
+            for name, seconds in zip(
+                ("module_pt2", "module_onnxruntime", "module_pytorch", "full_model_pytorch"), times
+            )
+        }
     return result
 
 

@@ -32,13 +32,23 @@ from ..core.checkpoint import build_model, check_checkpoint, load_checkpoint
 from ..core.data import validate_classes
 from ..core.files import atomic_write_text, input_file_error, writable_folder_error
 from ..core.flops import count_flops
-from ..core.modularize import KernelUsage, module_masks
 from ..core.models import create_model
+from ..core.modularize import KernelUsage, module_masks
 from ..core.reuse import evaluate_subtask, sample_subtasks
 from .setup import SetupError, absolute_paths, load_data, resolve_device
 
-__all__ = ["ReusePlan", "ReuseSources", "SubtaskEvaluator", "load_sources", "plan_reuse", "plan_subtasks", "resolve_reference", "load_reference",
-           "reuse_from_checkpoints", "format_row"]
+__all__ = [
+    "ReusePlan",
+    "ReuseSources",
+    "SubtaskEvaluator",
+    "load_sources",
+    "plan_reuse",
+    "plan_subtasks",
+    "resolve_reference",
+    "load_reference",
+    "reuse_from_checkpoints",
+    "format_row",
+]
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Settings a reuse evaluation may change; the rest of model.* and train.* come from the checkpoint.
@@ -115,7 +125,9 @@ class ReusePlan:
     tasks: list[list[int]]
     cfg: Config
     out_dir: Path
-    mlflow_run: dict | None = None  # {"tracking_uri", "run_id"} of the run evaluated (results are logged there), when known
+    mlflow_run: dict | None = (
+        None  # {"tracking_uri", "run_id"} of the run evaluated (results are logged there), when known
+    )
     class_names: list[str] = field(default_factory=list)
 
     @property
@@ -129,7 +141,9 @@ def _config_for(state: dict, cfg: Config | None, overrides: list[str], tau: floa
     if fixed:
         raise SetupError(f"{fixed[0]!r}: model and training settings come from the checkpoint and cannot be overridden")
     tree = _known_keys(copy.deepcopy(state.get("config") or {}), Config)
-    if cfg is not None:  # the caller's data, reuse, tracking and output settings; model and training stay the checkpoint's
+    if (
+        cfg is not None
+    ):  # the caller's data, reuse, tracking and output settings; model and training stay the checkpoint's
         given = cfg.model_dump(mode="json")
         for key in ("data", "reuse", "tracking", "output_dir"):
             tree[key] = given[key]
@@ -175,7 +189,9 @@ def plan_subtasks(cfg: Config, num_classes: int) -> list[list[int]]:
     if not tasks:
         raise SetupError("no sub-tasks: set reuse.sizes (e.g. [2, 5]) or reuse.subtasks (e.g. [[0, 1]])")
     if cfg.reuse.fail_at_subtask is not None and cfg.reuse.fail_at_subtask >= len(tasks):
-        raise SetupError(f"reuse.fail_at_subtask {cfg.reuse.fail_at_subtask} is not a sub-task index: 0..{len(tasks) - 1}")
+        raise SetupError(
+            f"reuse.fail_at_subtask {cfg.reuse.fail_at_subtask} is not a sub-task index: 0..{len(tasks) - 1}"
+        )
     return tasks
 
 
@@ -186,7 +202,7 @@ class ReuseSources:
     cfg: Config
     modular: dict
     state: dict
-    data: "ImageData"  # noqa: F821
+    data: ImageData  # noqa: F821
     standard: dict | None = None
     standard_state: dict | None = None
 
@@ -201,7 +217,9 @@ class ReuseSources:
         from ..tracking import resolve_tracking_uri
 
         run_id = self.state.get("mlflow_run_id")
-        return {"tracking_uri": resolve_tracking_uri(self.cfg.tracking.tracking_uri), "run_id": run_id} if run_id else None
+        return (
+            {"tracking_uri": resolve_tracking_uri(self.cfg.tracking.tracking_uri), "run_id": run_id} if run_id else None
+        )
 
 
 def load_sources(modular_ref: str, standard_ref: str | None = None, cfg: Config | None = None,
@@ -221,7 +239,9 @@ def load_sources(modular_ref: str, standard_ref: str | None = None, cfg: Config 
     arch = state["architecture"]
     data = load_data(cfg)
     if arch["num_classes"] != data.num_classes:
-        raise SetupError(f"{where} has {arch['num_classes']} classes but dataset {cfg.data.name!r} has {data.num_classes}")
+        raise SetupError(
+            f"{where} has {arch['num_classes']} classes but dataset {cfg.data.name!r} has {data.num_classes}"
+        )
     if arch.get("classes") and list(arch["classes"]) != list(data.classes):
         raise SetupError(f"{where} classes {arch['classes']} differ from the dataset's {data.classes}")
     sources = ReuseSources(cfg, modular_source, state, data)
@@ -260,7 +280,9 @@ def _tracking_uri(cfg: Config | None, overrides: list[str]) -> str | None:
     """The tracking URI to look MLflow run ids up in, before the checkpoint (and its config) is known."""
     if cfg is not None:
         base = cfg.model_dump(mode="json")
-        return validate_config(apply_overrides(base, [o for o in overrides if o.startswith("tracking.")])).tracking.tracking_uri
+        return validate_config(
+            apply_overrides(base, [o for o in overrides if o.startswith("tracking.")])
+        ).tracking.tracking_uri
     tracking = [o for o in overrides if o.strip().startswith("tracking.")]
     return validate_config(apply_overrides({}, tracking)).tracking.tracking_uri
 
@@ -275,8 +297,10 @@ def check_standard(state: dict, arch: dict, where: str) -> None:
                          f"from {arch['name']} width {arch['width']}: use a standard model of the same architecture")
     if theirs["num_classes"] != arch["num_classes"] or (
             theirs.get("classes") and arch.get("classes") and list(theirs["classes"]) != list(arch["classes"])):
-        raise SetupError(f"standard model {where} has {theirs['num_classes']} classes {theirs.get('classes')}, but the "
-                         f"modules have {arch['num_classes']} {arch.get('classes')}: use a standard model of the same dataset")
+        raise SetupError(
+            f"standard model {where} has {theirs['num_classes']} classes {theirs.get('classes')}, but the "
+            f"modules have {arch['num_classes']} {arch.get('classes')}: use a standard model of the same dataset"
+        )
 
 
 class SubtaskEvaluator:

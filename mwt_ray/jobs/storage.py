@@ -31,9 +31,24 @@ from ..core.checkpoint import check_architecture, check_checkpoint
 from ..core.files import DiskFull, full_disk_message, is_disk_full, writable_folder_error
 from .setup import SetupError
 
-__all__ = ["RunStorage", "REMOTE_PROBE_TIMEOUT_S", "storage_root", "job_storage", "latest_training_state", "check_resume", "check_destinations", "JobPlan",
-           "plan_job", "start_job", "list_jobs", "new_job_id", "TRAINING_STATE", "RUN_FILE", "JOB_FILE",
-           "KEEP_CHECKPOINTS"]
+__all__ = [
+    "RunStorage",
+    "REMOTE_PROBE_TIMEOUT_S",
+    "storage_root",
+    "job_storage",
+    "latest_training_state",
+    "check_resume",
+    "check_destinations",
+    "JobPlan",
+    "plan_job",
+    "start_job",
+    "list_jobs",
+    "new_job_id",
+    "TRAINING_STATE",
+    "RUN_FILE",
+    "JOB_FILE",
+    "KEEP_CHECKPOINTS",
+]
 
 TRAINING_STATE = "training_state.pt"
 RUN_FILE = "mlflow_run.json"
@@ -197,7 +212,10 @@ class RunStorage:
         self.fs.create_dir(target, recursive=True)
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         for path in sorted(files, key=lambda p: p.name == TRAINING_STATE):
-            with open(path, "rb") as source, self.fs.open_output_stream(f"{target}/{path.relative_to(local_dir).as_posix()}") as out:
+            with (
+                open(path, "rb") as source,
+                self.fs.open_output_stream(f"{target}/{path.relative_to(local_dir).as_posix()}") as out,
+            ):
                 out.write(source.read())
 
     def delete_dir(self, name: str) -> None:
@@ -283,7 +301,9 @@ def check_destinations(cfg: Config) -> None:
     dataset cache behind either): the output folder, the run storage and the MLflow store."""
     reason = writable_folder_error(cfg.run_dir)
     if reason:
-        raise SetupError(f"output_dir {cfg.output_dir!r} cannot be written ({reason}); set output_dir to a writable folder")
+        raise SetupError(
+            f"output_dir {cfg.output_dir!r} cannot be written ({reason}); set output_dir to a writable folder"
+        )
     RunStorage(storage_root(cfg)).check_writable()
     if cfg.tracking.enabled:
         from ..tracking import check_store, resolve_tracking_uri

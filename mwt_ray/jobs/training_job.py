@@ -21,8 +21,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -50,8 +50,17 @@ def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
     usage = count_kernel_usage(model, batches, data.num_classes, device,
                                max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
     masks = module_masks(usage, cfg.modularize.tau)
-    return usage, masks, modularity_report(usage, masks, unmasked_kernels=unmasked_kernels(model), tau=cfg.modularize.tau,
-                                           taus=cfg.modularize.report_taus)
+    return (
+        usage,
+        masks,
+        modularity_report(
+            usage,
+            masks,
+            unmasked_kernels=unmasked_kernels(model),
+            tau=cfg.modularize.tau,
+            taus=cfg.modularize.report_taus,
+        ),
+    )
 
 
 def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
@@ -74,12 +83,18 @@ def finish_run(model, data: ImageData, cfg: Config, device: torch.device, histor
         summary["modules"] = report
         extra |= {"kernel_usage": usage.state_dict(), "module_masks": masks, "tau": cfg.modularize.tau}
         if log:
-            log(f"modules at tau={cfg.modularize.tau}: KRR {report['krr']:.3f}  cohesion {report.get('cohesion', float('nan')):.3f}  "
-                f"coupling {report['coupling']:.3f}  per-layer KRR " + " ".join(f"{v:.2f}" for v in report["layer_krr"]))
+            log(
+                f"modules at tau={cfg.modularize.tau}: KRR {report['krr']:.3f}  "
+                f"cohesion {report.get('cohesion', float('nan')):.3f}  "
+                f"coupling {report['coupling']:.3f}  per-layer KRR " + " ".join(f"{v:.2f}" for v in report["layer_krr"])
+            )
     save_checkpoint(cfg.run_dir / "checkpoint.pt", model, architecture(cfg, data), **extra)
     _write_results(cfg.run_dir, history, summary)
     if log:
-        log(f"test accuracy {history[-1]['test_accuracy']:.2%}; wrote {', '.join(RESULT_FILES)} to {cfg.run_dir.resolve()}")
+        log(
+            f"test accuracy {history[-1]['test_accuracy']:.2%}; "
+            f"wrote {', '.join(RESULT_FILES)} to {cfg.run_dir.resolve()}"
+        )
     return summary
 
 
@@ -153,12 +168,16 @@ class TrainingJob:
     def run(self) -> dict | None:
         cfg, session = self.cfg, self.session
         if cfg.train.batch_size % session.world_size:
-            raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by {session.world_size} workers")
+            raise SetupError(
+                f"train.batch_size {cfg.train.batch_size} is not divisible by {session.world_size} workers"
+            )
         remove_stale_scratch()  # what killed workers on this node left in the temporary folder
         data = self.checked_data if self.checked_data is not None else load_data(cfg)
         self.data = place_data(data, session.device, cfg.data.device_resident)
         seed_everything(cfg.train.seed)
-        self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(session.device)
+        self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(
+            session.device
+        )
         init_mask_bias(self.model, cfg.train.mask_bias_init)
         detach_generator_inputs(self.model, cfg.train.detach_generator_input)
         self.settings = cfg.train.optim_settings()
@@ -196,8 +215,10 @@ class TrainingJob:
             self.scheduler.load_state_dict(state["scheduler_state"])
             _set_rng_state(state["rng"])
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
-            raise SetupError(f"{error if isinstance(error, ValueError) else f'{source}: cannot be restored ({error!r})'}; "
-                             "run without --resume to start a new job") from None
+            raise SetupError(
+                f"{error if isinstance(error, ValueError) else f'{source}: cannot be restored ({error!r})'}; "
+                "run without --resume to start a new job"
+            ) from None
         self.start_epoch, self.history = int(state["epoch"]), list(state["history"])
         self.resumes = list(state.get("resumes", [])) + [self.start_epoch]
         planned = (state.get("config") or {}).get("train", {}).get("epochs")
@@ -241,8 +262,15 @@ class TrainingJob:
     def finish(self, folder: Path) -> None:
         """Modularize and write the results; the final checkpoint holds them too."""
         cfg = self.cfg
-        self.summary = finish_run(unwrap_ddp(self.model), self.data, cfg, self.session.device, self.history, log=self.log,
-                                  mlflow_run_id=self.tracked.run_id if self.tracked is not None else None)
+        self.summary = finish_run(
+            unwrap_ddp(self.model),
+            self.data,
+            cfg,
+            self.session.device,
+            self.history,
+            log=self.log,
+            mlflow_run_id=self.tracked.run_id if self.tracked is not None else None,
+        )
         if self.tracked is not None:
             self.summary["mlflow_run_id"] = self.tracked.run_id
             names = self.tracked.log_results(cfg.run_dir, title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
@@ -269,7 +297,9 @@ class TrainingJob:
                 if epoch > 1:
                     session.wait_until_registered(f"checkpoint_epoch_{epoch - 1:04d}")
                 storage.write_bytes(marker, f"killed pid {os.getpid()} at epoch {epoch} step {step}\n".encode())
-                log(f"fault injection: killing worker pid {os.getpid()} at epoch {epoch}, step {step}/{steps_per_epoch}")
+                log(
+                    f"fault injection: killing worker pid {os.getpid()} at epoch {epoch}, step {step}/{steps_per_epoch}"
+                )
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.kill(os.getpid(), signal.SIGKILL)

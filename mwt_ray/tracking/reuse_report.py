@@ -34,8 +34,8 @@ _MEASURES = (
 
 @dataclass
 class ReuseTables:
-    rows: "pd.DataFrame"  # noqa: F821 - one row per sub-task
-    summary: "pd.DataFrame"  # noqa: F821 - per M (index), the mean of each measure
+    rows: pd.DataFrame  # noqa: F821 - one row per sub-task
+    summary: pd.DataFrame  # noqa: F821 - per M (index), the mean of each measure
 
     def _view(self, columns: dict[str, tuple[str, float]]):
         import pandas as pd

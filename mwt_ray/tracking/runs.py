@@ -43,8 +43,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..core.files import DiskFull, is_disk_full, writable_folder_error
 
@@ -143,7 +144,9 @@ def check_store(uri: str) -> None:
     if local is not None and Path(local).exists() and not Path(local).is_dir():
         raise TrackingError(f"MLflow store {uri} is a file, not a folder; set tracking.tracking_uri to a folder "
                             "or an sqlite:/// URI")
-    folder = path.parent if path is not None else Path(local) if local is not None else None  # sqlite file, or a file store
+    folder = (
+        path.parent if path is not None else Path(local) if local is not None else None
+    )  # sqlite file, or a file store
     if folder is not None:
         reason = writable_folder_error(folder)
         if reason:
@@ -258,7 +261,7 @@ class MlflowRun:
         self._logged: set[int] | None = None
 
     @classmethod
-    def from_info(cls, info: dict) -> "MlflowRun":
+    def from_info(cls, info: dict) -> MlflowRun:
         return cls(info["tracking_uri"], info["run_id"])
 
     def info(self) -> dict:
@@ -334,7 +337,7 @@ class MlflowRun:
         with _writing(self.tracking_uri, f"to mark run {self.run_id} {status}"):
             self.client.set_terminated(self.run_id, status)
 
-    def __enter__(self) -> "MlflowRun":
+    def __enter__(self) -> MlflowRun:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -346,11 +349,18 @@ class MlflowRun:
             return
         try:
             self.end(status)
-        except Exception as failure:  # e.g. the store is on the disk that is full: the job's own error stays the one raised
-            reason = (f"its store {self.tracking_uri} is on a full disk too" if isinstance(failure, DiskFull)
-                      else _first_line(failure))
-            error.add_note(f"the MLflow run {self.run_id} could not be marked {status} and stays RUNNING ({reason}); "
-                           "a new job of the same name marks it FAILED")
+        except (
+            Exception
+        ) as failure:  # e.g. the store is on the disk that is full: the job's own error stays the one raised
+            reason = (
+                f"its store {self.tracking_uri} is on a full disk too"
+                if isinstance(failure, DiskFull)
+                else _first_line(failure)
+            )
+            error.add_note(
+                f"the MLflow run {self.run_id} could not be marked {status} and stays RUNNING ({reason}); "
+                "a new job of the same name marks it FAILED"
+            )
 
 
 # MLflow 3's experiment "kind": its UI shows an experiment as "GenAI apps & agents" (overview, traces,
@@ -379,7 +389,9 @@ def _experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
-            raise TrackingError(f"MLflow experiment {name!r} is deleted in {uri}; restore it or set tracking.experiment")
+            raise TrackingError(
+                f"MLflow experiment {name!r} is deleted in {uri}; restore it or set tracking.experiment"
+            )
         if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier version; a kind set by hand stays
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
@@ -463,7 +475,9 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
     except TrackingError:
         raise
     except Exception as error:
-        raise TrackingError(f"MLflow store {uri} cannot be used: {str(error).splitlines()[0] if str(error) else error!r}") from None
+        raise TrackingError(
+            f"MLflow store {uri} cannot be used: {str(error).splitlines()[0] if str(error) else error!r}"
+        ) from None
     params = flatten_params(cfg.model_dump(mode="json"))
     existing: dict[str, str] = {}
     if run_id is not None:
@@ -473,7 +487,9 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
             run = None
         if run is None or run.info.experiment_id != experiment_id or run.info.lifecycle_stage == "deleted":
             if log:
-                log(f"MLflow run {run_id} is not in experiment {cfg.tracking.experiment!r} of {uri}; starting a new run")
+                log(
+                    f"MLflow run {run_id} is not in experiment {cfg.tracking.experiment!r} of {uri}; starting a new run"
+                )
             run_id = None
         else:
             _check_own_run(run, cfg.name, tags or {}, uri)

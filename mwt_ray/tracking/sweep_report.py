@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..core.files import atomic_write_text
 from ..core.messages import one_line
@@ -64,7 +64,9 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
     for result in grid:
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id") or Path(result.path).name}
-        row |= {key.split(".")[-1] if keys.count(key) == 1 else key: result.config.get(key) for key in keys if key != "tau"}
+        row |= {
+            key.split(".")[-1] if keys.count(key) == 1 else key: result.config.get(key) for key in keys if key != "tau"
+        }
         own_error = metrics.get("trial_error")
         status = ("failed" if result.error or own_error else
                   "completed" if "krr" in metrics and "tau" in metrics else "stopped early")
