@@ -5,7 +5,7 @@
 Reads each ``byo-*`` folder's ``metrics.json`` and, for modular runs, ``reuse/reuse_summary.csv``
 (the mean over its sampled 2-class sub-tasks); prints a Markdown table, and per model whether the
 modular seeds collapse (more than 20 points below the standard model, or seeds more than 10 apart:
-the definition of the issue, after MODA's report of MwT on MobileNet).
+the definition of a collapse used here, after MODA's report of MwT on MobileNet).
 """
 from __future__ import annotations
 

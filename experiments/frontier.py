@@ -10,7 +10,7 @@ Each argument after a panel's title is a run folder holding ``metrics.json`` (wh
 job writes); the first is the standard run. A point is the modular model's test accuracy and its
 modules' KRR at the run's ``modularize.tau``; its label names the options that differ from the
 paper's method; each option's line joins its points that no other point of the same option beats
-on both axes (its front). The shaded boxes are the issue's targets (at most 1.6 points lost at KRR <= 0.34;
+on both axes (its front). The shaded boxes are the targets set for the frontier (at most 1.6 points lost at KRR <= 0.34;
 at most 3 points lost at KRR <= 0.25).
 """
 from __future__ import annotations

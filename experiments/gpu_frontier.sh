@@ -4,7 +4,7 @@
 # after this script starts (less the time to pack); then the summaries, and the checkpoints a reuse
 # check may need, packed into OUT. RESUME=1 continues the jobs an earlier call stopped (same WORK).
 #   OUT=gpu_out DATA=../shared/datasets/cifar10-jpeg.tar.gz bash experiments/gpu_frontier.sh
-# Measured on an H200 (session 4): modular VGG16/4 jobs on all of CIFAR-10 shared the GPU at about
+# Measured on an H200: modular VGG16/4 jobs on all of CIFAR-10 shared the GPU at about
 # 3.3 s per epoch in total, whether 6 or 12 ran at once (40 s per epoch each at 12, 20 s at 6); a
 # standard job needs about a quarter of that. So one 15-epoch modular job costs about 50 s of GPU:
 # size PLAN and BUDGET with that.
