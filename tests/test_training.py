@@ -54,6 +54,20 @@ def test_standard_training_has_no_modules(tmp_path):
     assert "module_masks" not in load_checkpoint(cfg.run_dir / "checkpoint.pt")
 
 
+def test_single_process_command_runs_without_ray(tmp_path):
+    """The machine that trains on one GPU may have no Ray: the command's single-process path never
+    imports it (here it cannot: ``sys.modules["ray"] = None`` makes ``import ray`` fail)."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from mwt_ray.train import main\n"
+            f"code = main({[f'--set={o}' for o in TINY + ['train.epochs=1', f'output_dir={tmp_path}']]!r})\n"
+            "assert not any(name == 'ray' or name.startswith('ray.') for name in sys.modules if sys.modules[name])\n"
+            "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "mwt" / "checkpoint.pt").is_file()
+
+
 def run_cli(module, args, cwd):
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=300)

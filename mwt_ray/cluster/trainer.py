@@ -54,6 +54,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from ..config import Config
 from ..jobs import (
     RESULT_FILES,
@@ -92,8 +96,6 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
 
     Ray Train would otherwise wait forever for resources that never come.
     """
-    import ray
-
     need = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     room = sum(min(math.floor(res.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for res in nodes)
@@ -196,10 +198,6 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
 
 
 def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, callbacks, log) -> dict:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     with ray_session():
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         check_shared_places(job_places(cfg))

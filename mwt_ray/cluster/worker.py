@@ -6,9 +6,12 @@ written straight to the storage folder): ``train_loop_per_worker(loop_config(cfg
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+import ray.train
+import ray.train.torch
 from torch import nn
 
 from ..config import Config
@@ -25,8 +28,6 @@ def wrap_model(model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
     DDP forwards keyword arguments, so ``model(x, return_masks=True)`` returns (logits, masks)
     as the bare model does; ``checkpoint.save_checkpoint`` and ``unwrap_ddp`` get the bare module.
     """
-    import ray.train.torch
-
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # find_unused_parameters stays False: a modular model uses every generator at every step.
@@ -40,8 +41,6 @@ class RayTrainSession:
     report = None  # a sweep trial's Tune sees rank 0's ray.train.report through its TuneReportCallback
 
     def __init__(self, context, storage: RunStorage, sync_batchnorm: bool = False):
-        import ray.train.torch
-
         self.storage, self.sync_batchnorm = storage, sync_batchnorm
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         device = ray.train.torch.get_device()
@@ -50,8 +49,6 @@ class RayTrainSession:
     def latest_state(self) -> dict | None:
         """The checkpoint Ray Train restores (after a worker failure, or a resumed job's latest
         registered one), else the newest one in the job's folder."""
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return latest_training_state(self.storage)
@@ -64,10 +61,7 @@ class RayTrainSession:
         return wrap_model(model, self.sync_batchnorm) if self.world_size > 1 else model
 
     def persist(self, folder: Path, folder_name: str, metrics: dict) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        checkpoint = Checkpoint.from_directory(str(folder)) if self.rank == 0 else None
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if self.rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder_name)
 
     def wait_until_registered(self, folder_name: str, timeout_s: float = 30.0) -> None:
@@ -98,9 +92,9 @@ def loop_config(cfg: Config, tracking: dict | None = None, sync_batchnorm: bool 
 
 def _quiet_ray_train_reports() -> None:
     """Ray Train logs "Reporting training result ..." at INFO on every rank for every report, from a
-    logger named after its file (outside the ``ray.train`` logger that ``LoggingConfig`` sets)."""
-    import logging
-
+    logger named after its file (outside the ``ray.train`` logger that ``LoggingConfig`` sets).
+    Imported here, not at the top: a private module whose path changes between Ray versions, and
+    the worker must run without it."""
     try:
         from ray.train.v2._internal.execution import context as ray_context
     except ImportError:
@@ -111,10 +105,8 @@ def _quiet_ray_train_reports() -> None:
 def _ray_context():
     """Ray Train's context inside a training worker, None in a plain process."""
     try:
-        import ray.train
-
         return ray.train.get_context()
-    except (ImportError, RuntimeError):
+    except RuntimeError:
         return None
 
 

@@ -35,10 +35,19 @@ from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kerne
 from ..core.models import create_model
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
 from ..core.training import fit, make_optimizer, make_scheduler, prepare_model, unwrap_ddp
+from .preflight import preflight_training
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
-from .storage import KEEP_CHECKPOINTS, TRAINING_STATE, RunStorage, check_resume, latest_training_state
+from .storage import (
+    KEEP_CHECKPOINTS,
+    RUN_FILE,
+    TRAINING_STATE,
+    RunStorage,
+    check_resume,
+    latest_training_state,
+    start_job,
+)
 
-__all__ = ["TrainingJob", "LocalSession", "modularize_model", "finish_run"]
+__all__ = ["TrainingJob", "LocalSession", "modularize_model", "finish_run", "train_in_process"]
 
 
 def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
@@ -305,3 +314,31 @@ class TrainingJob:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return hook
+
+
+def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=None) -> dict:
+    """Train in this process (no Ray) as a new job of ``cfg.name``, checkpointing every epoch to the
+    job's folder; tracked in MLflow unless ``tracking.enabled`` is false. ``resume=True`` continues the
+    latest job of that name (its checkpoint and its MLflow run; a new job when there is none);
+    ``report(metrics)`` is called after every epoch.
+
+    Every check on the input runs before anything is written (``jobs.preflight``)."""
+    cfg, data, plan = preflight_training(cfg, resume, log)
+    uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+    session = LocalSession(plan.storage, cfg.train.device, resume=plan.resumed, report=report)
+    if log:
+        log(
+            f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} "
+            f"(checkpoints in {plan.storage.uri})"
+            + (" - it had finished: writing its results again" if plan.finished else "")
+        )
+    if not cfg.tracking.enabled:
+        start_job(cfg, plan, None, log)
+        return TrainingJob(cfg, session, data=data).run()
+    from ..tracking import open_run
+
+    run_id = plan.run_info.get("run_id") if plan.run_info.get("tracking_uri") == uri else None
+    with open_run(cfg, run_id, tags={"mwt.num_workers": "0", "mwt.job_id": plan.job_id}, log=log) as tracked:
+        start_job(cfg, plan, uri, log)
+        plan.storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
+        return TrainingJob(cfg, session, tracked.info(), data=data).run()
