@@ -314,6 +314,15 @@ def test_train_loop_runs_in_a_plain_process_and_resumes(tmp_path):
     assert len([p for p in storage.iterdir() if p.is_dir()]) <= 2  # older checkpoints pruned
 
 
+def test_both_sessions_have_the_session_interface(tmp_path):
+    from mwt_ray.cluster.worker import RayTrainSession
+    from mwt_ray.jobs import LocalSession, TrainingSession
+
+    assert isinstance(LocalSession(RunStorage(str(tmp_path)), "cpu"), TrainingSession)
+    for method in ("resume_state", "wrap", "persist"):
+        assert callable(getattr(RayTrainSession, method)), method
+
+
 def test_prune_keeps_the_newest_checkpoints(tmp_path):
     """A driver killed between a checkpoint's upload and its registration leaves one folder too many;
     the job's end removes it, keeping the newest two."""

@@ -117,10 +117,12 @@ def test_modularizing_pass_shows_progress(monkeypatch, capsys):
     assert [line.split(": ")[2].split()[0] for line in lines] == ["512/1437", "1024/1437"]
 
 
-def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path):
+def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path, monkeypatch):
     """What a sweep trial relies on: resume=True with no earlier job starts one; without resume a
-    name used before gets a fresh job; with it, the latest job continues (here: already finished)."""
-    from mwt_ray.jobs import list_jobs
+    name used before gets a fresh job; with it, the latest job continues (here: already finished),
+    its checkpoint read once (the preflight's read is the one the job resumes from: on an object
+    store a second read would be a second download)."""
+    from mwt_ray.jobs import list_jobs, storage
 
     cfg = load_config(None, TINY + ["train.epochs=1", f"output_dir={tmp_path}", "name=again"])
     lines = []
@@ -129,6 +131,10 @@ def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path):
     train_in_process(cfg, log=None)
     assert len(list_jobs(cfg)) == 2
     lines.clear()
+    reads = []
+    read_state = storage._read_state
+    monkeypatch.setattr(storage, "_read_state", lambda *args: reads.append(args[1]) or read_state(*args))
     again = train_in_process(cfg, resume=True, log=lines.append)
+    assert len(reads) == 1, reads
     assert len(list_jobs(cfg)) == 2 and any(f"resuming job {list_jobs(cfg)[-1]}" in line for line in lines)
     assert again["final"]["test_accuracy"] == pytest.approx(first["final"]["test_accuracy"])  # same seed, same data

@@ -30,7 +30,7 @@ fails after starting ends in one line naming the worker that failed first (a wor
 died before the workers that then lost their connection to it); the workers' stderr (tracebacks,
 Ray's own log lines) goes to ``worker_stderr.log`` in the job's folder instead of the terminal.
 ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way through epoch N, to
-exercise that path; a marker file in the storage keeps the restarted attempt from failing again.
+exercise that path (``jobs.fault_drill``).
 After training, rank 0 modularizes and writes the same ``checkpoint.pt``, ``metrics.json``
 and ``history.csv`` as single-process training (``jobs.finish_run``).
 
@@ -207,10 +207,13 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
             start_job(cfg, plan, resolve_tracking_uri(cfg.tracking.tracking_uri) if tracked else None, log)
             log(f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} (checkpoints in "
                 f"{plan.storage.uri}; the workers' stderr goes to {stderr_log})")
+            # The state the preflight read to resume from goes to the workers through Ray's object
+            # store: read once, not again by every worker from the run storage.
+            planned = {"state": ray.put(plan.state), "source": plan.state["source"]} if plan.state else None
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config=loop_config(
-                    cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri
+                    cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri, planned
                 ),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
                 scaling_config=ray.train.ScalingConfig(

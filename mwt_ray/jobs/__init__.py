@@ -6,8 +6,10 @@ installed.
 """
 from __future__ import annotations
 
+from .fault_drill import FaultDrill
 from .preflight import check_inputs, preflight_training
 from .reuse_job import reuse_from_checkpoints
+from .session import TrainingSession
 from .setup import (
     RESULT_FILES,
     JobFailed,
@@ -30,7 +32,7 @@ from .storage import (
     start_job,
     storage_root,
 )
-from .training_job import LocalSession, TrainingJob, finish_run, modularize_model, train_in_process
+from .training_job import JobHook, LocalSession, TrainingJob, finish_run, modularize_model, train_in_process
 
 __all__ = [
     "SetupError",
@@ -51,7 +53,10 @@ __all__ = [
     "start_job",
     "list_jobs",
     "check_destinations",
+    "TrainingSession",
     "LocalSession",
+    "JobHook",
+    "FaultDrill",
     "TrainingJob",
     "finish_run",
     "modularize_model",
