@@ -24,7 +24,7 @@ from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E4
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from mwt_ray.cluster import loop_config, run_distributed, train_loop_per_worker  # noqa: E402
-from mwt_ray.cluster.trainer import _prune_checkpoints, preflight  # noqa: E402
+from mwt_ray.cluster.trainer import _prune_checkpoints, check_and_plan_distributed_job  # noqa: E402
 from mwt_ray.core.checkpoint import build_model, load_checkpoint  # noqa: E402
 from mwt_ray.jobs import RunStorage, SetupError, job_storage, latest_training_state, list_jobs  # noqa: E402
 from mwt_ray.tracking import TrackingError  # noqa: E402
@@ -107,9 +107,9 @@ def test_a_new_job_unless_resumed(two_worker_run):
     """Without resume a run of the same name is a new job; with it, the latest job (no Ray needed)."""
     cfg, _, _, _ = two_worker_run
     (existing,) = list_jobs(cfg)
-    _, fresh = preflight(cfg)
+    _, fresh = check_and_plan_distributed_job(cfg)
     assert not fresh.resumed and fresh.job_id != existing and fresh.state is None
-    _, resumed = preflight(cfg, resume=True)
+    _, resumed = check_and_plan_distributed_job(cfg, resume=True)
     assert resumed.resumed and resumed.job_id == existing and resumed.finished and resumed.state["epoch"] == 2
     assert list_jobs(cfg) == [existing]  # planning writes nothing
 

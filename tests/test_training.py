@@ -107,12 +107,12 @@ def test_reuse_rebuilds_module_masks_for_another_tau(modular_run):
 def test_modularizing_pass_shows_progress(monkeypatch, capsys):
     from mwt_ray.core.data import load_dataset
     from mwt_ray.core.models import create_model
-    from mwt_ray.jobs import modularize_model
+    from mwt_ray.jobs import derive_modules
 
     monkeypatch.setenv("MWT_RAY_PROGRESS_EVERY_S", "0")
     data = load_dataset("digits")  # 1437 training images: batches of 512
     cfg = load_config(None, ["modularize.cohesion_samples_per_class=5"])
-    modularize_model(create_model("vgg16", 10, 0.125), data, cfg, torch.device("cpu"))
+    derive_modules(create_model("vgg16", 10, 0.125), data, cfg, torch.device("cpu"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("modularizing")]
     assert [line.split(": ")[2].split()[0] for line in lines] == ["512/1437", "1024/1437"]
 

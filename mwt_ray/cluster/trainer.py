@@ -5,7 +5,7 @@
     RAY_ADDRESS=ray://head:10001 python -m mwt_ray.train ...     # a running cluster
 
 ``run_distributed(cfg)`` runs ``train_loop_per_worker`` on ``scaling.num_workers`` Ray Train
-workers. Each worker runs the core loop (``training.fit``) on its slice of every global batch
+workers. Each worker runs the core loop (``training.train_epochs``) on its slice of every global batch
 (``train.batch_size`` is the global batch; ``data.iterate_batches`` shards it by rank) with the
 model wrapped in DistributedDataParallel. The masks of the whole global batch are all-gathered
 with autograd (``training.gather_global_batch``), so cohesion and coupling are the losses over
@@ -31,7 +31,7 @@ died before the workers that then lost their connection to it); the workers' std
 Ray's own log lines) goes to ``worker_stderr.log`` in the job's folder instead of the terminal.
 ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way through epoch N, to
 exercise that path (``jobs.fault_drill``).
-After training, rank 0 modularizes and writes the same ``checkpoint.pt``, ``metrics.json``
+After training, rank 0 derives the modules and writes the same ``checkpoint.pt``, ``metrics.json``
 and ``history.csv`` as single-process training (``jobs.finish_run``).
 
 Before anything trains, bad input stops the job with one line: a global batch not divisible by
@@ -64,7 +64,7 @@ from ..jobs import (
     JobFailed,
     JobPlan,
     SetupError,
-    preflight_training,
+    check_and_plan_job,
     start_job,
     storage_root,
     train_in_process,
@@ -75,8 +75,8 @@ from .ray_session import ray_session
 from .shared_storage import check_job_places, check_shared_places, job_places
 from .worker import loop_config, train_loop_per_worker
 
-__all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "describe_failure",
-           "DistributedTrainingError"]
+__all__ = ["run_distributed", "run_training", "check_cluster_resources", "check_and_plan_distributed_job",
+           "describe_failure", "DistributedTrainingError"]
 
 
 class DistributedTrainingError(JobFailed):
@@ -123,16 +123,16 @@ def worker_runtime_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def preflight(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
+def check_and_plan_distributed_job(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
               log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
-    """``jobs.preflight_training`` for Ray Train workers: every check that needs no Ray cluster,
+    """``jobs.check_and_plan_job`` for Ray Train workers: every check that needs no Ray cluster,
     before anything is written; returns the config with absolute paths and the job to run (a new
     one, or with ``resume`` the latest job of the name, whose checkpoint must fit the config)."""
     if cfg.scaling.num_workers < 1:
         raise SetupError("scaling.num_workers must be >= 1 for distributed training")
     if sync_batchnorm and not cfg.scaling.use_gpu:
         raise SetupError("SyncBatchNorm needs GPUs (PyTorch has no CPU implementation); set scaling.use_gpu=true")
-    cfg, _, plan = preflight_training(cfg, resume, log)
+    cfg, _, plan = check_and_plan_job(cfg, resume, log)
     return cfg, plan
 
 
@@ -186,18 +186,18 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     named by ``RAY_ADDRESS`` or starts a local one, shut down again at the end).
     """
     log = log or (lambda line: None)
-    cfg, plan = preflight(cfg, sync_batchnorm, resume, log)
+    cfg, plan = check_and_plan_distributed_job(cfg, sync_batchnorm, resume, log)
     local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
     stderr_log = (
         Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
     )
     # The redirect lasts until Ray is shut down: Ray forwards the workers' lines asynchronously, and
-    # tracebacks of the surviving workers still arrive after fit() has failed.
+    # tracebacks of the surviving workers still arrive after the training has failed.
     with ray_output_to(stderr_log):
-        return _fit(cfg, plan, stderr_log, sync_batchnorm, callbacks, log)
+        return _train_on_ray(cfg, plan, stderr_log, sync_batchnorm, callbacks, log)
 
 
-def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, callbacks, log) -> dict:
+def _train_on_ray(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, callbacks, log) -> dict:
     with ray_session():
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         check_shared_places(job_places(cfg))

@@ -1,6 +1,6 @@
 """Standard and modular training for one process, or one rank of a data-parallel group.
 
-The whole path: ``fit`` runs epochs of ``train_epoch``; each step computes the logits (and, for
+The whole path: ``train_epochs`` runs epochs of ``train_epoch``; each step computes the logits (and, for
 modular training, the per-layer masks), the objective of Eq. 6, and an SGD step. Under
 ``torch.distributed`` (set up by Ray Train or torchrun) each rank sees its slice of every global
 batch, and the masks are all-gathered with autograd so cohesion and coupling are computed over the
@@ -24,13 +24,13 @@ from .losses import LayerMasks, modular_objective
 from .metrics import batch_modularity
 
 __all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "prepare_model", "TrainingStep", "StepValues",
-           "step_value_names", "train_epoch", "evaluate", "fit", "gather_global_batch", "world", "unwrap_ddp",
+           "step_value_names", "train_epoch", "evaluate", "train_epochs", "gather_global_batch", "world", "unwrap_ddp",
            "loss_weight_ramp"]
 
 
 @dataclass
 class OptimSettings:
-    """What ``fit`` needs; built by ``config.TrainConfig.optim_settings()``, where the defaults live: each
+    """What ``train_epochs`` needs; built by ``config.TrainConfig.optim_settings()``, where the defaults live: each
     field is read from the ``train`` key of the same name."""
     epochs: int
     batch_size: int
@@ -309,7 +309,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, data:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.device, *,
+def train_epochs(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.device, *,
         optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_epoch: int = 0,
         on_epoch_end: EpochCallback | None = None, log: Callable[[str], None] | None = print) -> list[dict]:
     """Train ``model`` from ``start_epoch`` to ``s.epochs``; returns one metrics dict per epoch.

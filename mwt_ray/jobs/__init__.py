@@ -7,7 +7,7 @@ installed.
 from __future__ import annotations
 
 from .fault_drill import FaultDrill
-from .preflight import check_inputs, preflight_training
+from .preflight import check_and_plan_job, check_inputs
 from .reuse_job import reuse_from_checkpoints
 from .session import TrainingSession
 from .setup import (
@@ -32,7 +32,7 @@ from .storage import (
     start_job,
     storage_root,
 )
-from .training_job import JobHook, LocalSession, TrainingJob, finish_run, modularize_model, train_in_process
+from .training_job import JobHook, LocalSession, TrainingJob, derive_modules, finish_run, train_in_process
 
 __all__ = [
     "SetupError",
@@ -59,10 +59,10 @@ __all__ = [
     "FaultDrill",
     "TrainingJob",
     "finish_run",
-    "modularize_model",
+    "derive_modules",
     "reuse_from_checkpoints",
     "train_in_process",
     "check_inputs",
-    "preflight_training",
+    "check_and_plan_job",
 ]
 

@@ -1,11 +1,11 @@
 """A training job, the same in one process and on every Ray Train worker: train, checkpoint every
-epoch, resume, modularize, write the results.
+epoch, resume, derive the modules, write the results.
 
     TrainingJob(cfg, LocalSession(job_storage(cfg, job_id))).run()   # one process, a fresh start in the job's folder
 
 ``TrainingJob.run`` reads top to bottom: build the model, ``resume`` from the session's state to
 resume from, train with ``end_epoch`` after every epoch (``persist`` a checkpoint, then log the
-epoch to MLflow), and ``finish``: modularize, write ``checkpoint.pt`` / ``metrics.json`` /
+epoch to MLflow), and ``finish``: derive the modules, write ``checkpoint.pt`` / ``metrics.json`` /
 ``history.csv`` and persist them as the final checkpoint. A *session* (``jobs.session.TrainingSession``)
 says where the job runs: ``LocalSession`` (this process, world size 1) or
 ``cluster.worker.RayTrainSession`` (one rank of a Ray Train worker group, checkpoints reported to
@@ -36,9 +36,9 @@ from ..core.files import atomic_write_text, remove_stale_scratch, scratch_folder
 from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kernels
 from ..core.models import create_model
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
-from ..core.training import fit, make_optimizer, make_scheduler, prepare_model, unwrap_ddp
+from ..core.training import make_optimizer, make_scheduler, prepare_model, train_epochs, unwrap_ddp
 from .fault_drill import FaultDrill
-from .preflight import preflight_training
+from .preflight import check_and_plan_job
 from .session import TrainingSession
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
 from .storage import (
@@ -50,10 +50,10 @@ from .storage import (
     start_job,
 )
 
-__all__ = ["TrainingJob", "JobHook", "LocalSession", "modularize_model", "finish_run", "train_in_process"]
+__all__ = ["TrainingJob", "JobHook", "LocalSession", "derive_modules", "finish_run", "train_in_process"]
 
 
-def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
+def derive_modules(model, data: ImageData, cfg: Config, device: torch.device):
     """Kernel usage over the (un-augmented) training set, module masks at tau, and their metrics."""
     from ..core.progress import progress
 
@@ -86,12 +86,12 @@ def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
 
 def finish_run(model, data: ImageData, cfg: Config, device: torch.device, history: list[dict],
                log=print, mlflow_run_id: str | None = None) -> dict:
-    """Modularize (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary.
+    """Derive the modules (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary.
     ``mlflow_run_id`` goes into the checkpoint, so a reuse evaluation of it logs to the same run."""
     summary = {"config": cfg.model_dump(), "final": history[-1], "epochs": len(history)}
     extra = {"config": cfg.model_dump(), "history": history, "mlflow_run_id": mlflow_run_id}
     if cfg.train.modular:
-        usage, masks, report = modularize_model(model, data, cfg, device)
+        usage, masks, report = derive_modules(model, data, cfg, device)
         summary["modules"] = report
         extra |= {"kernel_usage": usage.state_dict(), "module_masks": masks, "tau": cfg.modularize.tau}
         if log:
@@ -213,8 +213,8 @@ class TrainingJob:
                      f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images, "
                      f"{self.data.num_classes} classes, global batch {cfg.train.batch_size}, "
                      f"epochs {self.start_epoch + 1}..{self.settings.epochs}")
-        fit(self.model, self.data, self.settings, session.device, optimizer=self.optimizer, scheduler=self.scheduler,
-            start_epoch=self.start_epoch, on_epoch_end=self.end_epoch, log=self.log)
+        train_epochs(self.model, self.data, self.settings, session.device, optimizer=self.optimizer,
+                     scheduler=self.scheduler, start_epoch=self.start_epoch, on_epoch_end=self.end_epoch, log=self.log)
         if not self.history:
             raise SetupError("no epoch was trained and the checkpoint holds no history")
         self.persist(f"final_{time.strftime('%Y%m%d-%H%M%S')}_{len(self.history):04d}", self.finish, self.history[-1])
@@ -277,7 +277,7 @@ class TrainingJob:
             self.session.persist(scratch, folder_name, metrics)
 
     def finish(self, folder: Path) -> None:
-        """Modularize and write the results; the final checkpoint holds them too."""
+        """Derive the modules and write the results; the final checkpoint holds them too."""
         cfg = self.cfg
         self.summary = finish_run(
             unwrap_ddp(self.model),
@@ -304,7 +304,7 @@ def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=Non
     ``report(metrics)`` is called after every epoch.
 
     Every check on the input runs before anything is written (``jobs.preflight``)."""
-    cfg, data, plan = preflight_training(cfg, resume, log)
+    cfg, data, plan = check_and_plan_job(cfg, resume, log)
     uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
     session = LocalSession(plan.storage, cfg.train.device, state=plan.state, report=report)
     hooks = [FaultDrill(cfg.scaling.fail_at_epoch)] if cfg.scaling.fail_at_epoch else []
