@@ -56,8 +56,10 @@ def test_standard_training_has_no_modules(tmp_path):
 
 def test_single_process_command_runs_without_ray(tmp_path):
     """The machine that trains on one GPU may have no Ray: the command's single-process path never
-    imports it (here it cannot: ``sys.modules["ray"] = None`` makes ``import ray`` fail)."""
+    imports it (here it cannot: ``sys.modules["ray"] = None`` makes ``import ray`` fail), nor does
+    importing the reuse command."""
     code = ("import sys; sys.modules['ray'] = None\n"
+            "import mwt_ray.reuse  # its in-process path (reuse.num_actors=0) needs no Ray either\n"
             "from mwt_ray.train import main\n"
             f"code = main({[f'--set={o}' for o in TINY + ['train.epochs=1', f'output_dir={tmp_path}']]!r})\n"
             "assert not any(name == 'ray' or name.startswith('ray.') for name in sys.modules if sys.modules[name])\n"

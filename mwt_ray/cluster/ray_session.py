@@ -20,8 +20,6 @@ import signal
 import threading
 from collections.abc import Iterator
 
-import ray
-
 __all__ = ["ray_session"]
 
 
@@ -33,6 +31,10 @@ def ray_session(*, dashboard: bool | None = None, worker_output: bool = True) ->
     packages are installed; Tune trials that run Ray Train hang without it on Ray 2.60, see the
     sweep); ``worker_output``: forward the workers' stdout and
     stderr to this process."""
+    # Imported here, not at the top: the reuse command imports this module also for its in-process
+    # path (reuse.num_actors=0), which runs where Ray is not installed.
+    import ray
+
     if ray.is_initialized():
         yield False
         return

@@ -72,6 +72,7 @@ from ..jobs import (
 from ..jobs.storage import KEEP_CHECKPOINTS, RUN_FILE, RunStorage
 from .ray_output import ray_output_to
 from .ray_session import ray_session
+from .runtime_env import worker_runtime_env
 from .shared_storage import check_job_places, check_shared_places, job_places
 from .worker import loop_config, train_loop_per_worker
 
@@ -110,17 +111,6 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
         f"on {len(nodes)} node(s): room for {room}; lower scaling.num_workers or "
         "scaling.cpus_per_worker, or add nodes (Ray would wait forever)"
     )
-
-
-def worker_runtime_env() -> dict | None:
-    """Environment for the workers: this source tree on PYTHONPATH when mwt_ray is not an
-    installed package, and the driver's MLFLOW_* variables (server credentials, TLS settings)."""
-    env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
-    parent = Path(__file__).resolve().parents[2]  # the folder that holds the mwt_ray package
-    if not ("site-packages" in parent.parts or "dist-packages" in parent.parts):
-        paths = [str(parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return {"env_vars": env} if env else None
 
 
 def check_and_plan_distributed_job(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
