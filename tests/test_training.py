@@ -140,3 +140,30 @@ def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path, monkey
     assert len(reads) == 1, reads
     assert len(list_jobs(cfg)) == 2 and any(f"resuming job {list_jobs(cfg)[-1]}" in line for line in lines)
     assert again["final"]["test_accuracy"] == pytest.approx(first["final"]["test_accuracy"])  # same seed, same data
+
+
+def test_fault_drill_kills_once_half_way_through_its_epoch(tmp_path, monkeypatch):
+    """``scaling.fail_at_epoch``'s job hook, without the kill: it counts optimizer steps from the
+    job's start epoch, waits for the previous epoch's checkpoint, leaves its marker, and fires once."""
+    import signal
+    from types import SimpleNamespace
+
+    from mwt_ray.jobs import FaultDrill, RunStorage
+    from mwt_ray.jobs import fault_drill as drill_module
+
+    kills, waited, lines = [], [], []
+    monkeypatch.setattr(drill_module.os, "kill", lambda pid, sig: kills.append(sig))
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    storage = RunStorage(str(tmp_path))
+    job = SimpleNamespace(session=SimpleNamespace(rank=0, storage=storage), start_epoch=1, optimizer=optimizer,
+                          data=SimpleNamespace(train_labels=range(40)), log=lines.append,
+                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=10)))  # 4 steps an epoch
+    FaultDrill(3, wait_for_checkpoint=lambda store, name: waited.append(name))(job)
+    for step in range(1, 4 * 2 + 1):  # epochs 2 and 3 (resumed from epoch 1)
+        parameter.grad = torch.ones(1)
+        optimizer.step()
+        assert kills == ([signal.SIGKILL] if step >= 4 + 2 else []), step
+    assert waited == ["checkpoint_epoch_0002"] and "at epoch 3 step 2" in storage.read_bytes(
+        ".fault_injected_epoch_3").decode()
+    assert len(lines) == 1 and "step 2/4" in lines[0]

@@ -1,8 +1,9 @@
 """One rank of a data-parallel job on Ray Train: the same ``jobs.TrainingJob`` as one process, with
 Ray Train's context (rank, device), its checkpoints and DistributedDataParallel.
 
-``train_loop_per_worker`` also runs in a plain process without Ray (world size 1, checkpoints
-written straight to the storage folder): ``train_loop_per_worker(loop_config(cfg))``.
+``train_loop_per_worker`` also runs in a plain process outside a Ray Train worker group (world
+size 1, checkpoints written straight to the storage folder): ``train_loop_per_worker(loop_config(cfg))``.
+The command's single-process path does not come here (``jobs.train_in_process``, no Ray at all).
 """
 from __future__ import annotations
 
