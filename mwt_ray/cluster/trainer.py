@@ -114,7 +114,7 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
 
 
 def check_and_plan_distributed_job(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
-              log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
+                                   log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
     """``jobs.check_and_plan_job`` for Ray Train workers: every check that needs no Ray cluster,
     before anything is written; returns the config with absolute paths and the job to run (a new
     one, or with ``resume`` the latest job of the name, whose checkpoint must fit the config)."""

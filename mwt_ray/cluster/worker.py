@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 from torch import nn
