@@ -19,10 +19,23 @@ from __future__ import annotations
 import sys
 
 from .cli import run_command
-from .cluster import run_training
-from .config import build_parser, load_config
+from .cluster.shared_storage import check_job_places
+from .config import Config, build_parser, load_config
+from .jobs import train_in_process
 
-__all__ = ["main"]
+__all__ = ["main", "train"]
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    """Train in this process when ``scaling.num_workers`` is 0, else on that many Ray Train workers.
+
+    Ray is imported only for the second: the first runs where Ray is not installed."""
+    check_job_places(cfg)
+    if cfg.scaling.num_workers == 0:
+        return train_in_process(cfg, resume=resume)
+    from .cluster.trainer import run_distributed
+
+    return run_distributed(cfg, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("train.modular=false")
     if args.num_workers is not None:
         overrides.append(f"scaling.num_workers={args.num_workers}")
-    return run_command(lambda: run_training(load_config(args.config, overrides), resume=args.resume),
+    return run_command(lambda: train(load_config(args.config, overrides), resume=args.resume),
                        interrupted_hint="; checkpoints up to the last finished epoch are kept: run the same "
                                         "command with --resume to continue")
 

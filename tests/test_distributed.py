@@ -24,7 +24,7 @@ from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E4
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from mwt_ray.cluster import loop_config, run_distributed, train_loop_per_worker  # noqa: E402
-from mwt_ray.cluster.trainer import _prune_checkpoints, preflight  # noqa: E402
+from mwt_ray.cluster.trainer import _prune_checkpoints, check_and_plan_distributed_job  # noqa: E402
 from mwt_ray.core.checkpoint import build_model, load_checkpoint  # noqa: E402
 from mwt_ray.jobs import RunStorage, SetupError, job_storage, latest_training_state, list_jobs  # noqa: E402
 from mwt_ray.tracking import TrackingError  # noqa: E402
@@ -107,9 +107,9 @@ def test_a_new_job_unless_resumed(two_worker_run):
     """Without resume a run of the same name is a new job; with it, the latest job (no Ray needed)."""
     cfg, _, _, _ = two_worker_run
     (existing,) = list_jobs(cfg)
-    _, fresh = preflight(cfg)
+    _, fresh = check_and_plan_distributed_job(cfg)
     assert not fresh.resumed and fresh.job_id != existing and fresh.state is None
-    _, resumed = preflight(cfg, resume=True)
+    _, resumed = check_and_plan_distributed_job(cfg, resume=True)
     assert resumed.resumed and resumed.job_id == existing and resumed.finished and resumed.state["epoch"] == 2
     assert list_jobs(cfg) == [existing]  # planning writes nothing
 
@@ -312,6 +312,15 @@ def test_train_loop_runs_in_a_plain_process_and_resumes(tmp_path):
     assert state["epoch"] == 2 and state["resumes"] == [1]
     assert [m["epoch"] for m in load_checkpoint(cfg.run_dir / "checkpoint.pt")["history"]] == [1, 2]
     assert len([p for p in storage.iterdir() if p.is_dir()]) <= 2  # older checkpoints pruned
+
+
+def test_both_sessions_have_the_session_interface(tmp_path):
+    from mwt_ray.cluster.worker import RayTrainSession
+    from mwt_ray.jobs import LocalSession, TrainingSession
+
+    assert isinstance(LocalSession(RunStorage(str(tmp_path)), "cpu"), TrainingSession)
+    for method in ("resume_state", "wrap", "persist"):
+        assert callable(getattr(RayTrainSession, method)), method
 
 
 def test_prune_keeps_the_newest_checkpoints(tmp_path):

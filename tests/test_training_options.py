@@ -132,3 +132,18 @@ def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone
     logits, masks = model(torch.randn(8, 3, 32, 32), return_masks=True)
     torch.nn.functional.cross_entropy(logits, labels).backward()
     assert all(p.grad is not None for p in backbone)
+
+
+def test_optim_settings_take_each_field_from_the_train_key_of_its_name():
+    """A train key the loop does not read needs no second mention; one it reads is read by name."""
+    from dataclasses import fields
+
+    from mwt_ray.config import TrainConfig
+    from mwt_ray.core.training import OptimSettings
+
+    train = load_config(None, ["train.lr=0.125", "train.sparsity=0.25", "train.compile_mode=max-autotune",
+                               "train.mask_bias_init=3"]).train
+    optim = train.optim_settings()
+    assert {f.name for f in fields(OptimSettings)} <= set(TrainConfig.model_fields)
+    assert all(getattr(optim, f.name) == getattr(train, f.name) for f in fields(OptimSettings))
+    assert (optim.lr, optim.sparsity, optim.compile_mode) == (0.125, 0.25, "max-autotune")

@@ -10,22 +10,17 @@ INFO level), so it runs at ERROR level here. It also puts the command's SIGTERM 
 MLflow runs), and it shuts down only a Ray it started itself: a caller already connected, such as
 a test's cluster or a Ray job's driver, keeps its connection.
 
-Ray's log deduplication is off (``RAY_DEDUP_LOGS=0``, read when Ray is first imported, hence at
-this module's import): it folds similar lines of different workers into one ``[repeated Nx]``
-line, so concurrent trials' epoch lines were lost. A user's own setting wins.
+Ray's log deduplication is turned off where this package is imported (``mwt_ray.cluster``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 from collections.abc import Iterator
 
 __all__ = ["ray_session"]
-
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @contextlib.contextmanager
@@ -36,6 +31,8 @@ def ray_session(*, dashboard: bool | None = None, worker_output: bool = True) ->
     packages are installed; Tune trials that run Ray Train hang without it on Ray 2.60, see the
     sweep); ``worker_output``: forward the workers' stdout and
     stderr to this process."""
+    # Imported here, not at the top: the reuse command imports this module also for its in-process
+    # path (reuse.num_actors=0), which runs where Ray is not installed.
     import ray
 
     if ray.is_initialized():

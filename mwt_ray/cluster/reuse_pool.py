@@ -40,8 +40,8 @@ from ..tracking.reuse_report import ReuseTables, build_tables, log_report, write
 from .failures import lost_where
 from .ray_output import ray_output_to
 from .ray_session import ray_session
+from .runtime_env import worker_runtime_env
 from .shared_storage import check_job_places, check_shared_places, job_places
-from .trainer import worker_runtime_env
 
 __all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "actor_room", "pool_size"]
 

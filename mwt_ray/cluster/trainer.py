@@ -5,7 +5,7 @@
     RAY_ADDRESS=ray://head:10001 python -m mwt_ray.train ...     # a running cluster
 
 ``run_distributed(cfg)`` runs ``train_loop_per_worker`` on ``scaling.num_workers`` Ray Train
-workers. Each worker runs the core loop (``training.fit``) on its slice of every global batch
+workers. Each worker runs the core loop (``training.train_epochs``) on its slice of every global batch
 (``train.batch_size`` is the global batch; ``data.iterate_batches`` shards it by rank) with the
 model wrapped in DistributedDataParallel. The masks of the whole global batch are all-gathered
 with autograd (``training.gather_global_batch``), so cohesion and coupling are the losses over
@@ -30,8 +30,8 @@ fails after starting ends in one line naming the worker that failed first (a wor
 died before the workers that then lost their connection to it); the workers' stderr (tracebacks,
 Ray's own log lines) goes to ``worker_stderr.log`` in the job's folder instead of the terminal.
 ``scaling.fail_at_epoch=N`` kills rank 0's process (SIGKILL) once, half-way through epoch N, to
-exercise that path; a marker file in the storage keeps the restarted attempt from failing again.
-After training, rank 0 modularizes and writes the same ``checkpoint.pt``, ``metrics.json``
+exercise that path (``jobs.fault_drill``).
+After training, rank 0 derives the modules and writes the same ``checkpoint.pt``, ``metrics.json``
 and ``history.csv`` as single-process training (``jobs.finish_run``).
 
 Before anything trains, bad input stops the job with one line: a global batch not divisible by
@@ -54,13 +54,17 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from ..config import Config
 from ..jobs import (
     RESULT_FILES,
     JobFailed,
     JobPlan,
     SetupError,
-    preflight_training,
+    check_and_plan_job,
     start_job,
     storage_root,
     train_in_process,
@@ -68,11 +72,12 @@ from ..jobs import (
 from ..jobs.storage import KEEP_CHECKPOINTS, RUN_FILE, RunStorage
 from .ray_output import ray_output_to
 from .ray_session import ray_session
+from .runtime_env import worker_runtime_env
 from .shared_storage import check_job_places, check_shared_places, job_places
 from .worker import loop_config, train_loop_per_worker
 
-__all__ = ["run_distributed", "run_training", "check_cluster_resources", "preflight", "describe_failure",
-           "DistributedTrainingError"]
+__all__ = ["run_distributed", "run_training", "check_cluster_resources", "check_and_plan_distributed_job",
+           "describe_failure", "DistributedTrainingError"]
 
 
 class DistributedTrainingError(JobFailed):
@@ -92,8 +97,6 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
 
     Ray Train would otherwise wait forever for resources that never come.
     """
-    import ray
-
     need = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     room = sum(min(math.floor(res.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for res in nodes)
@@ -110,27 +113,16 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
     )
 
 
-def worker_runtime_env() -> dict | None:
-    """Environment for the workers: this source tree on PYTHONPATH when mwt_ray is not an
-    installed package, and the driver's MLFLOW_* variables (server credentials, TLS settings)."""
-    env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
-    parent = Path(__file__).resolve().parents[2]  # the folder that holds the mwt_ray package
-    if not ("site-packages" in parent.parts or "dist-packages" in parent.parts):
-        paths = [str(parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return {"env_vars": env} if env else None
-
-
-def preflight(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
-              log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
-    """``jobs.preflight_training`` for Ray Train workers: every check that needs no Ray cluster,
+def check_and_plan_distributed_job(cfg: Config, sync_batchnorm: bool = False, resume: bool = False,
+                                   log: Callable[[str], None] | None = print) -> tuple[Config, JobPlan]:
+    """``jobs.check_and_plan_job`` for Ray Train workers: every check that needs no Ray cluster,
     before anything is written; returns the config with absolute paths and the job to run (a new
     one, or with ``resume`` the latest job of the name, whose checkpoint must fit the config)."""
     if cfg.scaling.num_workers < 1:
         raise SetupError("scaling.num_workers must be >= 1 for distributed training")
     if sync_batchnorm and not cfg.scaling.use_gpu:
         raise SetupError("SyncBatchNorm needs GPUs (PyTorch has no CPU implementation); set scaling.use_gpu=true")
-    cfg, _, plan = preflight_training(cfg, resume, log)
+    cfg, _, plan = check_and_plan_job(cfg, resume, log)
     return cfg, plan
 
 
@@ -184,22 +176,18 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     named by ``RAY_ADDRESS`` or starts a local one, shut down again at the end).
     """
     log = log or (lambda line: None)
-    cfg, plan = preflight(cfg, sync_batchnorm, resume, log)
+    cfg, plan = check_and_plan_distributed_job(cfg, sync_batchnorm, resume, log)
     local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
     stderr_log = (
         Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
     )
     # The redirect lasts until Ray is shut down: Ray forwards the workers' lines asynchronously, and
-    # tracebacks of the surviving workers still arrive after fit() has failed.
+    # tracebacks of the surviving workers still arrive after the training has failed.
     with ray_output_to(stderr_log):
-        return _fit(cfg, plan, stderr_log, sync_batchnorm, callbacks, log)
+        return _train_on_ray(cfg, plan, stderr_log, sync_batchnorm, callbacks, log)
 
 
-def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, callbacks, log) -> dict:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def _train_on_ray(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, callbacks, log) -> dict:
     with ray_session():
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         check_shared_places(job_places(cfg))
@@ -209,10 +197,13 @@ def _fit(cfg: Config, plan: JobPlan, stderr_log: Path, sync_batchnorm: bool, cal
             start_job(cfg, plan, resolve_tracking_uri(cfg.tracking.tracking_uri) if tracked else None, log)
             log(f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} (checkpoints in "
                 f"{plan.storage.uri}; the workers' stderr goes to {stderr_log})")
+            # The state the preflight read to resume from goes to the workers through Ray's object
+            # store: read once, not again by every worker from the run storage.
+            planned = {"state": ray.put(plan.state), "source": plan.state["source"]} if plan.state else None
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config=loop_config(
-                    cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri
+                    cfg, tracked.info() if tracked else None, sync_batchnorm, plan.storage.uri, planned
                 ),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
                 scaling_config=ray.train.ScalingConfig(

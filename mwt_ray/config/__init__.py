@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -166,7 +167,9 @@ class TrainConfig(Section):
         return value
 
     def optim_settings(self) -> OptimSettings:
-        return OptimSettings(**self.model_dump(exclude={"device", "mask_bias_init", "detach_generator_input"}))
+        """The settings the training loop reads, each taken from the key of its name: a key the loop does
+        not read (the device, the generators' initialisation) needs no mention here."""
+        return OptimSettings(**{field.name: getattr(self, field.name) for field in fields(OptimSettings)})
 
 
 class ModularizeConfig(Section):

@@ -1,6 +1,6 @@
 """Standard and modular training for one process, or one rank of a data-parallel group.
 
-The whole path: ``fit`` runs epochs of ``train_epoch``; each step computes the logits (and, for
+The whole path: ``train_epochs`` runs epochs of ``train_epoch``; each step computes the logits (and, for
 modular training, the per-layer masks), the objective of Eq. 6, and an SGD step. Under
 ``torch.distributed`` (set up by Ray Train or torchrun) each rank sees its slice of every global
 batch, and the masks are all-gathered with autograd so cohesion and coupling are computed over the
@@ -23,15 +23,15 @@ from .graph import mask_units
 from .losses import LayerMasks, modular_objective
 from .metrics import batch_modularity
 
-__all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "prepare_model", "TrainingStep", "step_value_names",
-           "train_epoch", "evaluate", "fit",
-           "gather_global_batch", "world", "unwrap_ddp",
+__all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "prepare_model", "TrainingStep", "StepValues",
+           "step_value_names", "train_epoch", "evaluate", "train_epochs", "gather_global_batch", "world", "unwrap_ddp",
            "loss_weight_ramp"]
 
 
 @dataclass
 class OptimSettings:
-    """What ``fit`` needs; built by ``config.TrainConfig.optim_settings()``, where the defaults live."""
+    """What ``train_epochs`` needs; built by ``config.TrainConfig.optim_settings()``, where the defaults live: each
+    field is read from the ``train`` key of the same name."""
     epochs: int
     batch_size: int
     lr: float
@@ -142,11 +142,11 @@ def prepare_model(model: nn.Module, s: OptimSettings) -> nn.Module:
 
 
 class TrainingStep:
-    """One optimizer step on one batch, as ``train_epoch`` runs it; returns its row of step values.
+    """One optimizer step on one batch, as ``train_epoch`` runs it; returns its ``StepValues``.
 
-    The row (names in ``step_value_names``) stays on the device: nothing in a step waits for the
-    GPU (no ``.item()``, no branch on a tensor), so the host can queue the next step while this
-    one runs. ``train_epoch`` stacks the rows and reads them once per epoch. The exception is fp16,
+    The values (``step_value_names``) stay on the device: nothing in a step waits for the GPU (no
+    ``.item()``, no branch on a tensor), so the host can queue the next step while this one runs.
+    ``train_epoch`` reads them once per epoch. The exception is fp16,
     whose grad scaler checks for infinite gradients on the host every step (bf16 needs no scaler).
     """
 
@@ -163,7 +163,7 @@ class TrainingStep:
             self.metrics = torch.compile(batch_modularity, mode=s.compile_mode)
         self.cuda_graphs = s.compile and s.compile_mode == "reduce-overhead"
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, ramp: float) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, ramp: float) -> StepValues:
         s, model = self.s, self.model
         if self.cuda_graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
@@ -188,18 +188,46 @@ class TrainingStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         with torch.no_grad():
-            values = [loss.detach(), parts["ce_loss"], (logits.argmax(1) == labels).sum(dtype=torch.float32)]
+            values = {"loss": loss.detach(), "ce_loss": parts["ce_loss"],
+                      "correct": (logits.argmax(1) == labels).sum(dtype=torch.float32)}
             if s.modular:
                 fig5 = self.metrics(all_masks, all_labels, self.num_classes)
-                values += [parts["cohesion_loss"], parts["coupling_loss"], fig5["batch_cohesion"],
-                           fig5["batch_coupling"], fig5["kernel_rate"]]
-            return torch.stack(values)
+                values |= {"cohesion_loss": parts["cohesion_loss"], "coupling_loss": parts["coupling_loss"],
+                           "batch_cohesion": fig5["batch_cohesion"], "batch_coupling": fig5["batch_coupling"],
+                           "kernel_rate": fig5["kernel_rate"]}
+            return StepValues.of(values)
 
 
-def step_value_names(modular: bool) -> list[str]:
-    """Names of a ``TrainingStep`` row: a batch's losses and metrics, and its correct predictions."""
-    return ["loss", "ce_loss", "correct"] + (
-        ["cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate"] if modular else [])
+STEP_VALUES = ("loss", "ce_loss", "correct")
+MODULAR_STEP_VALUES = STEP_VALUES + ("cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling",
+                                     "kernel_rate")
+
+
+def step_value_names(modular: bool) -> tuple[str, ...]:
+    """What a ``TrainingStep`` gives: a batch's losses and metrics, and its correct predictions."""
+    return MODULAR_STEP_VALUES if modular else STEP_VALUES
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """A step's values, read by name: ``values["loss"]``, ``values.to_dict()`` (floats, a host read).
+
+    They are held in one device tensor (``table``, in the order of ``names``) because that one copy
+    is also what keeps them: under ``compile_mode=reduce-overhead`` the compiled objective's outputs
+    live in CUDA-graph buffers that the next step overwrites. The names travel with the tensor, so
+    no reader depends on an order."""
+    names: tuple[str, ...]
+    table: torch.Tensor
+
+    @classmethod
+    def of(cls, values: dict[str, torch.Tensor]) -> StepValues:
+        return cls(tuple(values), torch.stack(list(values.values())))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.table[self.names.index(name)]
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.table.tolist()))
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, s: OptimSettings,
@@ -219,25 +247,34 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageD
     batches = iterate_batches(data.train_images, data.train_labels, s.batch_size, mean=data.mean,
                               std=data.std, shuffle=True, augment=s.augment, seed=s.seed * 100_003 + epoch,
                               drop_last=True, rank=rank, world_size=world_size)
-    rows, samples = [], 0
+    steps_values, samples = [], 0
     for index, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        rows.append(step(images, labels, loss_weight_ramp(s, epoch + index / steps)))
+        steps_values.append(step(images, labels, loss_weight_ramp(s, epoch + index / steps)))
         samples += len(labels)
-    # The epoch's one read of the device. A value is NaN in a step that does not define it (a
-    # batch without a same-class pair has no cohesion): its mean is over the steps that do.
-    rows = torch.stack(rows).to(torch.float64)
-    defined = (~rows.isnan()).sum(0).to(torch.float64)
-    totals = torch.cat([rows.nan_to_num(0.0).sum(0), rows.new_tensor([samples])])
-    if world_size > 1:  # per-rank step means average out; correct and samples are plain sums
-        dist.all_reduce(totals)
-        dist.all_reduce(defined)
-    names = step_value_names(s.modular)
-    sums, defined = totals.tolist(), defined.tolist()
-    result = {name: sums[i] / defined[i] if defined[i] else float("nan")
-              for i, name in enumerate(names) if name != "correct"}
-    result["train_accuracy"] = sums[names.index("correct")] / sums[-1]
+    result = _epoch_means(steps_values, samples, world_size)
     result["epoch_time_s"] = time.perf_counter() - start
+    return result
+
+
+def _epoch_means(steps_values: list[StepValues], samples: int, world_size: int) -> dict[str, float]:
+    """Every step value's mean over the epoch (over all ranks), and ``train_accuracy`` from the
+    summed correct predictions: the epoch's one read of the device.
+
+    A value is NaN in a step that does not define it (a batch without a same-class pair has no
+    cohesion): its mean is over the steps that do. Per-rank step means average out over ranks;
+    correct predictions and samples are plain sums."""
+    names, n = steps_values[0].names, len(steps_values[0].names)
+    table = torch.stack([values.table for values in steps_values]).to(torch.float64)
+    packed = torch.cat([table.nan_to_num(0.0).sum(0), (~table.isnan()).sum(0).to(torch.float64),
+                        table.new_tensor([samples])])  # one collective and one host read for all three
+    if world_size > 1:
+        dist.all_reduce(packed)
+    read = packed.tolist()
+    totals, defined, samples = dict(zip(names, read[:n])), dict(zip(names, read[n:2 * n])), read[2 * n]
+    result = {name: totals[name] / defined[name] if defined[name] else float("nan")
+              for name in names if name != "correct"}
+    result["train_accuracy"] = totals["correct"] / samples
     return result
 
 
@@ -272,7 +309,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, data:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def fit(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.device, *,
+def train_epochs(model: nn.Module, data: ImageData, s: OptimSettings, device: torch.device, *,
         optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_epoch: int = 0,
         on_epoch_end: EpochCallback | None = None, log: Callable[[str], None] | None = print) -> list[dict]:
     """Train ``model`` from ``start_epoch`` to ``s.epochs``; returns one metrics dict per epoch.

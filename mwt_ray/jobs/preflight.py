@@ -1,7 +1,7 @@
 """Every check a command makes before it writes anything: one place, one order.
 
     cfg, data = check_inputs(cfg)                         # sweep, reuse stage: input only
-    cfg, data, plan = preflight_training(cfg, resume)     # train, data-parallel train, a sweep's trial
+    cfg, data, plan = check_and_plan_job(cfg, resume)     # train, data-parallel train, a sweep's trial
 
 The order is what keeps the promise that a refusal leaves nothing behind: first what the config
 says of itself (the data-parallel settings), then the places the job writes (output folder, run
@@ -18,7 +18,7 @@ from ..core.data import ImageData
 from .setup import SetupError, absolute_paths, check_job
 from .storage import JobPlan, check_destinations, plan_job
 
-__all__ = ["check_inputs", "preflight_training"]
+__all__ = ["check_inputs", "check_and_plan_job"]
 
 
 def _check_data_parallel(cfg: Config) -> None:
@@ -47,7 +47,7 @@ def check_inputs(cfg: Config) -> tuple[Config, ImageData]:
     return cfg, check_job(cfg)
 
 
-def preflight_training(cfg: Config, resume: bool = False, log=print) -> tuple[Config, ImageData, JobPlan]:
+def check_and_plan_job(cfg: Config, resume: bool = False, log=print) -> tuple[Config, ImageData, JobPlan]:
     """``check_inputs``, then the training job to run (reading only)."""
     cfg, data = check_inputs(cfg)
     return cfg, data, plan_job(cfg, resume, data.num_classes, log=log)

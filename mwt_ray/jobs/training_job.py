@@ -1,27 +1,29 @@
 """A training job, the same in one process and on every Ray Train worker: train, checkpoint every
-epoch, resume, modularize, write the results.
+epoch, resume, derive the modules, write the results.
 
-    TrainingJob(cfg, LocalSession(job_storage(cfg, job_id))).run()   # one process, checkpoints to the job's folder
+    TrainingJob(cfg, LocalSession(job_storage(cfg, job_id))).run()   # one process, a fresh start in the job's folder
 
-``TrainingJob.run`` reads top to bottom: build the model, ``resume`` from the session's latest
-checkpoint, train with ``end_epoch`` after every epoch (``persist`` a checkpoint, then log the
-epoch to MLflow), and ``finish``: modularize, write ``checkpoint.pt`` / ``metrics.json`` /
-``history.csv`` and persist them as the final checkpoint. A *session* says where the job runs:
-``LocalSession`` (this process, world size 1) or ``cluster.worker.RayTrainSession`` (one rank of a
-Ray Train worker group, checkpoints reported to Ray Train).
+``TrainingJob.run`` reads top to bottom: build the model, ``resume`` from the session's state to
+resume from, train with ``end_epoch`` after every epoch (``persist`` a checkpoint, then log the
+epoch to MLflow), and ``finish``: derive the modules, write ``checkpoint.pt`` / ``metrics.json`` /
+``history.csv`` and persist them as the final checkpoint. A *session* (``jobs.session.TrainingSession``)
+says where the job runs: ``LocalSession`` (this process, world size 1) or
+``cluster.worker.RayTrainSession`` (one rank of a Ray Train worker group, checkpoints reported to
+Ray Train). *Job hooks* run once the job is ready to train (the fault drill, ``jobs.fault_drill``).
+
+``train_in_process`` is the whole single-process job: the preflight, then a ``TrainingJob`` with a
+``LocalSession``, in the job's MLflow run.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
 import random
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +36,24 @@ from ..core.files import atomic_write_text, remove_stale_scratch, scratch_folder
 from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kernels
 from ..core.models import create_model
 from ..core.modularize import count_kernel_usage, modularity_report, module_masks
-from ..core.training import fit, make_optimizer, make_scheduler, prepare_model, unwrap_ddp
+from ..core.training import make_optimizer, make_scheduler, prepare_model, train_epochs, unwrap_ddp
+from .fault_drill import FaultDrill
+from .preflight import check_and_plan_job
+from .session import TrainingSession
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
-from .storage import KEEP_CHECKPOINTS, TRAINING_STATE, RunStorage, check_resume, latest_training_state
+from .storage import (
+    KEEP_CHECKPOINTS,
+    RUN_FILE,
+    TRAINING_STATE,
+    RunStorage,
+    check_resume,
+    start_job,
+)
 
-__all__ = ["TrainingJob", "LocalSession", "modularize_model", "finish_run"]
+__all__ = ["TrainingJob", "JobHook", "LocalSession", "derive_modules", "finish_run", "train_in_process"]
 
 
-def modularize_model(model, data: ImageData, cfg: Config, device: torch.device):
+def derive_modules(model, data: ImageData, cfg: Config, device: torch.device):
     """Kernel usage over the (un-augmented) training set, module masks at tau, and their metrics."""
     from ..core.progress import progress
 
@@ -74,12 +86,12 @@ def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
 
 def finish_run(model, data: ImageData, cfg: Config, device: torch.device, history: list[dict],
                log=print, mlflow_run_id: str | None = None) -> dict:
-    """Modularize (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary.
+    """Derive the modules (modular runs), then write ``RESULT_FILES`` into ``cfg.run_dir``; returns the summary.
     ``mlflow_run_id`` goes into the checkpoint, so a reuse evaluation of it logs to the same run."""
     summary = {"config": cfg.model_dump(), "final": history[-1], "epochs": len(history)}
     extra = {"config": cfg.model_dump(), "history": history, "mlflow_run_id": mlflow_run_id}
     if cfg.train.modular:
-        usage, masks, report = modularize_model(model, data, cfg, device)
+        usage, masks, report = derive_modules(model, data, cfg, device)
         summary["modules"] = report
         extra |= {"kernel_usage": usage.state_dict(), "module_masks": masks, "tau": cfg.modularize.tau}
         if log:
@@ -118,22 +130,24 @@ def _set_rng_state(state: dict) -> None:
 
 
 class LocalSession:
-    """A job in this process: world size 1, checkpoints written straight to the run storage.
+    """A job in this process (a ``TrainingSession``): world size 1, checkpoints written straight to
+    the run storage.
 
-    ``resume=False`` starts from scratch even when the storage holds checkpoints of an earlier job.
-    ``report(metrics)`` runs after each epoch is checkpointed and logged (a sweep trial reports to Tune)."""
+    ``state``: the training state to resume from (``JobPlan.state``, already read by the preflight),
+    None to start from scratch. ``report(metrics)`` runs after each epoch is checkpointed and logged
+    (a sweep trial reports to Tune)."""
 
-    rank, world_size, in_ray = 0, 1, False
+    rank, world_size = 0, 1
 
-    def __init__(self, storage: RunStorage, device: torch.device | str = "auto", resume: bool = True,
+    def __init__(self, storage: RunStorage, device: torch.device | str = "auto", state: dict | None = None,
                  report: Callable[[dict], None] | None = None):
         self.storage = storage
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.resume = resume
+        self.state = state
         self.report = report
 
-    def latest_state(self) -> dict | None:
-        return latest_training_state(self.storage) if self.resume else None
+    def resume_state(self) -> dict | None:
+        return self.state
 
     def wrap(self, model):
         return model
@@ -143,17 +157,21 @@ class LocalSession:
         for _, old in self.storage.checkpoint_dirs()[:-KEEP_CHECKPOINTS]:
             self.storage.delete_dir(old)
 
-    def wait_until_registered(self, folder_name: str) -> None:
-        """Checkpoints are stored once ``persist`` returns."""
+
+# A job hook: called with the job once its model, optimizer and start epoch are set, before the
+# first epoch (e.g. ``jobs.fault_drill.FaultDrill``, which registers an optimizer step hook).
+JobHook = Callable[["TrainingJob"], None]
 
 
 class TrainingJob:
     """One job (or one rank of a data-parallel job). ``run()`` returns the summary on rank 0, else None."""
 
-    def __init__(self, cfg: Config, session, tracking: dict | None = None, data: ImageData | None = None):
+    def __init__(self, cfg: Config, session: TrainingSession, tracking: dict | None = None,
+                 data: ImageData | None = None, hooks: Sequence[JobHook] = ()):
         """``data``: what the preflight already loaded in this process (else loaded here, as a Ray
-        worker must)."""
+        worker must); ``hooks``: job hooks, called in order."""
         self.cfg, self.session, self.tracking, self.checked_data = cfg, session, tracking, data
+        self.hooks = list(hooks)
         self.history: list[dict] = []
         self.resumes: list[int] = []  # the epochs this job was resumed from (after failures or re-runs)
         self.start_epoch = 0
@@ -183,12 +201,11 @@ class TrainingJob:
         self.settings = cfg.train.optim_settings()
         self.optimizer = make_optimizer(self.model, self.settings)
         self.scheduler = make_scheduler(self.optimizer, self.settings)
-        self.resume(session.latest_state())
+        self.resume(session.resume_state())
         self.model = prepare_model(session.wrap(self.model), self.settings)
         self.open_tracking()
-        if cfg.scaling.fail_at_epoch and session.rank == 0:
-            steps = len(self.data.train_labels) // cfg.train.batch_size
-            self.optimizer.register_step_post_hook(self._fault_hook(cfg.scaling.fail_at_epoch, steps))
+        for hook in self.hooks:
+            hook(self)
         if self.start_epoch < self.settings.epochs:
             kind = "modular" if cfg.train.modular else "standard"
             self.log(f"{kind} training of {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name} with "
@@ -196,8 +213,8 @@ class TrainingJob:
                      f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images, "
                      f"{self.data.num_classes} classes, global batch {cfg.train.batch_size}, "
                      f"epochs {self.start_epoch + 1}..{self.settings.epochs}")
-        fit(self.model, self.data, self.settings, session.device, optimizer=self.optimizer, scheduler=self.scheduler,
-            start_epoch=self.start_epoch, on_epoch_end=self.end_epoch, log=self.log)
+        train_epochs(self.model, self.data, self.settings, session.device, optimizer=self.optimizer,
+                     scheduler=self.scheduler, start_epoch=self.start_epoch, on_epoch_end=self.end_epoch, log=self.log)
         if not self.history:
             raise SetupError("no epoch was trained and the checkpoint holds no history")
         self.persist(f"final_{time.strftime('%Y%m%d-%H%M%S')}_{len(self.history):04d}", self.finish, self.history[-1])
@@ -260,7 +277,7 @@ class TrainingJob:
             self.session.persist(scratch, folder_name, metrics)
 
     def finish(self, folder: Path) -> None:
-        """Modularize and write the results; the final checkpoint holds them too."""
+        """Derive the modules and write the results; the final checkpoint holds them too."""
         cfg = self.cfg
         self.summary = finish_run(
             unwrap_ddp(self.model),
@@ -279,29 +296,31 @@ class TrainingJob:
         for name in RESULT_FILES:
             shutil.copy2(cfg.run_dir / name, folder / name)
 
-    def _fault_hook(self, fail_at_epoch: int, steps_per_epoch: int):
-        """An optimizer step hook that SIGKILLs this process once, half-way through ``fail_at_epoch``.
 
-        A marker file in the storage keeps the restarted attempt from failing again."""
-        storage, session, log = self.session.storage, self.session, self.log
-        marker = f".fault_injected_epoch_{fail_at_epoch}"
-        kill_step = max(1, steps_per_epoch // 2)
-        done = 0
+def train_in_process(cfg: Config, *, resume: bool = False, log=print, report=None) -> dict:
+    """Train in this process (no Ray) as a new job of ``cfg.name``, checkpointing every epoch to the
+    job's folder; tracked in MLflow unless ``tracking.enabled`` is false. ``resume=True`` continues the
+    latest job of that name (its checkpoint and its MLflow run; a new job when there is none);
+    ``report(metrics)`` is called after every epoch.
 
-        def hook(optimizer, args, kwargs):
-            nonlocal done
-            done += 1
-            epoch = self.start_epoch + (done - 1) // steps_per_epoch + 1
-            step = (done - 1) % steps_per_epoch + 1
-            if epoch == fail_at_epoch and step == kill_step and not storage.exists(marker):
-                if epoch > 1:
-                    session.wait_until_registered(f"checkpoint_epoch_{epoch - 1:04d}")
-                storage.write_bytes(marker, f"killed pid {os.getpid()} at epoch {epoch} step {step}\n".encode())
-                log(
-                    f"fault injection: killing worker pid {os.getpid()} at epoch {epoch}, step {step}/{steps_per_epoch}"
-                )
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+    Every check on the input runs before anything is written (``jobs.preflight``)."""
+    cfg, data, plan = check_and_plan_job(cfg, resume, log)
+    uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+    session = LocalSession(plan.storage, cfg.train.device, state=plan.state, report=report)
+    hooks = [FaultDrill(cfg.scaling.fail_at_epoch)] if cfg.scaling.fail_at_epoch else []
+    if log:
+        log(
+            f"{'resuming' if plan.resumed else 'new'} job {plan.job_id} of {cfg.name!r} "
+            f"(checkpoints in {plan.storage.uri})"
+            + (" - it had finished: writing its results again" if plan.finished else "")
+        )
+    if not cfg.tracking.enabled:
+        start_job(cfg, plan, None, log)
+        return TrainingJob(cfg, session, data=data, hooks=hooks).run()
+    from ..tracking import open_run
 
-        return hook
+    run_id = plan.run_info.get("run_id") if plan.run_info.get("tracking_uri") == uri else None
+    with open_run(cfg, run_id, tags={"mwt.num_workers": "0", "mwt.job_id": plan.job_id}, log=log) as tracked:
+        start_job(cfg, plan, uri, log)
+        plan.storage.write_bytes(RUN_FILE, json.dumps(tracked.info()).encode())
+        return TrainingJob(cfg, session, tracked.info(), data=data, hooks=hooks).run()
