@@ -4,7 +4,7 @@ import torch
 
 from mwt_ray.core.extract import extract_module
 from mwt_ray.core.graph import fixed_masks, mask_units
-from mwt_ray.core.models import create_model
+from mwt_ray.core.models import create_model, list_models
 
 
 def _trained_like(name):
@@ -16,7 +16,7 @@ def _trained_like(name):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
+@pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("keep_fraction", [0.05, 0.4, 1.0])
 def test_extracted_module_equals_hard_masked_model(name, keep_fraction):
     model = _trained_like(name)

@@ -7,7 +7,7 @@ import torch
 
 from mwt_ray.core.graph import mask_units, modularize
 from mwt_ray.core.masking import MaskGenerator
-from mwt_ray.core.models import create_model
+from mwt_ray.core.models import create_model, list_models
 
 
 def conv_kernels(model) -> list[int]:
@@ -15,10 +15,10 @@ def conv_kernels(model) -> list[int]:
 
 
 def test_kernel_counts_match_the_paper():
-    vgg = create_model("vgg16")
+    vgg = create_model("vgg16", width=1.0)
     assert sum(conv_kernels(vgg)) == 4224  # Table 2
     assert sum(u.num_kernels for u in mask_units(vgg)) == 4160  # all but the first conv
-    resnet = create_model("resnet18")
+    resnet = create_model("resnet18", width=1.0)
     # Table 2's 3904 counts the 3x3 convs; the three 1x1 shortcut convs (896 kernels) are masked too.
     assert (
         sum(m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
@@ -121,13 +121,13 @@ def test_generator_loads_checkpoints_with_separate_layer_weights():
 def test_simcnn_and_rescnn_layouts():
     # Layouts of the authors' public code: SimCNN is VGG16's 13 convs with a dropout classifier,
     # ResCNN 12 convs (64, 128 x3, 256, 512 x7) with three residual pairs.
-    assert sum(conv_kernels(create_model("simcnn"))) == 4224
-    assert conv_kernels(create_model("rescnn")) == [64, 128, 128, 128, 256] + [512] * 7
+    assert sum(conv_kernels(create_model("simcnn", width=1.0))) == 4224
+    assert conv_kernels(create_model("rescnn", width=1.0)) == [64, 128, 128, 128, 256] + [512] * 7
     for name in ("simcnn", "rescnn"):
         assert create_model(name, width=0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
+@pytest.mark.parametrize("name", list_models())
 def test_modular_forward_equals_naive_masking(name):
     """The modular graph (ReLU folded into the mask op, the mask after a max-pool) equals the paper's
     order on the plain network: BN -> x mask -> ReLU -> pool, the mask put on each masked BN's output
