@@ -13,9 +13,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hard_masks import fixed_masks
 from torch import nn
 
-from mwt_ray.core.graph import GraphError, fixed_masks, mask_units, modularize
+from mwt_ray.core.graph import GraphError, mask_units, modularize
 from mwt_ray.core.masking import MaskGenerator
 from mwt_ray.core.models import create_model, list_models
 
