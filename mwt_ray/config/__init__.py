@@ -77,9 +77,12 @@ class ModelConfig(Section):
                                 "built-ins (1.0 = the paper's models), a torchvision model's own (MobileNet's "
                                 "width_mult where set); a function of your own takes none")
 
-    @field_validator("name")
+    @field_validator("name", mode="before")
     @classmethod
-    def _known(cls, value: str) -> str:
+    def _known(cls, value) -> str:
+        if not isinstance(value, str):  # YAML reads an unquoted "module:" as a mapping
+            raise ValueError(f"{value!r} is not a model name; give a built-in ({', '.join(list_models())}), "
+                             f"{TORCHVISION_PREFIX}<name> or {FACTORY_FORM} (in quotes where it ends in ':')")
         check_model_name(value)
         return value
 
