@@ -43,3 +43,10 @@ def wrong_logits(num_classes: int) -> nn.Module:
 def no_batchnorm(num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(4, num_classes))
+
+
+def computed_widths(num_classes: int) -> nn.Module:
+    """Computes its widths with tensors, as RegNet's constructor does: meta tensors cannot give a number."""
+    model = TinyCNN(num_classes)
+    model.classifier = nn.Linear(int(torch.tensor([4.0]).mul(4).item()), num_classes)
+    return model

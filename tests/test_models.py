@@ -215,6 +215,21 @@ def test_a_function_of_ones_own_builds_the_model():
     assert create_model("own_cnn:tiny_cnn", num_classes=3, width=1.0, modular=False).classifier.out_features == 3
     with pytest.raises(ValueError, match="takes num_classes and no width"):
         create_model("own_cnn:tiny_cnn", width=0.5)
+    # A constructor that computes with tensors fails on the meta device the name is checked on.
+    assert create_model("own_cnn:computed_widths", num_classes=4)(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_a_checkpoint_of_ones_own_model_is_checked_and_rebuilt(tmp_path):
+    from mwt_ray.core.checkpoint import check_checkpoint, save_checkpoint
+
+    for name in ("own_cnn:tiny_cnn", "own_cnn:computed_widths"):
+        model = create_model(name, num_classes=4)
+        save_checkpoint(tmp_path / "own.pt", model, {"name": name, "width": 1.0, "num_classes": 4, "modular": True})
+        state = load_checkpoint(tmp_path / "own.pt")
+        check_checkpoint(state)
+        rebuilt = build_model(state).eval()
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
 
 
 @pytest.mark.parametrize("name, expected", [

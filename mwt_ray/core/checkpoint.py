@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .files import atomic_torch_save, input_file_error
-from .models import check_model_name, create_model, model_size_error
+from .models import check_model_name, create_model, is_factory_name, model_size_error
 from .training import unwrap_ddp
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "migrate_checkpoint", "load_weights", "check_weights",
@@ -222,7 +222,13 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
         _fail(source, f"records architecture {name} but was trained as {trained_as} (its config): "
                       "the checkpoint is not the run's")
     weights = state.get("model_state")
-    with torch.device("meta"):  # every key and shape compared; nothing allocated
+    try:
+        with torch.device("meta"):  # every key and shape compared; nothing allocated
+            model = create_model(name, classes, float(width), modular)
+    except ValueError:
+        if not is_factory_name(name):
+            raise
+        # A user's constructor that computes with tensors fails on the meta device: built for real.
         model = create_model(name, classes, float(width), modular)
     check_weights(model, weights, source)
     for key, value in weights.items():

@@ -303,13 +303,23 @@ def _build_with_factory(name: str, num_classes: int) -> nn.Module:
 @functools.cache
 def _factory_error(name: str) -> str | None:
     """Why the factory ``name`` cannot build a model, or None: imported and called once per process,
-    with 10 classes on the meta device (nothing allocated, whatever the network's size)."""
+    with 10 classes on the meta device (nothing allocated, whatever the network's size), and again
+    for real where it fails there: a constructor may compute with tensors, which meta ones refuse."""
     try:
         with torch.device("meta"):
             _build_with_factory(name, 10)
     except ValueError as error:
-        return str(error)
+        if not _builds_for_real(name):
+            return str(error)
     return None
+
+
+def _builds_for_real(name: str) -> bool:
+    try:
+        _build_with_factory(name, 10)
+    except ValueError:
+        return False
+    return True
 
 
 # torchvision's classification models whose constructors take ``width_mult``. Others are refused by
