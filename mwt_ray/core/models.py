@@ -249,7 +249,7 @@ def check_model_name(name: str) -> None:
             raise ValueError(reason)
         return
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
-                     f"{TORCHVISION_PREFIX}<name> for a torchvision CNN (e.g. {TORCHVISION_PREFIX}mobilenet_v2), "
+                     f"or {TORCHVISION_PREFIX}<name> for a torchvision CNN (e.g. {TORCHVISION_PREFIX}mobilenet_v2), "
                      f"or {FACTORY_FORM} for your own (a function of num_classes that returns the network)")
 
 
