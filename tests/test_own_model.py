@@ -28,7 +28,7 @@ def run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_own_cnn_trains_then_is_reused_and_exported_from_its_checkpoint(tmp_path):
     run("mwt_ray.train", ["--set", f"model.name={OWN}", "--set", f"output_dir={tmp_path / 'runs'}",
-                          "--set", "name=own", "--set", "train.epochs=2", "--set", "data.train_limit=200",
+                          "--set", "name=own", "--set", "train.epochs=1", "--set", "data.train_limit=100",
                           "--set", "train.batch_size=32", "--set", "tracking.enabled=false",
                           "--set", "modularize.cohesion_samples_per_class=10"], tmp_path)
     checkpoint = tmp_path / "runs" / "own" / "checkpoint.pt"
