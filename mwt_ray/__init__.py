@@ -9,7 +9,7 @@ Layers, each importing only those below it:
 - ``mwt_ray.config``: the typed config;
 - ``mwt_ray.core``: the method in pure PyTorch (no Ray, MLflow or pydantic).
 """
-from .core.models import create_model, list_models
+from .core.models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "__version__"]
+__all__ = ["create_model", "list_models", "register_model", "__version__"]

@@ -713,6 +713,7 @@ def model_cases() -> list[Case]:
     """Models that cannot be built, made modular or cut into modules: refused before training."""
     # model.width=null: the cases' base arguments set 0.125, which only the built-ins take.
     tv = lambda name, *more: ["--set", f"model.name=torchvision:{name}", "--set", "model.width=null", *more]  # noqa: E731
+    own = lambda name, width="null": ["--set", f"model.name={name}", "--set", f"model.width={width}"]  # noqa: E731
     return [
         Case("unknown torchvision model", tv("resnet19"), "unknown torchvision model 'torchvision:resnet19'"),
         Case("width on a model without one", tv("resnet18", "--set", "model.width=0.5"),
@@ -721,6 +722,24 @@ def model_cases() -> list[Case]:
         Case("channel shuffle", tv("shufflenet_v2_x0_5"), "a reshape that moves channels (as a channel shuffle does)"),
         Case("auxiliary outputs", tv("googlenet"), "returns GoogLeNetOutputs in training mode"),
         Case("standard, auxiliary outputs", tv("googlenet", "--standard"), "returns GoogLeNetOutputs in training mode"),
+        # A function of the user's own (tests/own_cnn.py), named package.module:function.
+        Case("own model, no such module", own("nosuchpkg.mod:f"), "module nosuchpkg.mod cannot be imported"),
+        Case("own model, no such function", own("tests.own_cnn:missing"),
+             "module tests.own_cnn has no attribute 'missing'"),
+        Case("own model, not callable", own("tests.own_cnn:not_callable"), "is a int, not a function of num_classes"),
+        Case("own model, returns no module", own("tests.own_cnn:not_a_module"),
+             "not_a_module(num_classes=10) returned a list, not a torch.nn.Module"),
+        Case("own model, raises", own("tests.own_cnn:raises"), "raised RuntimeError: no network for 10 classes"),
+        Case("own model, two colons", own("a:b:c"), "model 'a:b:c' is not package.module:function"),
+        Case("own model, no module path", own(":tiny_cnn"), "model ':tiny_cnn' is not package.module:function"),
+        Case("own model, no function name", own("'tests.own_cnn:'"), "is not package.module:function"),
+        Case("own model, no function name, unquoted", own("tests.own_cnn:"),
+             "{'tests.own_cnn': None} is not a model name"),
+        Case("own model, empty package part", own("tests..own_cnn:tiny_cnn"), "is not package.module:function"),
+        Case("own model, a width", own("tests.own_cnn:tiny_cnn", "0.5"), "takes num_classes and no width"),
+        Case("own model, logits of another shape", own("tests.own_cnn:wrong_logits"),
+             "returns a tensor of shape (2, 11) in training mode"),
+        Case("own model, no BatchNorm", own("tests.own_cnn:no_batchnorm"), "no conv -> BatchNorm unit"),
     ]
 
 

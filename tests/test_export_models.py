@@ -19,11 +19,11 @@ from mwt_ray.core.export import (
 )
 from mwt_ray.core.extract import extract_module
 from mwt_ray.core.graph import mask_units
-from mwt_ray.core.models import create_model
+from mwt_ray.core.models import create_model, list_models
 from mwt_ray.core.reuse import RestrictedLogits
 
 
-@pytest.mark.parametrize("name", ["resnet18", "rescnn", "simcnn", "vgg16"])
+@pytest.mark.parametrize("name", list_models())
 def test_module_programs_compute_the_module(name, tmp_path):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, width=0.125).eval()

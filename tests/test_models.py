@@ -5,9 +5,10 @@ import itertools
 import pytest
 import torch
 
+from mwt_ray.core.checkpoint import FORMAT, build_model, load_checkpoint
 from mwt_ray.core.graph import mask_units, modularize
 from mwt_ray.core.masking import MaskGenerator
-from mwt_ray.core.models import create_model
+from mwt_ray.core.models import create_model, list_models
 
 
 def conv_kernels(model) -> list[int]:
@@ -15,10 +16,10 @@ def conv_kernels(model) -> list[int]:
 
 
 def test_kernel_counts_match_the_paper():
-    vgg = create_model("vgg16")
+    vgg = create_model("vgg16", width=1.0)
     assert sum(conv_kernels(vgg)) == 4224  # Table 2
     assert sum(u.num_kernels for u in mask_units(vgg)) == 4160  # all but the first conv
-    resnet = create_model("resnet18")
+    resnet = create_model("resnet18", width=1.0)
     # Table 2's 3904 counts the 3x3 convs; the three 1x1 shortcut convs (896 kernels) are masked too.
     assert (
         sum(m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
@@ -104,30 +105,48 @@ def test_masked_activation_follows_its_parameter_in_place_and_to_new_storage():
     assert generator.packed.grad.dtype == torch.float64
 
 
-def test_generator_loads_checkpoints_with_separate_layer_weights():
-    """Checkpoints written before the weights were packed hold fc1.weight, fc2.weight and fc2.bias."""
-    generator = MaskGenerator(6, 5)
-    old = {
-        "fc1.weight": generator.w1.detach() + 1,
-        "fc2.weight": generator.w2.detach() + 2,
-        "fc2.bias": generator.b2.detach() + 3,
-    }
-    fresh = MaskGenerator(6, 5)
-    fresh.load_state_dict(old)
-    assert torch.equal(fresh.w1, old["fc1.weight"]) and torch.equal(fresh.w2, old["fc2.weight"])
-    assert torch.equal(fresh.b2, old["fc2.bias"])
+def test_checkpoints_with_separate_generator_layers_load(tmp_path):
+    """Checkpoints written before the weights were packed (format 1) hold fc1.weight, fc2.weight and
+    fc2.bias per generator: the checkpoint loader packs them; a squeeze-excitation's fc1 / fc2 stay."""
+    model = create_model("vgg16", num_classes=4, width=0.125)
+    state = model.state_dict()
+    old = {}
+    for unit in mask_units(model):
+        generator = unit.generator
+        del state[f"{unit.name}.packed"]
+        old[unit.name] = {
+            "fc1.weight": generator.w1.detach() + 1,
+            "fc2.weight": generator.w2.detach() + 2,
+            "fc2.bias": generator.b2.detach() + 3,
+        }
+        state.update({f"{unit.name}.{key}": value for key, value in old[unit.name].items()})
+    state["se.fc1.weight"] = torch.ones(2, 2)  # not a generator's: left as it is
+    architecture = {"name": "vgg16", "width": 0.125, "num_classes": 4, "modular": True}
+    torch.save({"format": 1, "architecture": architecture, "model_state": state}, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["format"] == FORMAT and "se.fc1.weight" in loaded["model_state"]
+    del loaded["model_state"]["se.fc1.weight"]
+    fresh = build_model(loaded)
+    for unit in mask_units(fresh):
+        expected = old[unit.name]
+        assert torch.equal(unit.generator.w1, expected["fc1.weight"])
+        assert torch.equal(unit.generator.w2, expected["fc2.weight"])
+        assert torch.equal(unit.generator.b2, expected["fc2.bias"])
+    torch.save({"format": FORMAT + 1, "architecture": architecture, "model_state": state}, tmp_path / "new.pt")
+    with pytest.raises(ValueError, match="newer than this mwt_ray reads"):
+        load_checkpoint(tmp_path / "new.pt")
 
 
 def test_simcnn_and_rescnn_layouts():
     # Layouts of the authors' public code: SimCNN is VGG16's 13 convs with a dropout classifier,
     # ResCNN 12 convs (64, 128 x3, 256, 512 x7) with three residual pairs.
-    assert sum(conv_kernels(create_model("simcnn"))) == 4224
-    assert conv_kernels(create_model("rescnn")) == [64, 128, 128, 128, 256] + [512] * 7
+    assert sum(conv_kernels(create_model("simcnn", width=1.0))) == 4224
+    assert conv_kernels(create_model("rescnn", width=1.0)) == [64, 128, 128, 128, 256] + [512] * 7
     for name in ("simcnn", "rescnn"):
         assert create_model(name, width=0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18", "simcnn", "rescnn"])
+@pytest.mark.parametrize("name", list_models())
 def test_modular_forward_equals_naive_masking(name):
     """The modular graph (ReLU folded into the mask op, the mask after a max-pool) equals the paper's
     order on the plain network: BN -> x mask -> ReLU -> pool, the mask put on each masked BN's output
@@ -155,3 +174,75 @@ def test_masks_come_in_the_order_the_graph_runs_them():
     assert names[5:7] == ["blocks.2.unit2.conv", "blocks.2.shortcut.conv"]
     order = [n.target for n in model.graph.nodes if n.op == "call_module" and n.target in names]
     assert order == names
+
+
+def test_a_registered_factory_is_a_built_in_everywhere(monkeypatch):
+    """One decorated function is all a new built-in takes: the registry, the default width and the
+    config read it."""
+    from mwt_ray.config import load_config
+    from mwt_ray.core import models
+
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+
+    @models.register_model("tiny_vgg")
+    def tiny_vgg(num_classes: int, width: float):
+        return models.VGG([models._scaled(16, width)] * 2, [True, True], 8, num_classes)
+
+    assert "tiny_vgg" in list_models()
+    model = create_model("tiny_vgg", num_classes=3, modular=False)
+    assert conv_kernels(model) == [round(16 * models.DEFAULT_WIDTH)] * 2  # the one default width
+    assert load_config(None, ["model.name=tiny_vgg"]).model.width == models.DEFAULT_WIDTH
+    with pytest.raises(ValueError, match="taken"):
+        models.register_model("tiny_vgg")
+
+
+def test_the_config_and_create_model_share_one_default_width():
+    from mwt_ray.config import load_config
+    from mwt_ray.core.models import DEFAULT_WIDTH
+
+    for name in list_models():
+        cfg = load_config(None, [f"model.name={name}"])
+        assert cfg.model.width == DEFAULT_WIDTH
+        default, explicit = create_model(name, modular=False), create_model(name, width=DEFAULT_WIDTH, modular=False)
+        assert conv_kernels(default) == conv_kernels(explicit)
+
+
+def test_a_function_of_ones_own_builds_the_model():
+    """``package.module:function``: the network it returns for num_classes, made modular like any CNN."""
+    model = create_model("own_cnn:tiny_cnn", num_classes=7)
+    assert [u.conv for u in mask_units(model)] == ["features.3", "features.7"]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert create_model("own_cnn:tiny_cnn", num_classes=3, width=1.0, modular=False).classifier.out_features == 3
+    with pytest.raises(ValueError, match="takes num_classes and no width"):
+        create_model("own_cnn:tiny_cnn", width=0.5)
+    # A constructor that computes with tensors fails on the meta device the name is checked on.
+    assert create_model("own_cnn:computed_widths", num_classes=4)(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_a_checkpoint_of_ones_own_model_is_checked_and_rebuilt(tmp_path):
+    from mwt_ray.core.checkpoint import check_checkpoint, save_checkpoint
+
+    for name in ("own_cnn:tiny_cnn", "own_cnn:computed_widths"):
+        model = create_model(name, num_classes=4)
+        save_checkpoint(tmp_path / "own.pt", model, {"name": name, "width": 1.0, "num_classes": 4, "modular": True})
+        state = load_checkpoint(tmp_path / "own.pt")
+        check_checkpoint(state)
+        rebuilt = build_model(state).eval()
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nosuchpkg.mod:f", "module nosuchpkg.mod cannot be imported"),
+    ("own_cnn:missing", "module own_cnn has no attribute 'missing'"),
+    ("own_cnn:not_callable", "is a int, not a function of num_classes"),
+    ("own_cnn:not_a_module", "not_a_module(num_classes=10) returned a list, not a torch.nn.Module"),
+    ("own_cnn:raises", "raises(num_classes=10) raised RuntimeError: no network for 10 classes"),
+    ("a:b:c", "is not package.module:function"),
+    (":f", "is not package.module:function"),
+    ("own_cnn:", "is not package.module:function"),
+])
+def test_a_bad_function_name_is_one_line(name, expected):
+    with pytest.raises(ValueError, match="^model ") as error:
+        create_model(name)
+    assert expected in str(error.value) and "\n" not in str(error.value)

@@ -21,9 +21,12 @@ from ..core.data import DATASETS
 from ..core.files import input_file_error
 from ..core.messages import one_line
 from ..core.models import (
+    DEFAULT_WIDTH,
+    FACTORY_FORM,
     TORCHVISION_PREFIX,
     check_model_name,
     create_model,
+    default_width,
     list_models,
     model_size_error,
 )
@@ -68,18 +71,19 @@ class ConfigError(ValueError):
     pass
 
 
-# The width of a built-in when model.width is unset: a quarter of the paper's channels, which trains on a CPU.
-BUILTIN_DEFAULT_WIDTH = 0.25
-
-
 class ModelConfig(Section):
-    name: str = Field("vgg16", description="a built-in (vgg16, resnet18, simcnn, rescnn) or torchvision:<name>")
-    width: float | None = Field(None, gt=0, description="channel multiplier; unset: 0.25 for the built-ins (1.0 = the "
-                                "paper's models), a torchvision model's own (MobileNet's width_mult where set)")
+    name: str = Field("vgg16", description=f"a built-in ({', '.join(list_models())}), {TORCHVISION_PREFIX}<name>, "
+                      f"or {FACTORY_FORM} for your own CNN (a function of num_classes that returns the network)")
+    width: float | None = Field(None, gt=0, description=f"channel multiplier; unset: {DEFAULT_WIDTH:g} for the "
+                                "built-ins (1.0 = the paper's models), a torchvision model's own (MobileNet's "
+                                "width_mult where set); a function of your own takes none")
 
-    @field_validator("name")
+    @field_validator("name", mode="before")
     @classmethod
-    def _known(cls, value: str) -> str:
+    def _known(cls, value) -> str:
+        if not isinstance(value, str):  # YAML reads an unquoted "module:" as a mapping
+            raise ValueError(f"{value!r} is not a model name; give a built-in ({', '.join(list_models())}), "
+                             f"{TORCHVISION_PREFIX}<name> or {FACTORY_FORM} (in quotes where it ends in ':')")
         check_model_name(value)
         return value
 
@@ -88,7 +92,7 @@ class ModelConfig(Section):
         """Unset becomes the model's default; an explicit width is checked against the constructor and,
         since every channel count scales with it, against the parameter count (its square)."""
         if self.width is None:
-            self.width = BUILTIN_DEFAULT_WIDTH if self.name in list_models() else 1.0
+            self.width = default_width(self.name)
             return self
         value, name = self.width, self.name
         # The size first: building MobileNet at a width near 1e300 overflows inside torch.

@@ -3,7 +3,8 @@
 A checkpoint holds the model weights, the architecture (name, width, classes, modular), the
 config it was trained with, and after modularizing the per-class kernel usage counts and module
 masks. Training checkpoints add optimizer and scheduler state and the epoch. Files are written
-to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+to a temporary name and renamed, so a crash never leaves a half-written checkpoint. Files of an
+older layout are migrated as they are read (``migrate_checkpoint``, keyed on the ``format`` field).
 """
 from __future__ import annotations
 
@@ -14,18 +15,50 @@ import torch
 from torch import nn
 
 from .files import atomic_torch_save, input_file_error
-from .models import check_model_name, create_model, model_size_error
+from .models import check_model_name, create_model, is_factory_name, model_size_error
 from .training import unwrap_ddp
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "check_weights", "build_model", "check_architecture",
-           "check_checkpoint"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "migrate_checkpoint", "load_weights", "check_weights",
+           "build_model", "check_architecture", "check_checkpoint"]
+
+
+# The layout of the files ``save_checkpoint`` writes; ``migrate_checkpoint`` brings older ones to it.
+# 1: a mask generator's weights as fc1.weight, fc2.weight, fc2.bias (some format-1 files already
+#    hold them packed: the packing came before the number did);
+# 2: each generator's weights and bias packed into one ``packed`` tensor.
+FORMAT = 2
+_GENERATOR_LAYERS = ("fc1.weight", "fc2.weight", "fc2.bias")  # in the packed tensor's order
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **extra) -> None:
     """``architecture``: {"name", "width", "num_classes", "modular", "classes"}; ``extra``: any
     weights-only-safe values (config dict, kernel_usage, module_masks, optimizer state, ...)."""
     state = unwrap_ddp(model).state_dict()
-    atomic_torch_save({"format": 1, "architecture": dict(architecture), "model_state": state, **extra}, path)
+    atomic_torch_save({"format": FORMAT, "architecture": dict(architecture), "model_state": state, **extra}, path)
+
+
+def migrate_checkpoint(state: dict) -> dict:
+    """``state`` (a loaded checkpoint) brought to ``FORMAT`` in place, keyed on its ``format`` field
+    (absent: 1); a file of a newer format than this code knows is refused. Returns ``state``."""
+    if not isinstance(state, dict):
+        return state
+    found = state.get("format", 1)
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise ValueError(f"checkpoint format {found!r} is not a format number")
+    if found > FORMAT:
+        raise ValueError(f"checkpoint format {found} is newer than this mwt_ray reads ({FORMAT}): upgrade mwt_ray")
+    weights = state.get("model_state")
+    if found < 2 and isinstance(weights, dict):
+        # Generators are the submodules named *mask_generator (graph.modularize names them so); other
+        # layers called fc1 / fc2 (squeeze-excitation's) are left alone.
+        prefixes = {key[: -len(_GENERATOR_LAYERS[0])] for key in weights
+                    if isinstance(key, str) and key.endswith("mask_generator." + _GENERATOR_LAYERS[0])}
+        for prefix in sorted(prefixes):
+            keys = [prefix + layer for layer in _GENERATOR_LAYERS]
+            if prefix + "packed" not in weights and all(isinstance(weights.get(k), torch.Tensor) for k in keys):
+                weights[prefix + "packed"] = torch.cat([weights.pop(k).flatten() for k in keys])
+    state["format"] = FORMAT
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -55,7 +88,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                          "it may be truncated or not an mwt_ray checkpoint") from None
     if not isinstance(state, dict) or "architecture" not in state or "model_state" not in state:
         raise ValueError(f"{str(path)!r} is not an mwt_ray checkpoint (no architecture and model_state)")
-    return state
+    try:
+        return migrate_checkpoint(state)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {str(path)!r}: {error}") from None
 
 
 def load_weights(model: nn.Module, weights: dict, source: str = "checkpoint") -> None:
@@ -101,6 +137,7 @@ def check_architecture(state: dict, name: str, width: float, num_classes: int | 
 
 def build_model(state: dict) -> nn.Module:
     """The model a checkpoint describes, with its weights loaded."""
+    migrate_checkpoint(state)
     arch = state["architecture"]
     model = create_model(arch["name"], arch["num_classes"], arch["width"], arch["modular"])
     load_weights(model, state["model_state"], f"checkpoint of {arch['name']} width {arch['width']}")
@@ -153,6 +190,10 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
     Every command that reads a checkpoint calls this before any other work."""
     if not isinstance(state, dict):
         _fail(source, "is not a dictionary of weights and settings")
+    try:
+        migrate_checkpoint(state)  # a state torch.load read directly (from object storage, say) is old too
+    except ValueError as error:
+        _fail(source, str(error))
     arch = state.get("architecture")
     if not isinstance(arch, dict):
         _fail(source, "has no architecture dictionary")
@@ -181,7 +222,13 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
         _fail(source, f"records architecture {name} but was trained as {trained_as} (its config): "
                       "the checkpoint is not the run's")
     weights = state.get("model_state")
-    with torch.device("meta"):  # every key and shape compared; nothing allocated
+    try:
+        with torch.device("meta"):  # every key and shape compared; nothing allocated
+            model = create_model(name, classes, float(width), modular)
+    except ValueError:
+        if not is_factory_name(name):
+            raise
+        # A user's constructor that computes with tensors fails on the meta device: built for real.
         model = create_model(name, classes, float(width), modular)
     check_weights(model, weights, source)
     for key, value in weights.items():

@@ -25,6 +25,8 @@ output for the backward pass.
 
 The result is a ``torch.fx.GraphModule`` whose ``forward(x, return_masks=False)`` returns the logits,
 or ``(logits, masks)`` with the masks in execution order (what the objective and the metrics read).
+Each unit is an ``apply_mask`` node and the last op a ``modular_output`` node (``is_mask_op`` and
+``is_modular_output`` recognise them): the whole contract other code may rely on.
 ``core.extract.extract_module`` cuts a module out of it by propagating kept channels through the same
 graph (its docstring says the rule for each pattern).
 
@@ -44,8 +46,9 @@ from torch import fx, nn
 
 from .masking import MaskGenerator
 
-__all__ = ["GraphError", "modularize", "mask_units", "per_unit_masks", "fixed_masks", "MaskUnit", "init_mask_bias",
-           "detach_generator_inputs", "unmasked_kernels"]
+__all__ = ["GraphError", "modularize", "mask_units", "per_unit_masks", "MaskUnit", "init_mask_bias",
+           "detach_generator_inputs", "unmasked_kernels", "apply_mask", "modular_output", "is_mask_op",
+           "is_modular_output"]
 
 
 class GraphError(ValueError):
@@ -67,22 +70,14 @@ class MaskUnit:
         return self.generator.num_kernels
 
 
-class _FixedMask(nn.Module):
-    """A hard 0/1 mask in place of a unit's generator (same ``masked`` contract): the reference a
-    module must match."""
-
-    def __init__(self, keep: torch.Tensor):
-        super().__init__()
-        self.keep = keep
-
-    def masked(self, y: torch.Tensor, conv_input: torch.Tensor, relu: bool):
-        hard = self.keep.to(device=y.device, dtype=y.dtype)
-        out = y * hard[None, :, None, None]
-        return (F.relu(out) if relu else out), hard.expand(y.shape[0], -1)
-
-
 class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = ()):
+        super().__init__()
+        self.leaf_modules = tuple(leaf_modules)
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if isinstance(module, self.leaf_modules):
+            return True
         childless = next(module.children(), None) is None
         stateless = (
             next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None
@@ -90,8 +85,33 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(module, qualified_name) or (childless and stateless)
 
 
-def _model_output(output, return_masks: bool, masks: list[torch.Tensor]):
+# The protocol between a modular graph and the code that reads it (``core.extract``, tests): two
+# functions that ``modularize`` puts into the graph, recognised by identity (``is_mask_op``,
+# ``is_modular_output``), which a pickled or deep-copied graph keeps, unlike node metadata.
+
+def apply_mask(generator: nn.Module, y: torch.Tensor, conv_input: torch.Tensor,
+               relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A masked unit's op in the graph: ``generator.masked(y, conv_input, relu)``, i.e.
+    ``(act(y) * mask, mask)`` with the mask computed from the conv's input. Its node's arguments are
+    ``(generator get_attr node, y, conv input, relu)``; ``getitem`` 0 of it is the masked output,
+    1 the mask. Anything with a ``masked`` method of that contract can stand in for the generator."""
+    return generator.masked(y, conv_input, relu)
+
+
+def modular_output(output, return_masks: bool, masks: list[torch.Tensor]):
+    """The last op of a modular graph: the network's own output (its first argument), with the masks
+    in execution order when ``return_masks``."""
     return (output, list(masks)) if return_masks else output
+
+
+def is_mask_op(node: fx.Node) -> bool:
+    """Whether ``node`` is a masked unit's op (``apply_mask``)."""
+    return node.op == "call_function" and node.target is apply_mask
+
+
+def is_modular_output(node: fx.Node) -> bool:
+    """Whether ``node`` is the op that returns the logits and, on request, the masks (``modular_output``)."""
+    return node.op == "call_function" and node.target is modular_output
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -133,14 +153,16 @@ def _generator_name(gm: fx.GraphModule, conv: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
+def modularize(model: nn.Module, name: str | None = None,
+               leaf_modules: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
     """``model`` (its modules, shared, not copied) as a graph with a mask generator per masked unit.
 
-    ``name`` names the model in errors. Raises ``GraphError`` when the model does not trace or has
-    no conv -> BN unit after its first conv."""
+    ``name`` names the model in errors. ``leaf_modules``: module types kept whole, as one node each,
+    rather than traced through (a layer of your own that ``extract_module`` is given a rule for).
+    Raises ``GraphError`` when the model does not trace or has no conv -> BN unit after its first conv."""
     label = name or type(model).__name__
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer(leaf_modules).trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure is the same refusal
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GraphError(f"model {label} cannot be modularized: its forward does not trace with torch.fx "
@@ -172,7 +194,7 @@ def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
         with gm.graph.inserting_after(replaced):
             generator_node = gm.graph.get_attr(unit_name)
         with gm.graph.inserting_after(generator_node):
-            masked = gm.graph.call_method("masked", (generator_node, bn if fold else replaced, conv.args[0], fold))
+            masked = gm.graph.call_function(apply_mask, (generator_node, bn if fold else replaced, conv.args[0], fold))
         units[masked] = {"name": unit_name, "conv": conv.target, "bn": bn.target, "relu": fold}
         with gm.graph.inserting_after(masked):
             output = gm.graph.call_function(operator.getitem, (masked, 0))
@@ -192,7 +214,7 @@ def modularize(model: nn.Module, name: str | None = None) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     masks.sort(key=order.__getitem__)
     with gm.graph.inserting_before(out):
-        result = gm.graph.call_function(_model_output, (out.args[0], return_masks, masks))
+        result = gm.graph.call_function(modular_output, (out.args[0], return_masks, masks))
     out.args = (result,)
     gm.graph.lint()
     gm.recompile()
@@ -226,27 +248,6 @@ def per_unit_masks(model: nn.Module, keep) -> list[torch.Tensor]:
             raise ValueError(f"kernel mask of shape {tuple(layer.shape)} for masked layer {index} ({unit.conv}) "
                              f"with {unit.num_kernels} kernels")
     return [layer.to(torch.bool).cpu() for layer in keep]
-
-
-class fixed_masks:
-    """``with fixed_masks(gm, keep): gm(x)``: each unit applies a hard 0/1 mask instead of its generator,
-    as an extracted module computes (``keep`` as ``per_unit_masks`` takes it). The reference in tests."""
-
-    def __init__(self, gm: fx.GraphModule, keep):
-        self.gm, self.units, self.keep = gm, mask_units(gm), per_unit_masks(gm, keep)
-
-    def __enter__(self):
-        for unit, k in zip(self.units, self.keep):
-            self._swap(unit.name, _FixedMask(k.float()))
-        return self.gm
-
-    def __exit__(self, *exc):
-        for unit in self.units:
-            self._swap(unit.name, unit.generator)
-
-    def _swap(self, name: str, module: nn.Module) -> None:
-        parent, _, attr = name.rpartition(".")
-        setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, module)
 
 
 def init_mask_bias(model: nn.Module, value: float) -> None:

@@ -201,13 +201,6 @@ class MaskGenerator(nn.Module):
     def b2(self) -> torch.Tensor:
         return _bias(self.packed, self.layout)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the packing hold fc1.weight, fc2.weight and fc2.bias.
-        separate = [prefix + key for key in ("fc1.weight", "fc2.weight", "fc2.bias")]
-        if prefix + "packed" not in state_dict and all(key in state_dict for key in separate):
-            state_dict[prefix + "packed"] = torch.cat([state_dict.pop(key).flatten() for key in separate])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
         """The mask in plain autograd ops: what ``torch.compile`` traces and fuses, and the reference
         the eager single-node path (``_MaskedActivation``) is tested against."""

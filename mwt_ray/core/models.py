@@ -6,12 +6,18 @@ units in the traced graph and gives every one but the first a mask generator (se
 paper); nothing here knows about masks. The built-ins are written as conv units
 (``units.N.conv``, ``units.N.bn``) so their generators sit at ``units.N.mask_generator``.
 
+A new built-in is one function decorated with ``@register_model("<name>")``: ``list_models``, the
+config and the tests that run every built-in read the registry.
+
 ``create_model("torchvision:<name>")`` builds that torchvision model untrained, with its classifier
-sized for the classes, and goes through the same ``modularize``.
+sized for the classes, and ``create_model("package.module:function")`` the network a function of
+the user's returns for ``num_classes``; both go through the same ``modularize``. Checkpoints record
+the name, so every command rebuilds such a model by importing the function again.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -22,7 +28,8 @@ from torch import nn
 from .graph import modularize
 
 __all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models", "check_model_name",
-           "TORCHVISION_PREFIX", "MAX_PARAMETERS", "MAX_CLASSES", "model_size_error"]
+           "register_model", "default_width", "is_factory_name", "DEFAULT_WIDTH", "TORCHVISION_PREFIX",
+           "FACTORY_FORM", "MAX_PARAMETERS", "MAX_CLASSES", "model_size_error"]
 
 
 class ConvUnit(nn.Module):
@@ -153,33 +160,55 @@ class ResCNN(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _vgg16(num_classes: int, width: float, dropout: float = 0.0) -> VGG:
+_REGISTRY: dict[str, Callable[[int, float], nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[[int, float], nn.Module]], Callable[[int, float], nn.Module]]:
+    """Decorator that makes ``factory(num_classes, width)`` the built-in ``name``: ``create_model``,
+    ``list_models``, the config and the tests that run every built-in all read the registry."""
+    if not name.isidentifier() or name in _REGISTRY:
+        raise ValueError(f"built-in model name {name!r} is not an identifier or is taken")
+
+    def register(factory: Callable[[int, float], nn.Module]) -> Callable[[int, float], nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+    return register
+
+
+@register_model("vgg16")
+def vgg16(num_classes: int, width: float, dropout: float = 0.0) -> VGG:
     channels = [_scaled(c, width) for c in VGG16_LAYOUT if c != "M"]
     pool_after = [nxt == "M" for cur, nxt in zip(VGG16_LAYOUT, VGG16_LAYOUT[1:] + (None,)) if cur != "M"]
     return VGG(channels, pool_after, _scaled(512, width), num_classes, dropout=dropout)
 
 
-def _simcnn(num_classes: int, width: float) -> VGG:
-    return _vgg16(num_classes, width, dropout=0.5)
-
-
-def _rescnn(num_classes: int, width: float) -> ResCNN:
-    return ResCNN([_scaled(c, width) for c in RESCNN_CHANNELS], num_classes)
-
-
-def _resnet18(num_classes: int, width: float) -> ResNet:
+@register_model("resnet18")
+def resnet18(num_classes: int, width: float) -> ResNet:
     return ResNet([_scaled(c, width) for c in (64, 128, 256, 512)], [2, 2, 2, 2], num_classes)
 
 
-_REGISTRY: dict[str, Callable[[int, float], nn.Module]] = {
-    "vgg16": _vgg16,
-    "resnet18": _resnet18,
-    "simcnn": _simcnn,
-    "rescnn": _rescnn,
-}
+@register_model("simcnn")
+def simcnn(num_classes: int, width: float) -> VGG:
+    return vgg16(num_classes, width, dropout=0.5)
 
+
+@register_model("rescnn")
+def rescnn(num_classes: int, width: float) -> ResCNN:
+    return ResCNN([_scaled(c, width) for c in RESCNN_CHANNELS], num_classes)
+
+
+# The width of a built-in when none is given (``create_model`` and the config alike): a quarter of
+# the paper's channels, which trains on a CPU; 1.0 is the paper's models.
+DEFAULT_WIDTH = 0.25
 
 TORCHVISION_PREFIX = "torchvision:"
+FACTORY_FORM = "package.module:function"
+
+
+def default_width(name: str) -> float:
+    """The width ``name`` is built at when none is given: ``DEFAULT_WIDTH`` for a built-in, else 1.0,
+    the architecture's own (a torchvision model as published, a factory's network as it builds it)."""
+    return DEFAULT_WIDTH if name in _REGISTRY else 1.0
 
 
 def _torchvision_names() -> list[str]:
@@ -189,12 +218,23 @@ def _torchvision_names() -> list[str]:
 
 
 def list_models() -> list[str]:
-    """The built-ins; any of torchvision's classification models is also accepted as ``torchvision:<name>``."""
+    """The built-ins; any of torchvision's classification models is also accepted as ``torchvision:<name>``,
+    and a CNN of your own as ``package.module:function`` (see ``create_model``)."""
     return sorted(_REGISTRY)
 
 
+def is_factory_name(name: str) -> bool:
+    """Whether ``name`` names a model factory of the user's (``package.module:function``), not a built-in
+    or torchvision model; it may still be malformed (``check_model_name`` says why)."""
+    return ":" in name and not name.startswith(TORCHVISION_PREFIX)
+
+
 def check_model_name(name: str) -> None:
-    """Raise ValueError, naming what is allowed, unless ``name`` is a built-in or ``torchvision:<name>``."""
+    """Raise ValueError, in one line naming what is allowed, unless ``name`` is a built-in,
+    ``torchvision:<name>``, or ``package.module:function`` whose function imports, builds an
+    ``nn.Module`` from ``num_classes`` alone and does not raise (tried once per name and process)."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name {name!r} is not a string")
     if name in _REGISTRY:
         return
     if name.startswith(TORCHVISION_PREFIX):
@@ -203,14 +243,83 @@ def check_model_name(name: str) -> None:
             return
         raise ValueError(f"unknown torchvision model {name!r}; torchvision {_torchvision_version()} has "
                          f"{', '.join(known)}")
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, or "
-                     f"{TORCHVISION_PREFIX}<name> for a torchvision CNN (e.g. {TORCHVISION_PREFIX}mobilenet_v2)")
+    if is_factory_name(name):
+        reason = _factory_error(name)
+        if reason:
+            raise ValueError(reason)
+        return
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
+                     f"or {TORCHVISION_PREFIX}<name> for a torchvision CNN (e.g. {TORCHVISION_PREFIX}mobilenet_v2), "
+                     f"or {FACTORY_FORM} for your own (a function of num_classes that returns the network)")
 
 
 def _torchvision_version() -> str:
     import torchvision
 
     return torchvision.__version__.split("+")[0]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _import_factory(name: str) -> Callable[..., nn.Module]:
+    """The callable ``package.module:function`` names; ValueError, one line, where there is none."""
+    module_name, _, attribute = name.partition(":")
+    if ":" in attribute or not all(part.isidentifier() for part in module_name.split(".")) \
+            or not attribute.isidentifier():
+        raise ValueError(f"model {name!r} is not {FACTORY_FORM} (a dotted module path, one colon and a function "
+                         f"name, none of them empty), a built-in ({', '.join(list_models())}) or "
+                         f"{TORCHVISION_PREFIX}<name>")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"model {name!r}: module {module_name} cannot be imported ({_first_line(error)}); "
+                         "its package must be in the working directory or on PYTHONPATH") from None
+    except Exception as error:  # noqa: BLE001 - any failure of the user's module is the same refusal
+        raise ValueError(f"model {name!r}: importing module {module_name} raised {_first_line(error)}") from None
+    if not hasattr(module, attribute):
+        raise ValueError(f"model {name!r}: module {module_name} has no attribute {attribute!r}")
+    factory = getattr(module, attribute)
+    if not callable(factory):
+        raise ValueError(f"model {name!r} is a {type(factory).__name__}, not a function of num_classes that "
+                         "returns an nn.Module")
+    return factory
+
+
+def _build_with_factory(name: str, num_classes: int) -> nn.Module:
+    factory = _import_factory(name)
+    call = f"{name.partition(':')[2]}(num_classes={num_classes})"
+    try:
+        model = factory(num_classes=num_classes)
+    except Exception as error:  # noqa: BLE001 - the user's code: any failure is the same refusal
+        raise ValueError(f"model {name!r}: {call} raised {_first_line(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: {call} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@functools.cache
+def _factory_error(name: str) -> str | None:
+    """Why the factory ``name`` cannot build a model, or None: imported and called once per process,
+    with 10 classes on the meta device (nothing allocated, whatever the network's size), and again
+    for real where it fails there: a constructor may compute with tensors, which meta ones refuse."""
+    try:
+        with torch.device("meta"):
+            _build_with_factory(name, 10)
+    except ValueError as error:
+        if not _builds_for_real(name):
+            return str(error)
+    return None
+
+
+def _builds_for_real(name: str) -> bool:
+    try:
+        _build_with_factory(name, 10)
+    except ValueError:
+        return False
+    return True
 
 
 # torchvision's classification models whose constructors take ``width_mult``. Others are refused by
@@ -253,8 +362,7 @@ MAX_CLASSES = 100_000
 def _parameters_at_width_one(name: str, num_classes: int = 10) -> int:
     """Parameters of ``name`` at width 1, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in create_model(name, num_classes, None if name.startswith(TORCHVISION_PREFIX)
-                                                   else 1.0, modular=False).parameters())
+        return sum(p.numel() for p in create_model(name, num_classes, 1.0, modular=False).parameters())
 
 
 def model_size_error(name: str, width: float | None, num_classes: int = 10) -> str | None:
@@ -269,6 +377,8 @@ def model_size_error(name: str, width: float | None, num_classes: int = 10) -> s
         return f"width {width!r} is not a positive number"
     if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] not in _WIDTH_MULTIPLIER:
         return _no_width_multiplier(name, width)
+    if is_factory_name(name):
+        return _factory_width_error(name, width)
     at_one = _parameters_at_width_one(name, num_classes)
     estimate = at_one * max(1.0, width * width)
     if estimate > MAX_PARAMETERS:
@@ -278,18 +388,32 @@ def model_size_error(name: str, width: float | None, num_classes: int = 10) -> s
     return None
 
 
+def _factory_width_error(name: str, width: float) -> str:
+    return (f"width {width:g}: model {name} is built by its own function, which takes num_classes and no width; "
+            "leave model.width unset (or 1, its own)")
+
+
 def create_model(name: str, num_classes: int = 10, width: float | None = None, modular: bool = True) -> nn.Module:
-    """Build a model, e.g. ``create_model("vgg16", width=0.25)`` or ``create_model("torchvision:mobilenet_v2")``:
-    plain with ``modular=False``, else its modular graph (``graph.modularize``), whose
-    ``forward(x, return_masks=True)`` also returns the masks. ``width``: the channel multiplier; None is
-    the architecture's own (1.0 for the built-ins)."""
+    """Build a model: plain with ``modular=False``, else its modular graph (``graph.modularize``), whose
+    ``forward(x, return_masks=True)`` also returns the masks.
+
+    ``name``: a built-in (``list_models()``), e.g. ``create_model("vgg16", width=0.25)``;
+    ``torchvision:<name>``; or ``package.module:function`` for a CNN of your own, where
+    ``function(num_classes=...)`` returns the plain network (it is imported by that name again
+    wherever a checkpoint of it is read). ``width``: the channel multiplier; None is
+    ``default_width(name)`` (``DEFAULT_WIDTH`` for the built-ins, the architecture's own otherwise).
+    A factory's network is built as the function builds it: a width other than 1 is refused."""
     check_model_name(name)
     if width is not None and not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
         raise ValueError(f"width must be a positive number, got {width!r}")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if name in _REGISTRY:
-        model = _REGISTRY[name](num_classes, 1.0 if width is None else float(width))
+        model = _REGISTRY[name](num_classes, default_width(name) if width is None else float(width))
+    elif is_factory_name(name):
+        if width is not None and width != 1.0:
+            raise ValueError(_factory_width_error(name, width))
+        model = _build_with_factory(name, num_classes)
     else:
         model = _torchvision_model(name, num_classes, None if width is None else float(width))
     return modularize(model, name) if modular else model
