@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 
@@ -282,9 +283,11 @@ def _import_factory(name: str) -> Callable[..., nn.Module]:
     if not hasattr(module, attribute):
         raise ValueError(f"model {name!r}: module {module_name} has no attribute {attribute!r}")
     factory = getattr(module, attribute)
-    if not callable(factory):
-        raise ValueError(f"model {name!r} is a {type(factory).__name__}, not a function of num_classes that "
-                         "returns an nn.Module")
+    # Only a Python function or an nn.Module class: a checkpoint names its factory, and a forged one
+    # must not get a builtin or any other callable (os.system, subprocess.Popen) called on loading.
+    if not (inspect.isfunction(factory) or (inspect.isclass(factory) and issubclass(factory, nn.Module))):
+        raise ValueError(f"model {name!r} is a {type(factory).__name__}, not a Python function of num_classes "
+                         "(or an nn.Module class) that returns an nn.Module")
     return factory
 
 
