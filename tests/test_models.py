@@ -235,7 +235,7 @@ def test_a_checkpoint_of_ones_own_model_is_checked_and_rebuilt(tmp_path):
 @pytest.mark.parametrize("name, expected", [
     ("nosuchpkg.mod:f", "module nosuchpkg.mod cannot be imported"),
     ("own_cnn:missing", "module own_cnn has no attribute 'missing'"),
-    ("own_cnn:not_callable", "is a int, not a function of num_classes"),
+    ("own_cnn:not_callable", "is a int, not a Python function of num_classes"),
     ("own_cnn:not_a_module", "not_a_module(num_classes=10) returned a list, not a torch.nn.Module"),
     ("own_cnn:raises", "raises(num_classes=10) raised RuntimeError: no network for 10 classes"),
     ("a:b:c", "is not package.module:function"),
