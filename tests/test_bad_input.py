@@ -33,6 +33,8 @@ from PIL import Image
 
 from mwt_ray.core.messages import MAX_ERROR_CHARS
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick, so that a case that wrongly trains still ends soon (and then fails its checks).
 COMMON = ["--set", "output_dir={tmp}/runs", "--set", "train.epochs=1", "--set", "data.train_limit=100",

@@ -23,6 +23,8 @@ import pytest
 import torch
 from conftest import free_port, open_local, tiny_config
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [3, 5]
 REGISTERED = "digits-3-5"

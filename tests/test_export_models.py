@@ -22,6 +22,8 @@ from mwt_ray.core.graph import mask_units
 from mwt_ray.core.models import create_model, list_models
 from mwt_ray.core.reuse import RestrictedLogits
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 
 @pytest.mark.parametrize("name", list_models())
 def test_module_programs_compute_the_module(name, tmp_path):

@@ -20,6 +20,8 @@ from conftest import empty_store, mlflow_client, only_run
 
 from mwt_ray.core.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 

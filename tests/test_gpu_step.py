@@ -124,7 +124,7 @@ def test_a_modular_step_never_reads_a_tensor_on_the_host(name):
 TRACED = ["torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:efficientnet_b0"]
 
 
-@pytest.mark.parametrize("name", list_models() + TRACED)
+@pytest.mark.parametrize("name", list_models() + [pytest.param(name, marks=pytest.mark.slow) for name in TRACED])
 def test_forward_objective_and_metrics_trace_in_one_graph(name):
     width = 0.125 if name in list_models() else (0.25 if "mobilenet" in name else None)
     model = create_model(name, 10, width).train()
@@ -140,6 +140,7 @@ def test_forward_objective_and_metrics_trace_in_one_graph(name):
     assert explained.graph_count == 1
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels: a minute here
 def test_inductor_compiled_forward_and_objective_equal_eager():
     """The one real inductor compile of the suite: the generators' plain-op path (what the
     compiler sees) gives the eager single-node path's logits, masks and loss."""
@@ -225,6 +226,7 @@ def test_batches_are_the_same_draws_wherever_the_data_lives():
         place_data(data, CPU, "sometimes")
 
 
+@pytest.mark.slow  # compiles with inductor
 def test_a_compiled_run_checkpoint_loads_uncompiled_and_resumes(tmp_path, monkeypatch):
     """``train.compile`` compiles in place: the checkpoint's names are the plain model's, so the
     run resumes without compiling. (Dynamo's "eager" backend: the same in-place capture and guards,

@@ -217,6 +217,12 @@ def test_what_cannot_be_modularized_says_so_in_one_line(model, expected):
 
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
                "regnet_x_400mf", "vgg11_bn"]
+# Seconds each on 2 CPU cores (a minute and more under load): the slow tier, beside the small ones.
+LARGE = {"resnet50", "efficientnet_b0", "densenet121", "regnet_x_400mf"}
+
+
+def tiered(names: list[str]) -> list:
+    return [pytest.param(name, marks=pytest.mark.slow) if name in LARGE else name for name in names]
 
 
 def conv_bn_units_by_running(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -246,7 +252,7 @@ def conv_bn_units_by_running(model: nn.Module, x: torch.Tensor) -> list[str]:
     return units
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("name", tiered(TORCHVISION))
 def test_torchvision_models_are_masked_at_every_conv_bn_unit(name):
     import torchvision
 
@@ -324,7 +330,7 @@ def test_extracted_pattern_net_equals_the_hard_masked_model(seed, size):
     assert dw.conv == "dw"
 
 
-@pytest.mark.parametrize("name", TORCHVISION + list_models())
+@pytest.mark.parametrize("name", tiered(TORCHVISION) + list_models())
 def test_modules_equal_the_hard_masked_model(name):
     """torchvision's CNNs and the built-ins alike: random module masks and masks keeping only the
     floor, at 32x32 and (where the architecture allows another size) 64x64, BN statistics randomised;

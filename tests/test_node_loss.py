@@ -27,6 +27,8 @@ from conftest import empty_store
 from mwt_ray.config import load_config
 from mwt_ray.jobs import train_in_process
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 TINY = ["data.name=digits", "model.width=0.125", "data.train_limit=200", "train.batch_size=32",
         "modularize.cohesion_samples_per_class=20"]
 

@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mwt_ray.core.checkpoint import build_model, load_checkpoint
 from mwt_ray.core.graph import mask_units
+
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 OWN = "tests.own_cnn:tiny_cnn"

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "parallel_runs.py"
 SMALL = "data.name=digits data.train_limit=320 model.width=0.125 train.batch_size=64"

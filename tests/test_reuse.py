@@ -15,6 +15,8 @@ from mwt_ray.core.reuse import (
 )
 from mwt_ray.core.training import evaluate
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 
 def separable_data(n=120, classes=4):
     """Class c is a bright square in quadrant c: learnable in a couple of epochs."""

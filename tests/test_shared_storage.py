@@ -28,6 +28,8 @@ from mwt_ray.cluster.shared_storage import (
 )
 from mwt_ray.jobs import SetupError
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 

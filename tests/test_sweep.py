@@ -20,6 +20,8 @@ from mwt_ray.config import load_config
 from mwt_ray.jobs import load_data, train_in_process
 from mwt_ray.jobs.objective import best_tau, scan_checkpoint
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 

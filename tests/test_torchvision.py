@@ -16,6 +16,8 @@ from mwt_ray.core.checkpoint import build_model, load_checkpoint
 from mwt_ray.core.graph import mask_units
 from mwt_ray.core.models import create_model
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 MOBILENET = "torchvision:mobilenet_v2"
 
 

@@ -18,6 +18,8 @@ from mwt_ray.core.checkpoint import load_checkpoint
 from mwt_ray.tracking import TrackingError, check_server, flatten_params, open_run, resolve_tracking_uri
 from mwt_ray.tracking.plots import plot_convergence
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 METRIC_KEYS = ("loss", "ce_loss", "cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling", "kernel_rate",
                "train_accuracy", "test_accuracy", "lr", "epoch_time_s")
 ARTIFACTS = {"checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png"}

@@ -11,6 +11,8 @@ from mwt_ray.config import load_config
 from mwt_ray.core.checkpoint import build_model, check_architecture, load_checkpoint
 from mwt_ray.jobs import reuse_from_checkpoints, train_in_process
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_limit=300", "model.width=0.125", "train.batch_size=32", "tracking.enabled=false"]
 

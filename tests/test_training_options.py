@@ -14,6 +14,8 @@ from mwt_ray.core.losses import modular_objective
 from mwt_ray.core.training import loss_weight_ramp, make_optimizer, make_scheduler
 from mwt_ray.jobs import train_in_process
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 
 def settings(*overrides):
     return load_config(None, list(overrides)).train.optim_settings()
