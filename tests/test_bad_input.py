@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from helpers import free_port
 from PIL import Image
 
 from mwt_ray.core.messages import MAX_ERROR_CHARS
@@ -1325,7 +1325,7 @@ def test_cli_impossible_resources_one_line_despite_ray_logging(tmp_path):
 def test_cli_worker_killed_after_start_names_the_dead_worker(tmp_path):
     """Issue item 1: a worker SIGKILLed with no failure budget: exit 1, one line that names the
     killed worker (rank 0 and its pid), not the surviving worker's lost connection; its MLflow run FAILED."""
-    from conftest import mlflow_client, only_run
+    from helpers import mlflow_client, only_run
 
     result = run_cli(
         expand(

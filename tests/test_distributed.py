@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from conftest import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
+from helpers import free_port, mlflow_client, only_run, tiny_config  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from mwt_ray.cluster import loop_config, run_distributed, train_loop_per_worker  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, open_local, tiny_config
+from helpers import free_port, open_local, tiny_config
 
 pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import empty_store, mlflow_client, only_run
+from helpers import empty_store, mlflow_client, only_run
 
 from mwt_ray.core.checkpoint import load_checkpoint
 

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_masks, tiny_config
+from helpers import random_masks, tiny_config
 from torch.profiler import ProfilerActivity, profile
 
 from mwt_ray.config import TrainConfig

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers import random_masks
 
 from mwt_ray.core.losses import cohesion_coupling_losses, modular_objective
-from tests.conftest import random_masks
 
 
 def cos(a, b):

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import empty_store
+from helpers import empty_store
 
 from mwt_ray.config import load_config
 from mwt_ray.jobs import train_in_process

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from helpers import free_port
 
 from mwt_ray.cluster.shared_storage import (
     CHECK_FILE_PREFIX,
@@ -303,7 +303,7 @@ class TestThreeNodes:
                                                                                        command):
         """The sweep and data-parallel training, joined to the cluster as a user's command is: one
         error line naming the key, exit 2, and nothing written (no run folder, no MLflow run)."""
-        from conftest import empty_store
+        from helpers import empty_store
 
         hidden, shared, hidden_node, _, _ = cluster
         store = empty_store(shared / f"{command[0]}.db")

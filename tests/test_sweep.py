@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import empty_store, free_port
+from helpers import empty_store, free_port
 
 from mwt_ray.config import load_config
 from mwt_ray.jobs import load_data, train_in_process

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, mlflow_client, open_local
-from conftest import tiny_config as _tiny_config
+from helpers import free_port, mlflow_client, open_local
+from helpers import tiny_config as _tiny_config
 
 from mwt_ray.cluster import run_training as run
 from mwt_ray.core.checkpoint import load_checkpoint

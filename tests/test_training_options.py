@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_masks
+from helpers import random_masks
 
 from mwt_ray import create_model
 from mwt_ray.config import load_config
