@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write, atomic_write_text
 
 __all__ = ["ReuseTables", "build_tables", "write_report", "plot_reuse", "log_report", "REPORT_FILES"]
 
@@ -146,12 +146,10 @@ def plot_reuse(summary, path: str | Path, title: str | None = None) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_report(tables: ReuseTables, folder: str | Path, title: str | None = None) -> list[Path]:
