@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from ..core.messages import first_line
 from ..jobs import SetupError
 
 __all__ = ["check_shared_places", "check_not_in_ray_package", "ray_package_folder", "job_places", "check_job_places",
@@ -403,8 +404,7 @@ def _ask_every_node(probe: Callable, checks: dict, nodes: list[dict], budget: fl
         try:
             answers.append(ray.get(ref))
         except Exception as error:  # noqa: BLE001 - a node that died, a worker that could not start
-            reason = str(error).strip().splitlines()
-            answers.append(f"failed to run the check ({type(error).__name__}: {reason[0] if reason else ''})")
+            answers.append(f"failed to run the check ({type(error).__name__}: {first_line(str(error))})")
     return answers
 
 
