@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.files import atomic_write, atomic_write_text
+from ..core.files import atomic_write_text
 from ..core.messages import last_line
+from .plots import save_figure
 from .runs import MlflowRun, open_run
 
 __all__ = ["open_parent_run", "log_trial_scan", "results_table", "plot_pareto", "close_child_runs", "report_sweep"]
@@ -120,12 +121,7 @@ def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, 
         axes[1].axhline(100 * standard_accuracy, color="gray", linestyle="--", label="standard model")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=120))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, title, dpi=120)
 
 
 def _markdown(table) -> str:
