@@ -94,40 +94,20 @@ def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> li
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    r = plan.cfg.reuse
-    device = "cuda" if r.gpus_per_actor > 0 else "cpu"
-    remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
-                                            runtime_env=_actor_runtime_env())
-
-    def new_actor():
-        return remote.remote(plan.spec, int(r.cpus_per_actor), device)
-
-    actors = [new_actor() for _ in range(num_actors)]
-    idle, queue = list(actors), list(range(len(plan.tasks)))
-    running: dict = {}  # object ref -> (actor, sub-task index)
+    pool = _Pool(plan, num_actors)
+    queue = list(range(len(plan.tasks)))
     losses: dict[int, int] = {}
     rows: dict[int, dict] = {}
     try:
-        while queue or running:
-            while idle and queue:
-                actor, index = idle.pop(), queue.pop(0)
-                running[actor.evaluate.remote(index, plan.tasks[index])] = (actor, index)
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            actor, index = running.pop(done)
+        while queue or pool.running:
+            pool.hand_out(queue)
+            actor, index, done = pool.next_done()
             try:
                 row = ray.get(done)
             except RayActorError as error:
                 losses[index] = losses.get(index, 0) + 1
-                where = lost_where(error)
-                if losses[index] > r.max_restarts:
-                    raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks: sub-task "
-                                    f"{index} (classes {plan.tasks[index]}) lost its actor {losses[index]} time(s), "
-                                    f"the last time {where} (reuse.max_restarts={r.max_restarts})") from None
-                log(f"reuse: sub-task {index} (classes {plan.tasks[index]}) lost its actor ({where}); it runs again "
-                    f"on a new actor (restart {losses[index]} of {r.max_restarts})")
-                ray.kill(actor, no_restart=True)
-                actors[actors.index(actor)] = replacement = new_actor()
-                idle.append(replacement)
+                _lost_actor(plan, index, losses[index], len(rows), lost_where(error), log)
+                pool.replace(actor)
                 queue.insert(0, index)
                 continue
             except RayTaskError as error:
@@ -136,15 +116,74 @@ def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> li
             if index in rows:
                 raise JobFailed(f"sub-task {index} was evaluated twice")
             rows[index] = row
-            idle.append(actor)
+            pool.idle.append(actor)
             log(format_row(row, len(rows), len(plan.tasks)))
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        pool.close()
     missing = sorted(set(range(len(plan.tasks))) - set(rows))
     if missing:
         raise JobFailed(f"sub-tasks {missing} have no result")
     return [rows[i] for i in range(len(plan.tasks))]
+
+
+class _Pool:
+    """The actors of ``run_plan``: idle ones, and the calls running on the others."""
+
+    def __init__(self, plan: ReusePlan, size: int):
+        import ray
+
+        r = plan.cfg.reuse
+        self.plan = plan
+        self.device = "cuda" if r.gpus_per_actor > 0 else "cpu"
+        self.remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                                     runtime_env=_actor_runtime_env())
+        self.actors = [self._new_actor() for _ in range(size)]
+        self.idle = list(self.actors)
+        self.running: dict = {}  # object ref -> (actor, sub-task index)
+
+    def _new_actor(self):
+        return self.remote.remote(self.plan.spec, int(self.plan.cfg.reuse.cpus_per_actor), self.device)
+
+    def hand_out(self, queue: list[int]) -> None:
+        """One sub-task from the front of ``queue`` to each idle actor."""
+        while self.idle and queue:
+            actor, index = self.idle.pop(), queue.pop(0)
+            self.running[actor.evaluate.remote(index, self.plan.tasks[index])] = (actor, index)
+
+    def next_done(self):
+        """(actor, sub-task index, object ref) of the next call to finish, however it finished."""
+        import ray
+
+        (done,), _ = ray.wait(list(self.running), num_returns=1)
+        actor, index = self.running.pop(done)
+        return actor, index, done
+
+    def replace(self, actor) -> None:
+        """A new idle actor instead of ``actor``, which lost its process (Ray places the new one on
+        any node with room)."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        self.actors[self.actors.index(actor)] = replacement = self._new_actor()
+        self.idle.append(replacement)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _lost_actor(plan: ReusePlan, index: int, losses: int, finished: int, where: str, log) -> None:
+    """Say that sub-task ``index`` lost its actor (``losses`` times now), or fail the evaluation
+    when that is more than ``reuse.max_restarts``."""
+    r = plan.cfg.reuse
+    if losses > r.max_restarts:
+        raise JobFailed(f"reuse evaluation failed after {finished}/{len(plan.tasks)} sub-tasks: sub-task "
+                        f"{index} (classes {plan.tasks[index]}) lost its actor {losses} time(s), "
+                        f"the last time {where} (reuse.max_restarts={r.max_restarts})") from None
+    log(f"reuse: sub-task {index} (classes {plan.tasks[index]}) lost its actor ({where}); it runs again "
+        f"on a new actor (restart {losses} of {r.max_restarts})")
 
 
 def _actor_runtime_env() -> dict | None:
