@@ -30,7 +30,7 @@ twice. Only ``mwt_ray.jobs`` and ``mwt_ray.cluster`` import this package: the co
 A run is a context manager: ``with open_run(cfg) as tracked:`` ends it FINISHED, KILLED (Ctrl-C,
 SIGTERM: any ``KeyboardInterrupt``) or FAILED (any other exception) as the block ends. A run whose
 process was SIGKILLed stays RUNNING until ``--resume`` continues it, or a new job of the same name
-marks it FAILED (``fail_if_running``).
+marks it FAILED (``store.fail_if_running``).
 """
 from __future__ import annotations
 
