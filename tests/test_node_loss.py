@@ -54,6 +54,21 @@ def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def read_losing_a_node(cluster, process, pattern: str, node_for) -> tuple[list[str], re.Match | None]:
+    """``process``'s stdout lines, read to its end (10 minutes at most); at the first line where
+    ``pattern`` is found, the node ``node_for(match)`` names is lost. Returns the lines and that match."""
+    lines, first = [], None
+    deadline = time.monotonic() + 600
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        match = re.search(pattern, line)
+        if match and first is None:
+            first = match
+            lose_node(cluster, node_for(match))
+        assert time.monotonic() < deadline, "\n".join(lines)
+    return lines, first
+
+
 def node_of(cluster, pid: int):
     """The worker node whose raylet started process ``pid`` (directly or through its children)."""
     from ray._private import ray_constants
@@ -155,16 +170,13 @@ def test_a_trial_on_a_lost_node_resumes_elsewhere_in_its_own_run(cluster, tmp_pa
     stderr = (tmp_path / "stderr.txt").open("w")
     sweep = subprocess.Popen([sys.executable, "-m", "mwt_ray.sweep", "--config", str(config)], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=stderr)
-    lines, victim = [], None
-    deadline = time.monotonic() + 600
-    for line in sweep.stdout:
-        lines.append(line.rstrip("\n"))
-        epoch = re.match(r"\s+trial (\w+) epoch 2/4", line)
-        if epoch and victim is None:
-            victim = epoch[1]
-            (job,) = (tmp_path / "runs" / "lossy").glob(f"*/trials/trial-{victim}/jobs/job-*/job.json")
-            lose_node(cluster, node_of(cluster, json.loads(job.read_text())["pid"]))
-        assert time.monotonic() < deadline, "\n".join(lines)
+
+    def trial_node(epoch: re.Match):
+        (job,) = (tmp_path / "runs" / "lossy").glob(f"*/trials/trial-{epoch[1]}/jobs/job-*/job.json")
+        return node_of(cluster, json.loads(job.read_text())["pid"])
+
+    lines, epoch = read_losing_a_node(cluster, sweep, r"^\s+trial (\w+) epoch 2/4", trial_node)
+    victim = epoch[1] if epoch else None
     assert sweep.wait(timeout=60) == 0, "\n".join(lines) + (tmp_path / "stderr.txt").read_text()[-3000:]
     assert victim is not None, lines
     retry_lines = [line for line in lines if f"trial {victim}:" in line and "retry 1 of 3" in line]
@@ -229,17 +241,10 @@ def test_data_parallel_training_on_a_lost_node_restarts_its_worker_group(cluster
     stderr = (tmp_path / "stderr.txt").open("w")
     job = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=stderr,
                            stdin=subprocess.DEVNULL)
-    lines, lost = [], None
-    deadline = time.monotonic() + 600
-    for line in job.stdout:
-        lines.append(line.rstrip("\n"))
-        epoch = re.search(r"pid=(\d+)\)(?:\x1b\[[0-9;]*m)? epoch +2/8", line)
-        if epoch and lost is None:
-            lost = node_of(cluster, int(epoch[1]))
-            lose_node(cluster, lost)
-        assert time.monotonic() < deadline, "\n".join(lines)
+    lines, epoch = read_losing_a_node(cluster, job, r"pid=(\d+)\)(?:\x1b\[[0-9;]*m)? epoch +2/8",
+                                      lambda epoch: node_of(cluster, int(epoch[1])))
     assert job.wait(timeout=60) == 0, "\n".join(lines) + (tmp_path / "stderr.txt").read_text()[-3000:]
-    assert lost is not None, lines
+    assert epoch is not None, lines
     assert not any("[state-dump]" in line for line in lines)
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("mwt-ray").experiment_id])

@@ -158,11 +158,16 @@ def test_pool_evaluates_every_sampled_subtask_once(trained, ray_cluster, tmp_pat
 
 
 @pytest.mark.parametrize("restarts", [2, 0])
-def test_an_actor_killed_mid_subtask_is_restarted_and_its_subtask_retried(trained, ray_cluster, tmp_path, restarts):
+def test_an_actor_killed_mid_subtask_is_restarted_and_its_subtask_retried(trained, ray_cluster, tmp_path, restarts,
+                                                                         monkeypatch):
     from mwt_ray.cluster import evaluate_reuse
 
     out = tmp_path / "out"
-    cfg = reuse_config(trained, "reuse.subtasks=[[0,1],[2,3],[4,5]]", "reuse.num_actors=1", "reuse.fail_at_subtask=1",
+    # The actor evaluating sub-task 1 kills its own process once, after its first fine-tuning step.
+    monkeypatch.setenv("MWT_RAY_HOOKS", str(Path(__file__).with_name("kill_reuse_actor.py")))
+    monkeypatch.setenv("MWT_RAY_HOOK_KILL_SUBTASK", "1")
+    monkeypatch.setenv("MWT_RAY_HOOK_KILL_MARKER", str(out / ".fault_injected_subtask_1"))
+    cfg = reuse_config(trained, "reuse.subtasks=[[0,1],[2,3],[4,5]]", "reuse.num_actors=1",
                        f"reuse.max_restarts={restarts}", "reuse.latency_batch_sizes=[]", f"reuse.output_dir={out}",
                        "tracking.enabled=false")
     if restarts == 0:

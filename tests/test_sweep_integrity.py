@@ -245,18 +245,19 @@ def test_planted_payloads_run_without_the_check(signed, tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(CHANGED))
 def test_a_changed_file_is_refused_before_it_is_unpickled(signed, tmp_path, kind):
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    planted = CHANGED[kind](signed, markers)
-    _assert_refused(signed, planted, markers, "changed after the sweep signed it")
+    _assert_refused(signed, *_plant(CHANGED[kind], signed, tmp_path), "changed after the sweep signed it")
 
 
 @pytest.mark.parametrize("kind", sorted(ADDED))
 def test_an_added_file_is_refused(signed, tmp_path, kind):
+    _assert_refused(signed, *_plant(ADDED[kind], signed, tmp_path), "not in the signed manifest")
+
+
+def _plant(plant, signed, tmp_path):
+    """``plant(signed, markers)``'s planted files and the folder of markers a payload would leave."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    planted = ADDED[kind](signed, markers)
-    _assert_refused(signed, planted, markers, "not in the signed manifest")
+    return plant(signed, markers), markers
 
 
 def test_a_link_is_refused(signed, tmp_path):

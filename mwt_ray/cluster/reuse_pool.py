@@ -14,9 +14,8 @@ Failures: a sub-task whose actor dies (its process killed, its node lost) runs a
 actor, placed by Ray on any node with room (its ``__init__`` loads everything again, from storage),
 so the table holds every sub-task exactly once (checked: the evaluation fails with ``JobFailed``
 otherwise); a sub-task may lose its actor ``reuse.max_restarts`` times, and the next loss fails the
-evaluation naming it. ``reuse.fail_at_subtask=i`` kills the actor that evaluates sub-task i
-(SIGKILL, after its first fine-tuning step) once, to exercise exactly that; a marker file in the
-output folder keeps the retry from failing again.
+evaluation naming it. Each fine-tuning step reaches the hook point ``reuse.fine_tune_step``
+(``core.hooks``, with the sub-task's ``index`` and the ``step``), where a test kills an actor.
 
 Results: a progress line per finished sub-task; ``ReuseTables`` (tracking.reuse_report) written
 as CSV, Markdown and a PNG into the output folder and logged to the MLflow run evaluated (the
@@ -25,87 +24,60 @@ given run, the run of ``--run``, or a new ``<name>-reuse`` run when the checkpoi
 """
 from __future__ import annotations
 
-import math
 import os
-import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from ..config import Config
-from ..core.messages import one_line
+from ..core.hooks import hook_at, hook_env
+from ..core.messages import last_line
 from ..jobs import JobFailed, SetupError
 from ..jobs.reuse_job import ReusePlan, SubtaskEvaluator, format_row, plan_reuse, resolve_reference
 from ..tracking.reuse_report import ReuseTables, build_tables, log_report, write_report
+from .capacity import cluster_room
 from .failures import lost_where
 from .ray_output import ray_output_to
 from .ray_session import ray_session
 from .runtime_env import worker_runtime_env
 from .shared_storage import check_job_places, check_shared_places, job_places
 
-__all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "actor_room", "pool_size"]
+__all__ = ["evaluate_reuse", "run_plan", "ReuseActor", "pool_size"]
 
 
 class ReuseActor:
     """One pool member (wrapped with ``ray.remote`` at run time): loads once, evaluates many."""
 
-    def __init__(self, spec: dict, threads: int, device: str, fault: dict | None = None):
+    def __init__(self, spec: dict, threads: int, device: str):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.evaluator = SubtaskEvaluator(spec, device)
-        self.fault = fault
 
     def evaluate(self, index: int, classes: list[int]) -> dict:
-        hook = self._fault_hook() if self.fault and self.fault["index"] == index else None
-        row = self.evaluator.evaluate(index, classes, on_step=hook)
+        hook = hook_at("reuse.fine_tune_step", index=index)
+        row = self.evaluator.evaluate(index, classes, on_step=(lambda step: hook(step=step)) if hook else None)
         import ray
         import torch
 
         return {**row, "threads": torch.get_num_threads(), "node": ray.get_runtime_context().get_node_id()}
 
-    def _fault_hook(self):
-        marker = Path(self.fault["marker"])
-        if marker.exists():
-            return None
-
-        def kill(step: int) -> None:
-            marker.write_text(
-                f"killed pid {os.getpid()} at fine-tuning step {step} of sub-task {self.fault['index']}\n"
-            )
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        return kill
-
     def pid(self) -> int:
         return os.getpid()
-
-
-def actor_room(cpus: float, gpus: float) -> tuple[int, str]:
-    """How many actors of ``cpus`` CPUs and ``gpus`` GPUs the running cluster can place, and what it has."""
-    import ray
-
-    need = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    room = sum(min(math.floor(res.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for res in nodes)
-    total = ray.cluster_resources()
-    have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if gpus > 0 else "")
-    return room, f"{have} on {len(nodes)} node(s)"
 
 
 def pool_size(cfg: Config, num_tasks: int) -> int:
     """``reuse.num_actors`` (checked against the cluster: Ray would wait forever for an actor it
     cannot place), or as many as fit, never more than there are sub-tasks."""
     r = cfg.reuse
-    room, have = actor_room(r.cpus_per_actor, r.gpus_per_actor)
-    asked = f"{r.cpus_per_actor:g} CPU" + (f" and {r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "")
-    if r.num_actors is not None and r.num_actors > room:
-        raise SetupError(f"reuse.num_actors {r.num_actors} with {asked} each, but the Ray cluster has {have}: room "
-                         f"for {room}; lower reuse.num_actors or reuse.cpus_per_actor, or add nodes")
-    if room < 1:
-        raise SetupError(f"the Ray cluster has {have}: no room for one reuse actor with {asked}; "
+    room = cluster_room(r.cpus_per_actor, r.gpus_per_actor)
+    if r.num_actors is not None and r.num_actors > room.count:
+        raise SetupError(f"reuse.num_actors {r.num_actors} with {room.asked} each, but the Ray cluster has "
+                         f"{room.have}: room for {room.count}; lower reuse.num_actors or reuse.cpus_per_actor, "
+                         "or add nodes")
+    if room.count < 1:
+        raise SetupError(f"the Ray cluster has {room.have}: no room for one reuse actor with {room.asked}; "
                          "lower reuse.cpus_per_actor / reuse.gpus_per_actor")
-    return min(r.num_actors or room, num_tasks)
+    return min(r.num_actors or room.count, num_tasks)
 
 
 def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> list[dict]:
@@ -122,69 +94,106 @@ def run_plan(plan: ReusePlan, num_actors: int, log: Callable[[str], None]) -> li
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    r = plan.cfg.reuse
-    fault = None
-    if r.fail_at_subtask is not None:
-        fault = {
-            "index": r.fail_at_subtask,
-            "marker": str(plan.out_dir / f".fault_injected_subtask_{r.fail_at_subtask}"),
-        }
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if r.gpus_per_actor > 0 else "cpu"
-    remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
-                                            runtime_env=worker_runtime_env())
-
-    def new_actor():
-        return remote.remote(plan.spec, int(r.cpus_per_actor), device, fault)
-
-    actors = [new_actor() for _ in range(num_actors)]
-    idle, queue = list(actors), list(range(len(plan.tasks)))
-    running: dict = {}  # object ref -> (actor, sub-task index)
+    pool = _Pool(plan, num_actors)
+    queue = list(range(len(plan.tasks)))
     losses: dict[int, int] = {}
     rows: dict[int, dict] = {}
     try:
-        while queue or running:
-            while idle and queue:
-                actor, index = idle.pop(), queue.pop(0)
-                running[actor.evaluate.remote(index, plan.tasks[index])] = (actor, index)
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            actor, index = running.pop(done)
+        while queue or pool.running:
+            pool.hand_out(queue)
+            actor, index, done = pool.next_done()
             try:
                 row = ray.get(done)
             except RayActorError as error:
                 losses[index] = losses.get(index, 0) + 1
-                where = lost_where(error)
-                if losses[index] > r.max_restarts:
-                    raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks: sub-task "
-                                    f"{index} (classes {plan.tasks[index]}) lost its actor {losses[index]} time(s), "
-                                    f"the last time {where} (reuse.max_restarts={r.max_restarts})") from None
-                log(f"reuse: sub-task {index} (classes {plan.tasks[index]}) lost its actor ({where}); it runs again "
-                    f"on a new actor (restart {losses[index]} of {r.max_restarts})")
-                ray.kill(actor, no_restart=True)
-                actors[actors.index(actor)] = replacement = new_actor()
-                idle.append(replacement)
+                _lost_actor(plan, index, losses[index], len(rows), lost_where(error), log)
+                pool.replace(actor)
                 queue.insert(0, index)
                 continue
             except RayTaskError as error:
                 raise JobFailed(f"reuse evaluation failed after {len(rows)}/{len(plan.tasks)} sub-tasks: sub-task "
-                                f"{index} (classes {plan.tasks[index]}): {one_line(_last_line(error))}") from error
+                                f"{index} (classes {plan.tasks[index]}): {last_line(error)}") from error
             if index in rows:
                 raise JobFailed(f"sub-task {index} was evaluated twice")
             rows[index] = row
-            idle.append(actor)
+            pool.idle.append(actor)
             log(format_row(row, len(rows), len(plan.tasks)))
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        pool.close()
     missing = sorted(set(range(len(plan.tasks))) - set(rows))
     if missing:
         raise JobFailed(f"sub-tasks {missing} have no result")
     return [rows[i] for i in range(len(plan.tasks))]
 
 
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+class _Pool:
+    """The actors of ``run_plan``: idle ones, and the calls running on the others."""
+
+    def __init__(self, plan: ReusePlan, size: int):
+        import ray
+
+        r = plan.cfg.reuse
+        self.plan = plan
+        self.device = "cuda" if r.gpus_per_actor > 0 else "cpu"
+        self.remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                                     runtime_env=_actor_runtime_env())
+        self.actors = [self._new_actor() for _ in range(size)]
+        self.idle = list(self.actors)
+        self.running: dict = {}  # object ref -> (actor, sub-task index)
+
+    def _new_actor(self):
+        return self.remote.remote(self.plan.spec, int(self.plan.cfg.reuse.cpus_per_actor), self.device)
+
+    def hand_out(self, queue: list[int]) -> None:
+        """One sub-task from the front of ``queue`` to each idle actor."""
+        while self.idle and queue:
+            actor, index = self.idle.pop(), queue.pop(0)
+            self.running[actor.evaluate.remote(index, self.plan.tasks[index])] = (actor, index)
+
+    def next_done(self):
+        """(actor, sub-task index, object ref) of the next call to finish, however it finished."""
+        import ray
+
+        (done,), _ = ray.wait(list(self.running), num_returns=1)
+        actor, index = self.running.pop(done)
+        return actor, index, done
+
+    def replace(self, actor) -> None:
+        """A new idle actor instead of ``actor``, which lost its process (Ray places the new one on
+        any node with room)."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        self.actors[self.actors.index(actor)] = replacement = self._new_actor()
+        self.idle.append(replacement)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _lost_actor(plan: ReusePlan, index: int, losses: int, finished: int, where: str, log) -> None:
+    """Say that sub-task ``index`` lost its actor (``losses`` times now), or fail the evaluation
+    when that is more than ``reuse.max_restarts``."""
+    r = plan.cfg.reuse
+    if losses > r.max_restarts:
+        raise JobFailed(f"reuse evaluation failed after {finished}/{len(plan.tasks)} sub-tasks: sub-task "
+                        f"{index} (classes {plan.tasks[index]}) lost its actor {losses} time(s), "
+                        f"the last time {where} (reuse.max_restarts={r.max_restarts})") from None
+    log(f"reuse: sub-task {index} (classes {plan.tasks[index]}) lost its actor ({where}); it runs again "
+        f"on a new actor (restart {losses} of {r.max_restarts})")
+
+
+def _actor_runtime_env() -> dict | None:
+    """The workers' environment (``worker_runtime_env``) with the test hooks of this process: an
+    actor's process is started by Ray, not by this one."""
+    env = worker_runtime_env() or {}
+    hooks = hook_env()
+    if hooks:
+        env = {**env, "env_vars": {**env.get("env_vars", {}), **hooks}}
+    return env or None
 
 
 def _run_in_process(plan: ReusePlan, log) -> list[dict]:
@@ -207,7 +216,7 @@ def _target_run(plan: ReusePlan, mlflow_run, log: Callable[[str], None] = lambda
     whole evaluation. Such a run (the checkpoint's, found by default) means a new run, said in one
     line; a run given explicitly that is not there is bad input (SetupError)."""
     from ..tracking import MlflowRun, check_store
-    from ..tracking.runs import run_exists
+    from ..tracking.store import run_exists
 
     explicit = mlflow_run is not None
     if mlflow_run is None:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from ..core.messages import first_line
 from ..jobs import SetupError
 
 __all__ = ["check_shared_places", "check_not_in_ray_package", "ray_package_folder", "job_places", "check_job_places",
@@ -99,56 +100,64 @@ def _node_probe() -> tuple[Callable, Callable]:
         except OSError as error:
             return ("unreadable", error.strerror or str(error))
 
-    def look(check: dict) -> tuple[bool, str]:
+    def look_write(check: dict) -> tuple[bool, str]:
+        """The driver's check file reads back the same here, and a file can be created beside it."""
         import os
         import secrets
+
+        folder = check["folder"]
+        if not os.path.isdir(folder):
+            return False, f"cannot see the folder {folder}"
+        try:
+            with open(os.path.join(folder, check["token_name"]), encoding="ascii") as stream:
+                seen = stream.read(256)
+        except FileNotFoundError:
+            return False, f"sees {folder}, but not the check file the driver wrote there: another disk at that path"
+        except (OSError, UnicodeDecodeError) as error:
+            return False, f"cannot read the check file in {folder} ({getattr(error, 'strerror', None) or error})"
+        if seen != check["token"]:
+            return False, f"reads other content from the check file in {folder}: another disk at that path"
+        own = os.path.join(folder, f"{CHECK_FILE_PREFIX}{secrets.token_hex(8)}")
+        try:
+            descriptor = os.open(own, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                os.write(descriptor, b"ok")
+            finally:
+                os.close(descriptor)
+                os.unlink(own)
+        except OSError as error:
+            return False, f"sees {folder} but cannot create a file there ({error.strerror or error})"
+        return True, "ok"
+
+    def look_read(check: dict) -> tuple[bool, str]:
+        """The path has the driver's fingerprint here too."""
+        here, there = tuple(check["fingerprint"]), fingerprint(check["path"])
+        if there == here:
+            return True, "ok"
+        if there[0] == "missing":
+            return False, f"cannot see {check['path']}"
+        if there[0] == "unreadable":
+            return False, f"cannot read {check['path']} ({there[1]})"
+        if there[0] != here[0]:
+            return False, f"sees a {there[0]} at {check['path']}, a {here[0]} here"
+        if there[0] == "file":
+            return False, f"sees another file at {check['path']} ({there[1]} bytes, {here[1]} here)"
+        return False, f"sees another folder at {check['path']} ({there[1]} entries, {here[1]} here)"
+
+    def look_tcp(check: dict) -> tuple[bool, str]:
         import socket
 
-        kind = check["kind"]
-        if kind == "write":
-            folder = check["folder"]
-            if not os.path.isdir(folder):
-                return False, f"cannot see the folder {folder}"
-            try:
-                with open(os.path.join(folder, check["token_name"]), encoding="ascii") as stream:
-                    seen = stream.read(256)
-            except FileNotFoundError:
-                return False, f"sees {folder}, but not the check file the driver wrote there: another disk at that path"
-            except (OSError, UnicodeDecodeError) as error:
-                return False, f"cannot read the check file in {folder} ({getattr(error, 'strerror', None) or error})"
-            if seen != check["token"]:
-                return False, f"reads other content from the check file in {folder}: another disk at that path"
-            own = os.path.join(folder, f"{CHECK_FILE_PREFIX}{secrets.token_hex(8)}")
-            try:
-                descriptor = os.open(own, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                try:
-                    os.write(descriptor, b"ok")
-                finally:
-                    os.close(descriptor)
-                    os.unlink(own)
-            except OSError as error:
-                return False, f"sees {folder} but cannot create a file there ({error.strerror or error})"
-            return True, "ok"
-        if kind == "read":
-            here, there = tuple(check["fingerprint"]), fingerprint(check["path"])
-            if there == here:
-                return True, "ok"
-            if there[0] == "missing":
-                return False, f"cannot see {check['path']}"
-            if there[0] == "unreadable":
-                return False, f"cannot read {check['path']} ({there[1]})"
-            if there[0] != here[0]:
-                return False, f"sees a {there[0]} at {check['path']}, a {here[0]} here"
-            if there[0] == "file":
-                return False, f"sees another file at {check['path']} ({there[1]} bytes, {here[1]} here)"
-            return False, f"sees another folder at {check['path']} ({there[1]} entries, {here[1]} here)"
-        if kind == "tcp":
-            try:
-                socket.create_connection((check["host"], check["port"]), timeout=check["timeout_s"]).close()
-            except OSError as error:
-                return False, f"cannot connect to {check['host']}:{check['port']} ({error.strerror or error})"
-            return True, "ok"
-        return False, f"got a check of unknown kind {kind!r}"
+        try:
+            socket.create_connection((check["host"], check["port"]), timeout=check["timeout_s"]).close()
+        except OSError as error:
+            return False, f"cannot connect to {check['host']}:{check['port']} ({error.strerror or error})"
+        return True, "ok"
+
+    def look(check: dict) -> tuple[bool, str]:
+        looks = {"write": look_write, "read": look_read, "tcp": look_tcp}
+        if check["kind"] not in looks:
+            return False, f"got a check of unknown kind {check['kind']!r}"
+        return looks[check["kind"]](check)
 
     def probe(checks: dict, budget_s: float) -> dict:
         """Look at every place of ``checks`` (id -> check) at once, each in a thread: a hung mount
@@ -403,8 +412,7 @@ def _ask_every_node(probe: Callable, checks: dict, nodes: list[dict], budget: fl
         try:
             answers.append(ray.get(ref))
         except Exception as error:  # noqa: BLE001 - a node that died, a worker that could not start
-            reason = str(error).strip().splitlines()
-            answers.append(f"failed to run the check ({type(error).__name__}: {reason[0] if reason else ''})")
+            answers.append(f"failed to run the check ({type(error).__name__}: {first_line(str(error))})")
     return answers
 
 

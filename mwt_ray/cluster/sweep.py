@@ -35,10 +35,11 @@ from pathlib import Path
 
 from ..config import Config, apply_overrides, flatten_space, validate_config
 from ..core.files import atomic_write_text
-from ..core.messages import one_line
+from ..core.messages import last_line, one_line
 from ..jobs import JobFailed, SetupError, check_inputs, load_data, resolve_device
-from ..jobs.objective import best_tau, scan_checkpoint
+from ..jobs.objective import best_tau, best_trial, rank_trials, scan_checkpoint
 from ..jobs.reuse_job import plan_subtasks
+from .capacity import cluster_room
 from .failures import is_lost_process_or_node
 from .ray_output import ray_output_to
 from .ray_session import ray_session
@@ -130,9 +131,7 @@ def sweep_trial(params: dict, *, base: dict, folder: str, parent_run_id: str | N
     except Exception as error:
         if is_lost_process_or_node(error):
             raise
-        from ..tracking.sweep_report import error_line
-
-        report({**_epoch_report(cfg, {}), "trial_error": error_line(error)})
+        report({**_epoch_report(cfg, {}), "trial_error": last_line(error)})
         return
     report(result)
 
@@ -276,18 +275,15 @@ def _outside(dimension, value) -> str | None:
 def _check_stages(cfg: Config, num_classes: int) -> None:
     """Every stage must fit the cluster before the first trial trains: one trial's resources (or
     Tune waits forever), and the last stage's reuse actors and sub-tasks."""
-    import ray
-
     if cfg.scaling.num_workers > 0:
         check_cluster_resources(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
     else:
-        need = {"CPU": cfg.sweep.cpus_per_trial, "GPU": cfg.sweep.gpus_per_trial}
-        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-        if not any(all(res.get(k, 0.0) >= v for k, v in need.items() if v) for res in nodes):
-            biggest = max(nodes, key=lambda res: res.get("CPU", 0.0), default={})
-            raise SetupError(f"a trial asks for {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (sweep.cpus_per_trial / "
-                             f"sweep.gpus_per_trial), but the largest Ray node has {biggest.get('CPU', 0):g} CPUs and "
-                             f"{biggest.get('GPU', 0):g} GPUs; lower them or add nodes (Tune would wait forever)")
+        room = cluster_room(cfg.sweep.cpus_per_trial, cfg.sweep.gpus_per_trial)
+        if room.count < 1:
+            raise SetupError(f"a trial asks for {cfg.sweep.cpus_per_trial:g} CPUs and "
+                             f"{cfg.sweep.gpus_per_trial:g} GPUs (sweep.cpus_per_trial / sweep.gpus_per_trial), "
+                             f"but the largest Ray node has {room.largest}; lower them or add nodes "
+                             "(Tune would wait forever)")
     if cfg.sweep.reuse:
         tasks = plan_subtasks(cfg, num_classes)
         if cfg.reuse.num_actors != 0:
@@ -349,6 +345,52 @@ def _register_modules(cfg: Config, folder: Path, outcome: dict, log) -> list[dic
     return summaries
 
 
+class _SweepRecord:
+    """``sweep.json`` and the sweep's MLflow parent run, started and ended together: however the
+    sweep ends, both say how, and no child run is left RUNNING."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / SWEEP_FILE
+        self.state: dict = {}
+        self.parent = None
+
+    def start(self, cfg: Config, resume: bool, log: Callable[[str], None]) -> None:
+        """Open (or with ``resume`` continue) the parent run, then write ``sweep.json`` as RUNNING."""
+        earlier = _read_state(self.path) if resume else {}
+        if cfg.tracking.enabled:
+            from ..tracking.sweep_report import open_parent_run
+
+            self.parent = open_parent_run(cfg, earlier.get("parent_run_id"), log)
+        self.state = {"name": cfg.name, "status": "RUNNING", "parent_run_id": self.parent_run_id,
+                      "config": cfg.model_dump(mode="json")}
+        self._write()
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.parent.run_id if self.parent is not None else None
+
+    def finish(self) -> None:
+        if self.parent is not None:
+            self.parent.end("FINISHED")
+        self.state["status"] = "FINISHED"
+        self._write()
+
+    def fail(self, interrupted: bool) -> None:
+        """After Ray is down (its workers can no longer touch a run): the parent and its children
+        KILLED (interrupted) or FAILED, and a started ``sweep.json`` INTERRUPTED or FAILED."""
+        if self.parent is not None:
+            from ..tracking.sweep_report import close_child_runs
+
+            close_child_runs(self.parent, "KILLED" if interrupted else "FAILED")
+            self.parent.end("KILLED" if interrupted else "FAILED")
+        if self.state.get("status") == "RUNNING":
+            self.state["status"] = "INTERRUPTED" if interrupted else "FAILED"
+            self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.state, indent=2))
+
+
 def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Run (or with ``resume`` continue) the sweep; returns {"folder", "table", "best", "standard", "reuse",
@@ -367,39 +409,24 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
     # Tune's newer console output prints its banner and paths even at verbose=0; the progress lines
     # and the table below say what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    parent, state = None, {}
+    record = _SweepRecord(folder)
     try:
         # The dashboard: Ray 2.60 hands a finished Train-in-Tune trial's CPUs back only with it. The
         # trials' own output stays in Ray's worker logs: the progress lines name each trial instead.
         with ray_output_to(folder / "ray_output.log"), ray_session(dashboard=True, worker_output=False):
             _check_stages(cfg, num_classes)
-            state = _read_state(folder / SWEEP_FILE) if resume else {}
-            from ..tracking.sweep_report import open_parent_run
-
-            parent = open_parent_run(cfg, state.get("parent_run_id"), log) if cfg.tracking.enabled else None
-            state = {"name": cfg.name, "status": "RUNNING", "parent_run_id": parent.run_id if parent else None,
-                     "config": cfg.model_dump(mode="json")}
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+            record.start(cfg, resume, log)
             log(f"sweep {cfg.name!r}: {cfg.sweep.trials} trials, {cfg.sweep.max_concurrent} at a time, in {folder}")
-            outcome = _tune(cfg, folder, state, parent, resume, trust_folder, log)
+            outcome = _tune(cfg, folder, record.parent, resume, trust_folder, log)
     except BaseException as error:
-        # After Ray is down (its workers can no longer touch a run): nothing is left RUNNING.
-        interrupted = isinstance(error, KeyboardInterrupt)
-        if parent is not None:
-            from ..tracking.sweep_report import close_child_runs
-
-            close_child_runs(parent, "KILLED" if interrupted else "FAILED")
-            parent.end("KILLED" if interrupted else "FAILED")
-        if state.get("status") == "RUNNING":
-            state["status"] = "INTERRUPTED" if interrupted else "FAILED"
-            atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
+        record.fail(interrupted=isinstance(error, KeyboardInterrupt))
         raise
-    if parent is not None:
-        parent.end("FINISHED")
-    state["status"] = "FINISHED"
-    atomic_write_text(folder / SWEEP_FILE, json.dumps(state, indent=2))
-    table = outcome["table"]
+    record.finish()
+    _log_failed_and_retried(outcome["table"], folder, log)
+    return outcome
+
+
+def _log_failed_and_retried(table, folder: Path, log: Callable[[str], None]) -> None:
     failed, retried = table[table["status"] == "failed"], table[table["retries"] > 0]
     if len(retried):
         log(f"{int(retried['retries'].sum())} retr{'y' if retried['retries'].sum() == 1 else 'ies'} after a lost "
@@ -410,28 +437,53 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
             f"(trial {failed.iloc[0]['trial']}: {failed.iloc[0]['error']}); "
             f"the others' results are in {folder / 'results.csv'}"
         )
+
+
+def _tune(cfg: Config, folder: Path, parent, resume: bool, trust_folder: bool, log) -> dict:
+    """The standard baseline (a Ray task) beside the Tune experiment; then the results and the last stage."""
+    import ray
+
+    parent_run_id = parent.run_id if parent is not None else None
+    standard = _start_standard_baseline(cfg, folder, parent_run_id)
+    tuner = _tuner(cfg, folder, parent_run_id, resume, trust_folder, log)
+    grid = _fit_signed(tuner, folder / "tune", log)
+    outcome = _results(cfg, folder, grid, ray.get(standard) if standard is not None else None, parent, log)
+    outcome["reuse"] = _reuse_best(cfg, folder, outcome, log) if cfg.sweep.reuse else None
+    outcome["modules"] = _register_modules(cfg, folder, outcome, log)
     return outcome
 
 
-def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_folder: bool, log) -> dict:
-    """The standard baseline (a Ray task) beside the Tune experiment; then the results."""
+def _start_standard_baseline(cfg: Config, folder: Path, parent_run_id: str | None):
+    """The standard model's training as a Ray task (its object ref), or None without
+    ``sweep.standard_baseline``. A lost process or node runs it again (resuming its job); its own
+    errors are not retried."""
+    if not cfg.sweep.standard_baseline:
+        return None
     import ray
+
+    remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial,
+                        max_retries=cfg.sweep.max_failures, retry_exceptions=False)(train_standard)
+    return remote.remote(cfg.model_dump(mode="json"), str(folder), parent_run_id)
+
+
+def _trainable(cfg: Config, folder: Path, parent_run_id: str | None):
+    """``sweep_trial`` with the sweep's settings bound, and the resources of one trial (a trial that
+    runs Ray Train workers holds almost nothing itself: its workers ask for their own)."""
     from ray import tune
 
-    base = cfg.model_dump(mode="json")
-    standard = None
-    if cfg.sweep.standard_baseline:
-        # A lost process or node runs it again (resuming its job); its own errors are not retried.
-        remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial,
-                            max_retries=cfg.sweep.max_failures, retry_exceptions=False)(train_standard)
-        standard = remote.remote(base, str(folder), state["parent_run_id"])
-    trainable = tune.with_parameters(sweep_trial, base=base, folder=str(folder), parent_run_id=state["parent_run_id"])
+    trainable = tune.with_parameters(sweep_trial, base=cfg.model_dump(mode="json"), folder=str(folder),
+                                     parent_run_id=parent_run_id)
     resources = ({"cpu": 0.01} if cfg.scaling.num_workers else
                  {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
-    trainable = tune.with_resources(trainable, resources)
-    run_config = tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
-                                callbacks=[progress_callback(cfg, folder)], log_to_file=True,
-                                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures))
+    return tune.with_resources(trainable, resources)
+
+
+def _tuner(cfg: Config, folder: Path, parent_run_id: str | None, resume: bool, trust_folder: bool, log):
+    """A new Tuner (signed at once: Tune writes tuner.pkl only here), or with ``resume`` the one in
+    ``folder/tune`` restored after its signature is checked again."""
+    from ray import tune
+
+    trainable = _trainable(cfg, folder, parent_run_id)
     tune_path = folder / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         if trust_folder:
@@ -439,35 +491,45 @@ def _tune(cfg: Config, folder: Path, state: dict, parent, resume: bool, trust_fo
         else:
             verify_sweep(tune_path)  # again, right before Tune unpickles: the window to swap a file stays short
             log(f"resuming the Tune experiment in {tune_path} (signature checked)")
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=search_space(cfg), run_config=run_config,
-                           tune_config=tune.TuneConfig(search_alg=searcher(cfg), scheduler=scheduler(cfg),
-                                                       num_samples=cfg.sweep.trials))
-        sign_sweep(tune_path)  # pins tuner.pkl, which Tune writes once, here
+        return tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    run_config = tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
+                                callbacks=[progress_callback(cfg, folder)], log_to_file=True,
+                                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures))
+    tuner = tune.Tuner(trainable, param_space=search_space(cfg), run_config=run_config,
+                       tune_config=tune.TuneConfig(search_alg=searcher(cfg), scheduler=scheduler(cfg),
+                                                   num_samples=cfg.sweep.trials))
+    sign_sweep(tune_path)
+    return tuner
+
+
+def _fit_signed(tuner, tune_path: Path, log):
+    """``tuner.fit()``, the Tune folder signed however it returns (also on Ctrl-C / SIGTERM, so that
+    ``--resume`` can check what it restores)."""
     # Tune logs each failed trial's traceback (and a summary) at ERROR level on stderr; the progress
     # lines, the table's error column and the final line already say it once, in one line each.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     try:
-        grid = tuner.fit()
-    finally:  # also on Ctrl-C / SIGTERM, so that --resume can check what it restores
+        return tuner.fit()
+    finally:
         try:
             sign_sweep(tune_path)
         except (OSError, ValueError) as error:
             log(f"warning: could not sign {tune_path} ({error}); --resume will need --trust-folder")
-    standard_summary = ray.get(standard) if standard is not None else None
 
-    from ..tracking.sweep_report import finish_sweep
 
-    outcome = finish_sweep(cfg, folder, grid, standard_summary, parent, log, retries=read_retries(folder))
-    if outcome["best"] is None:
-        table = outcome["table"]
+def _results(cfg: Config, folder: Path, grid, standard: dict | None, parent, log) -> dict:
+    """The trials ranked and the best one chosen (``jobs.objective``), reported (``tracking.sweep_report``);
+    ``JobFailed`` when no trial completed."""
+    from ..tracking.sweep_report import report_sweep, results_table
+
+    table = rank_trials(results_table(cfg, grid, standard, read_retries(folder)), cfg.sweep.objective)
+    best = best_trial(table, cfg.sweep.objective)
+    outcome = report_sweep(cfg, folder, table, best, standard, parent, log)
+    if best is None:
         failed = table[table["status"] == "failed"]
         why = (f"{len(failed)} of {len(table)} failed; the first, trial {failed.iloc[0]['trial']}: "
                f"{failed.iloc[0]['error']}") if len(failed) else f"all {len(table)} were stopped early"
         raise JobFailed(f"no trial of sweep {cfg.name!r} completed ({why}); the table is in {folder / 'results.csv'}")
-    outcome["reuse"] = _reuse_best(cfg, folder, outcome, log) if cfg.sweep.reuse else None
-    outcome["modules"] = _register_modules(cfg, folder, outcome, log)
     return outcome
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..core.files import atomic_write_text
+from ..core.messages import last_line
 from .failures import lost_where
 
 __all__ = ["progress_callback", "read_retries", "RETRIES_FILE"]
@@ -79,11 +80,9 @@ def progress_callback(cfg: Config, folder: Path):
                 + (f" ({epoch})" if epoch else ""))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            from ..tracking.sweep_report import error_line
-
             self.done += 1
             written = Path(trial.error_file) if trial.error_file else None  # local: not yet synced to storage
-            reason = error_line(written.read_text()) if written and written.exists() else "no error file"
+            reason = last_line(written.read_text()) if written and written.exists() else "no error file"
             log(f"[{self.done}/{cfg.sweep.trials}] trial {trial.trial_id}: failed ({reason})")
 
     return Progress()

@@ -235,13 +235,6 @@ class ReuseConfig(Section):
         le=MAX_RESTARTS,
         description="times a sub-task may lose its actor (a lost node, a killed process) and run again on a new one",
     )
-    fail_at_subtask: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_SUBTASKS,
-        description="fault injection: the actor evaluating this "
-        "sub-task (index in the plan) kills its own process once, mid-fine-tuning",
-    )
     output_dir: str | None = Field(None, description="where the tables and plots go; null = a reuse/ folder "
                                    "beside the modular checkpoint (<output_dir>/reuse-<run id> for an MLflow run)")
 

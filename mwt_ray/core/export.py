@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import DiskFull, full_disk_message, is_disk_full
+from .files import atomic_write
 
 __all__ = ["ImagesToScores", "export_program", "save_program", "load_program", "write_onnx", "onnx_session",
            "onnx_scores", "ScoreCheck", "check_scores", "fastest_calls", "INPUT_NAME", "OUTPUT_NAME"]
@@ -58,33 +58,13 @@ def export_program(module: nn.Module, image_size: int, channels: int = 3) -> tor
         return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export.save wants a name ending in .pt2
-
-
-def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """``write(temporary)`` then rename to ``path``: a failure never leaves a half-written file."""
-    path = Path(path)
-    temporary = _temporary(path)
-    try:
-        write(temporary)
-        temporary.replace(path)
-    except OSError as error:
-        if is_disk_full(error):
-            raise DiskFull(full_disk_message(path.name, path.parent)) from error
-        raise
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Path:
     """The program saved in memory first, then written by Python: torch.export.save's own file
     writer (C++) aborts the whole process (SIGABRT, exit 134) when the disk fills up mid-write,
     where Python's write raises ENOSPC (``DiskFull``). A module's program is a few MB."""
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    return _write_atomically(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
+    return atomic_write(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
 
 
 def load_program(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -97,7 +77,7 @@ def write_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path:
     def write(temporary: Path) -> None:
         torch.onnx.export(program, f=str(temporary), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           external_data=False, optimize=False, verbose=False)
-    return _write_atomically(path, write)
+    return atomic_write(path, write)
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

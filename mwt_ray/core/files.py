@@ -1,8 +1,9 @@
 """Files written so that a crash never leaves half of one behind, one probe for "can I write here",
 and one way to say that the disk is full (``DiskFull``, ``is_disk_full``).
 
-Atomic writes go to a temporary file in the same folder, then a rename: a crash, or two processes
-writing the same path, never leave a half-written file. ``writable_folder_error`` tries to create
+Atomic writes (``atomic_write``, and its text and torch forms) go to a temporary file in the same
+folder, then a rename: a crash, or two processes writing the same path, never leave a half-written
+file. ``writable_folder_error`` tries to create
 and delete a file, because ``os.access`` answers yes for root even on read-only file systems.
 ``input_file_error`` says why a path given as an input file is not one, from ``os.stat`` alone.
 """
@@ -12,16 +13,18 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_torch_save", "writable_folder_error", "DiskFull", "is_disk_full",
-           "full_disk_message", "input_file_error", "scratch_folder", "remove_stale_scratch"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "writable_folder_error", "DiskFull",
+           "is_disk_full", "full_disk_message", "input_file_error", "scratch_folder", "remove_stale_scratch",
+           "process_alive", "owner_alive"]
 
 # A scratch folder in the temporary folder is named after the process that made it, so that one a
 # killed process left behind (a SIGTERM'd or lost Ray worker never runs its clean-up) can be told
@@ -76,38 +79,34 @@ def full_disk_message(what: str | Path, folder: str | Path) -> str:
     return f"disk full (ENOSPC): no space left on the device of {folder} to write {what}"
 
 
-def _temporary(path: Path) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(temporary)``, then a rename of the temporary file onto ``path``; returns ``path``.
+
+    The temporary file is named after this process and keeps ``path``'s suffix (matplotlib and
+    torch.export pick the format by it). A full disk, however the writer says so, raises ``DiskFull``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    temporary = _temporary(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        temporary.write_text(text)
-        temporary.replace(path)
-    except OSError as error:
-        if is_disk_full(error):
-            raise DiskFull(full_disk_message(path.name, path.parent)) from error
-        raise
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    temporary = _temporary(path)
-    try:
-        torch.save(obj, temporary)
+        write(temporary)
         temporary.replace(path)
     except (OSError, RuntimeError) as error:
-        # Checked before the half-written temporary file is removed (that frees the space again).
+        # Checked before the half-written temporary file is removed (that frees the space again);
+        # torch.save's RuntimeError on a full disk says only "unexpected pos ...".
         if is_disk_full(error) or _nearly_full(temporary.parent):
             raise DiskFull(full_disk_message(path.name, path.parent)) from error
         raise
     finally:
         temporary.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def writable_folder_error(folder: str | Path) -> str | None:
@@ -144,14 +143,17 @@ def remove_stale_scratch(root: str | Path | None = None) -> list[Path]:
     removed = []
     for folder in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*_*"):
         owner = folder.name[len(SCRATCH_PREFIX):].split("_", 1)[0]
-        if not owner.isdigit() or _alive(int(owner)) or not folder.is_dir():
+        if not owner.isdigit() or process_alive(int(owner)) or not folder.is_dir():
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie does not; another user's does)."""
+    if pid <= 0:  # 0 and -1 would ask about this process group or every process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,6 +164,17 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def owner_alive(record: dict) -> bool:
+    """Whether the process a record of its ``host`` and ``pid`` names still runs: a job's ``job.json``,
+    an export's owner file. On another host it cannot be asked, so it is taken to run."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        return process_alive(int(record.get("pid", 0)))
+    except (ValueError, TypeError):
+        return False
 
 
 def input_file_error(path: str | Path) -> str | None:

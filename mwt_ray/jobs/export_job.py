@@ -45,7 +45,14 @@ from ..core.export import (
     save_program,
     write_onnx,
 )
-from ..core.files import DiskFull, atomic_write_text, full_disk_message, is_disk_full, writable_folder_error
+from ..core.files import (
+    DiskFull,
+    atomic_write_text,
+    full_disk_message,
+    is_disk_full,
+    owner_alive,
+    writable_folder_error,
+)
 from ..core.flops import count_flops
 from ..core.models import create_model
 from ..core.modularize import KernelUsage, module_masks
@@ -53,7 +60,6 @@ from ..core.reuse import mixed_module_mask, reuse_module
 from ..core.training import evaluate
 from .reuse_job import ReuseSources, load_sources
 from .setup import JobFailed, SetupError
-from .storage import _alive
 
 __all__ = ["ExportPlan", "plan_export", "export_module", "parse_classes", "EXPORT_FILES", "check_registry_name"]
 
@@ -169,8 +175,8 @@ def plan_export(run_ref: str, classes: str, out_dir: str | Path, *, standard_ref
 
 
 # The longest name the export writes inside --out: its staging folder (".export-<pid>-<8 random>")
-# holding a file's temporary copy (".module.json.<pid>.tmp"); pids have at most 7 digits on Linux.
-_LONGEST_INSIDE = len(".export-9999999-xxxxxxxx/.module.json.9999999.tmp")
+# holding a file's temporary copy (".module.<pid>.tmp.json"); pids have at most 7 digits on Linux.
+_LONGEST_INSIDE = len(".export-9999999-xxxxxxxx/.module.9999999.tmp.json")
 
 
 def _name_length_error(out: Path) -> str | None:
@@ -237,6 +243,20 @@ def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@dataclass
+class _Module:
+    """What ``export_module`` builds before it writes anything: the module and what it is measured against."""
+    module: torch.nn.Module  # the reused module, on class indices' logits
+    portable: torch.nn.Module  # the module taking 0-1 images (normalisation inside): what the files hold
+    chosen: dict  # reuse_module's choice: fine-tuned or not, its validation accuracy
+    standard: torch.nn.Module | None  # the standard model, when one was given
+    whole: torch.nn.Module  # the full model the module's costs are compared with
+    masks: torch.Tensor
+    settings: object  # the fine-tuning settings (core.reuse.FineTuneSettings)
+    sub: object  # the sub-task's data (ImageData of the classes)
+    test_images: torch.Tensor  # the sub-task's test images, 0-1 floats
+
+
 def export_module(plan: ExportPlan, log=print) -> dict:
     """Build, write, check and publish the module, then (with tracking on) log it; returns what
     module.json holds.
@@ -247,70 +267,104 @@ def export_module(plan: ExportPlan, log=print) -> dict:
     published. The staging folder stays until MLflow is done and records this process and its
     MLflow run: an export killed part-way leaves it, and the next export into the folder removes
     it and marks that run FAILED (``_clean_abandoned``)."""
-    cfg, sources = plan.cfg, plan.sources
-    device = torch.device("cpu")  # the files are CPU programs; fine-tuning a small sub-task fits a CPU
-    data = sources.data
-    arch = sources.state["architecture"]
-    modular = build_model(sources.state).eval()
-    masks = _masks(plan)
-    classes, names = plan.classes, plan.class_names
-    size = data.train_images.shape[-1]
-    settings = cfg.reuse.fine_tune_settings(cfg.train.seed)
+    settings = plan.cfg.reuse.fine_tune_settings(plan.cfg.train.seed)
     log(
-        f"module of classes {_classes_text(classes, names)} at tau {plan.tau:g} ({plan.tau_from}); "
+        f"module of classes {_classes_text(plan.classes, plan.class_names)} at tau {plan.tau:g} ({plan.tau_from}); "
         + ("no fine-tuning (reuse.epochs=0)" if settings.epochs == 0 else f"fine-tuning up to {settings.epochs} epochs")
     )
     _clean_abandoned(plan.out_dir, log)
-    module, chosen = reuse_module(modular, masks, data, classes, settings, device)
-    portable = ImagesToScores(module, data.mean, data.std).eval()
+    built = _build(plan, settings)
+    with _Staging(plan.out_dir) as staging:
+        summary = _write_staged(plan, built, staging)
+        _publish(staging.folder, plan.out_dir)
+        staging.published = True
+        if plan.cfg.tracking.enabled:
+            summary["mlflow"] = _log_in_mlflow(plan, summary, built.test_images, staging, log)
+            atomic_write_text(plan.out_dir / "module.json", json.dumps(summary, indent=2))
+    log(_summary_line(summary, plan.out_dir))
+    return summary
+
+
+def _build(plan: ExportPlan, settings) -> _Module:
+    """The module of the plan's classes at its tau (fine-tuned or not: ``reuse_module`` picks), on the CPU."""
+    sources, data = plan.sources, plan.sources.data
+    device = torch.device("cpu")  # the files are CPU programs; fine-tuning a small sub-task fits a CPU
+    arch = sources.state["architecture"]
+    modular = build_model(sources.state).eval()
+    masks = _masks(plan)
+    module, chosen = reuse_module(modular, masks, data, plan.classes, settings, device)
     standard = build_model(sources.standard_state).eval() if sources.standard_state is not None else None
     whole = standard if standard is not None else create_model(arch["name"], arch["num_classes"], arch["width"],
                                                                modular=False).eval()
-    sub = data.subset(classes)
-    test_images = sub.test_images.to(torch.float32) / 255
-    made = [p for p in (plan.out_dir, *plan.out_dir.parents) if not p.exists()]  # removed again if the export fails
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=plan.out_dir))
-    owner = {"host": socket.gethostname(), "pid": os.getpid()}
-    published = False
-    try:
-        try:
-            atomic_write_text(staging / _OWNER_FILE, json.dumps(owner))
-            summary = _write_and_check(plan, staging, module, portable, whole, standard, masks, chosen,
-                                                       settings, sub, test_images, size, device)
-        except Exception as error:
-            if not is_disk_full(error):
-                raise
-            # Said of --out, not of the staging folder that is removed; the file it failed on kept.
-            what = str(error).replace(str(staging), str(plan.out_dir)) if isinstance(error, DiskFull) else \
-                full_disk_message("the module's files", plan.out_dir)
-            raise DiskFull(f"{what}; nothing was written") from error
-        reason = _target_error(plan.out_dir)  # something put in the way while the module was made
-        if reason:
-            raise JobFailed(f"{reason}; nothing was written")
-        for name in EXPORT_FILES:  # module.json last: its presence says the other two are complete
-            (staging / name).replace(plan.out_dir / name)
-        published = True
-        if cfg.tracking.enabled:
-            from ..tracking.modules import log_module
+    sub = data.subset(plan.classes)
+    return _Module(module=module, portable=ImagesToScores(module, data.mean, data.std).eval(), chosen=chosen,
+                   standard=standard, whole=whole, masks=masks, settings=settings, sub=sub,
+                   test_images=sub.test_images.to(torch.float32) / 255)
 
-            def record(uri: str, run_id: str) -> None:
-                atomic_write_text(staging / _OWNER_FILE, json.dumps({**owner, "tracking_uri": uri, "run_id": run_id}))
-            try:
-                summary["mlflow"] = log_module(cfg, plan.out_dir, summary, test_images[:2], register=plan.register,
-                                               log=log, on_run=record)
-            except Exception as error:
-                error.add_note(f"{', '.join(EXPORT_FILES)} were written to {plan.out_dir}, but not logged in MLflow")
-                raise
-            atomic_write_text(plan.out_dir / "module.json", json.dumps(summary, indent=2))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not published:
-            for folder in made:  # innermost first; a folder something else wrote into stays
+
+class _Staging:
+    """A new hidden folder in ``out`` for this export's files and its owner record (host, pid; later
+    its MLflow run), removed as the block ends; unless ``published`` was set by then, the folders
+    made for ``out`` are removed too."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.published = False
+
+    def __enter__(self) -> _Staging:
+        self.made = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=self.out))
+        return self
+
+    def record(self, **more: str) -> None:
+        atomic_write_text(self.folder / _OWNER_FILE, json.dumps({**self.owner, **more}))
+
+    def __exit__(self, *error) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.published:
+            for folder in self.made:  # innermost first; a folder something else wrote into stays
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-    log(_summary_line(summary, plan.out_dir))
-    return summary
+
+
+def _write_staged(plan: ExportPlan, built: _Module, staging: _Staging) -> dict:
+    """The owner record, then ``_write_and_check``, in the staging folder; a full disk is said of
+    ``--out``, with nothing written."""
+    try:
+        staging.record()
+        return _write_and_check(plan, built, staging.folder)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        # Said of --out, not of the staging folder that is removed; the file it failed on kept.
+        what = str(error).replace(str(staging.folder), str(plan.out_dir)) if isinstance(error, DiskFull) else \
+            full_disk_message("the module's files", plan.out_dir)
+        raise DiskFull(f"{what}; nothing was written") from error
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the files from ``staging`` into ``out``, module.json last: its presence says the other
+    two are complete."""
+    reason = _target_error(out)  # something put in the way while the module was made
+    if reason:
+        raise JobFailed(f"{reason}; nothing was written")
+    for name in EXPORT_FILES:
+        (staging / name).replace(out / name)
+
+
+def _log_in_mlflow(plan: ExportPlan, summary: dict, test_images: torch.Tensor, staging: _Staging, log) -> dict:
+    """The published module logged (and registered when asked) in MLflow; its run is recorded in the
+    staging folder's owner file first, so that an export killed meanwhile has its run marked FAILED."""
+    from ..tracking.modules import log_module
+
+    try:
+        return log_module(plan.cfg, plan.out_dir, summary, test_images[:2], register=plan.register, log=log,
+                          on_run=lambda uri, run_id: staging.record(tracking_uri=uri, run_id=run_id))
+    except Exception as error:
+        error.add_note(f"{', '.join(EXPORT_FILES)} were written to {plan.out_dir}, but not logged in MLflow")
+        raise
 
 
 def _classes_text(classes: list[int], names: list[str]) -> str:
@@ -333,26 +387,37 @@ def _clean_abandoned(out: Path, log) -> None:
             # Killed before its record was written (just after the folder was made): the pid is in the name.
             found = re.fullmatch(r"\.export-(\d+)-.*", folder.name)
             record = {"host": socket.gethostname(), "pid": int(found.group(1)) if found else 0}
-        if not folder.is_dir() or _alive(record):
+        if not folder.is_dir() or owner_alive(record):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         line = f"removed {folder.name}, left by an export that was killed (pid {record.get('pid')})"
         if record.get("run_id") and record.get("tracking_uri"):
-            from ..tracking.runs import fail_if_running
+            from ..tracking.store import fail_if_running
 
             if fail_if_running(record["tracking_uri"], record["run_id"]):
                 line += f"; its MLflow run {record['run_id']} was left RUNNING, marked FAILED"
         log(line)
 
 
-def _write_and_check(plan, staging, module, portable, whole, standard, masks, chosen, settings, sub, test_images,
-                     size, device) -> dict:
+def _write_and_check(plan: ExportPlan, built: _Module, staging: Path) -> dict:
     """module.pt2, module.onnx and module.json in ``staging``, each read back and checked."""
-    cfg, sources, data = plan.cfg, plan.sources, plan.sources.data
-    arch, classes, names = sources.state["architecture"], plan.classes, plan.class_names
-    program = export_program(portable, size, data.train_images.shape[1])
+    data = plan.sources.data
+    program = export_program(built.portable, data.train_images.shape[-1], data.train_images.shape[1])
     save_program(program, staging / "module.pt2")
     write_onnx(program, staging / "module.onnx")
+    session, saved, onnx_check = _check_files(staging, built.portable, built.test_images)
+    summary = _summary(plan, built, onnx_check, _latency(saved, session, built.module, built.whole,
+                                                         built.test_images.shape[1:], plan.cfg))
+    summary["files"] = {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")}
+    atomic_write_text(staging / "module.json", json.dumps(summary, indent=2))
+    if json.loads((staging / "module.json").read_text()) != json.loads(json.dumps(summary)):
+        raise JobFailed("module.json does not read back as written; nothing was kept")
+    return summary
+
+
+def _check_files(staging: Path, portable: torch.nn.Module, test_images: torch.Tensor):
+    """module.onnx (in ONNX Runtime) and module.pt2 (loaded back) give the module's scores on the test
+    images; returns the ONNX session, the loaded program and the ONNX check."""
     session = onnx_session(staging / "module.onnx")
     onnx_check = check_scores(lambda x: onnx_scores(session, x), portable, test_images)
     if not onnx_check.agrees:
@@ -365,37 +430,41 @@ def _write_and_check(plan, staging, module, portable, whole, standard, masks, ch
     if not program_check.agrees:
         raise JobFailed(f"module.pt2 gives scores up to {program_check.difference:.3g} away from the module's exact "
                         f"(float64) scores (allowed {program_check.allowed:.3g}); nothing was kept")
-    keep = mixed_module_mask(masks, classes)
+    return session, saved, onnx_check
+
+
+def _summary(plan: ExportPlan, built: _Module, onnx_check, latency: dict) -> dict:
+    """What module.json says of the module: where it came from, what it keeps, costs and scores."""
+    sources, data, sub, device = plan.sources, plan.sources.data, built.sub, torch.device("cpu")
+    arch, classes, size = sources.state["architecture"], plan.classes, data.train_images.shape[-1]
+    keep = mixed_module_mask(built.masks, classes)
     summary = {
         "source": {"reference": sources.where, "checkpoint": sources.modular.get("path") or
                    f"artifact checkpoint.pt of MLflow run {sources.modular['mlflow']['run_id']}",
                    "mlflow_run": sources.source_run()},
         "architecture": {k: arch[k] for k in ("name", "width", "num_classes") if k in arch},
-        "classes": [{"index": c, "name": n} for c, n in zip(classes, names)],
+        "classes": [{"index": c, "name": n} for c, n in zip(classes, plan.class_names)],
         "tau": plan.tau, "tau_from": plan.tau_from,
         "krr": keep.float().mean().item(), "kernels_kept": int(keep.sum()), "kernels_total": int(keep.numel()),
-        "flops": {"module": count_flops(module, size), "full_model": count_flops(whole, size)},
-        "parameters": {"module": _parameters(module), "full_model": _parameters(whole)},
-        "fine_tuning": {"epochs": settings.epochs, **{k: v for k, v in chosen.items() if k != "history"}},
-        "accuracy": {"test_images": len(test_images),
-                     "module": evaluate(module, sub.test_images, sub.test_labels, sub, device)},
+        "flops": {"module": count_flops(built.module, size), "full_model": count_flops(built.whole, size)},
+        "parameters": {"module": _parameters(built.module), "full_model": _parameters(built.whole)},
+        "fine_tuning": {"epochs": built.settings.epochs, **{k: v for k, v in built.chosen.items() if k != "history"}},
+        "accuracy": {"test_images": len(built.test_images),
+                     "module": evaluate(built.module, sub.test_images, sub.test_labels, sub, device)},
         "input": {"name": "images", "shape": ["batch", data.train_images.shape[1], size, size], "dtype": "float32",
                   "colour": "RGB", "range": [0.0, 1.0],
                   "values": "finite, in [0, 1] (0-255 pixels: divide by 255 first); the MLflow model refuses "
                             "others with HTTP 400, module.pt2 and module.onnx do not check and score them wrongly",
                   "normalisation": {"mean": data.mean.tolist(), "std": data.std.tolist(), "applied": "inside"}},
         "output": {"name": "scores", "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
-        "onnx_check": {"test_images": len(test_images), **onnx_check.as_dict()},
-        "latency_ms": _latency(saved, session, module, whole, test_images.shape[1:], cfg),
-        "files": {name: (staging / name).stat().st_size for name in ("module.pt2", "module.onnx")},
+        "onnx_check": {"test_images": len(built.test_images), **onnx_check.as_dict()},
+        "latency_ms": latency,
+        "files": {},
         "versions": {p: _version(p) for p in ("torch", "mwt-ray", "onnx", "onnxruntime", "mlflow")},
     }
-    if standard is not None:
-        summary["accuracy"]["standard"] = evaluate(standard, sub.test_images, sub.test_labels, sub, device,
+    if built.standard is not None:
+        summary["accuracy"]["standard"] = evaluate(built.standard, sub.test_images, sub.test_labels, sub, device,
                                                    classes=list(classes))
-    atomic_write_text(staging / "module.json", json.dumps(summary, indent=2))
-    if json.loads((staging / "module.json").read_text()) != json.loads(json.dumps(summary)):
-        raise JobFailed("module.json does not read back as written; nothing was kept")
     return summary
 
 

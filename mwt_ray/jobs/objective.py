@@ -12,7 +12,8 @@ the training samples held out of training (``data.val_fraction``), never on the 
 
 with KRR the paper's kernel retention rate of the single-class modules. ``krr_weight`` says how
 much accuracy (0..1) one unit of KRR is worth: at 0.1, keeping 10% fewer kernels is worth one
-point of module accuracy. Each trial reports the tau with the best score.
+point of module accuracy. Each trial reports the tau with the best score, and the sweep ranks its
+trials (``rank_trials``) and picks the best one (``best_trial``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from ..core.modularize import KernelUsage, module_masks
 from ..core.reuse import accuracy_without_fine_tuning, sample_subtasks
 from .setup import SetupError
 
-__all__ = ["default_subtask_sizes", "scan_tau", "best_tau", "scan_checkpoint"]
+__all__ = ["default_subtask_sizes", "scan_tau", "best_tau", "scan_checkpoint", "pareto_front", "rank_trials",
+           "best_trial"]
 
 
 def default_subtask_sizes(num_classes: int) -> list[int]:
@@ -71,3 +73,32 @@ def scan_checkpoint(checkpoint_path, data: ImageData, cfg: Config, taus: list[fl
     subtasks = sample_subtasks(data.num_classes, sizes, cfg.sweep.subtasks_per_size, cfg.sweep.seed)
     usage = KernelUsage.from_state_dict(state["kernel_usage"])
     return scan_tau(build_model(state), usage, data, taus, subtasks, cfg.sweep.krr_weight, device)
+
+
+def pareto_front(table) -> list[bool]:
+    """Completed trials no other completed trial beats on both of the sweep's objectives: module
+    accuracy (higher, on the held-out sub-tasks at the trial's tau) and KRR (lower)."""
+    points = [(row.module_accuracy, row.krr) if row.status == "completed" else None for row in table.itertuples()]
+    front = []
+    for p in points:
+        front.append(p is not None and not any(
+            q is not None and q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points))
+    return front
+
+
+def rank_trials(table, objective: str):
+    """The sweep's results table (one row per trial) with its ``pareto`` column filled, best first:
+    by score (``objective: score``), else by KRR (``pareto``: the front's lowest KRR leads)."""
+    table = table.copy()
+    table["pareto"] = pareto_front(table)
+    if objective == "score":
+        return table.sort_values("objective", ascending=False, na_position="last").reset_index(drop=True)
+    return table.sort_values("krr", na_position="last").reset_index(drop=True)
+
+
+def best_trial(ranked, objective: str) -> dict | None:
+    """The row of the best completed trial of a ``rank_trials`` table, or None when none completed."""
+    done = ranked[ranked["status"] == "completed"]
+    if not len(done):
+        return None
+    return (done.iloc[0] if objective == "score" else done[done["pareto"]].iloc[0]).to_dict()

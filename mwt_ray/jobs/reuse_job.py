@@ -70,7 +70,7 @@ def resolve_reference(ref: str, tracking_uri: str | None, what: str = "modular m
         raise SetupError(f"{what} {ref!r} is neither a checkpoint file, a run folder with checkpoint.pt, "
                          "nor an MLflow run id (32 hex digits)")
     from ..tracking import resolve_tracking_uri
-    from ..tracking.runs import run_exists
+    from ..tracking.store import run_exists
 
     uri = resolve_tracking_uri(tracking_uri)
     if not run_exists(uri, ref):  # reads only: an sqlite store that is not there is not created to look
@@ -188,10 +188,6 @@ def plan_subtasks(cfg: Config, num_classes: int) -> list[list[int]]:
     tasks = [list(t) for t in cfg.reuse.subtasks] + sample_subtasks(n, sizes, cfg.reuse.per_size, seed)
     if not tasks:
         raise SetupError("no sub-tasks: set reuse.sizes (e.g. [2, 5]) or reuse.subtasks (e.g. [[0, 1]])")
-    if cfg.reuse.fail_at_subtask is not None and cfg.reuse.fail_at_subtask >= len(tasks):
-        raise SetupError(
-            f"reuse.fail_at_subtask {cfg.reuse.fail_at_subtask} is not a sub-task index: 0..{len(tasks) - 1}"
-        )
     return tasks
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import served_module
-from .runs import _quiet_mlflow_logs, open_run, resolve_tracking_uri, run_exists
+from .runs import open_run
+from .store import quiet_mlflow_logs, resolve_tracking_uri, run_exists
 
 __all__ = ["log_module", "MODEL_NAME"]
 
@@ -102,7 +103,7 @@ def log_module(cfg, folder: str | Path, summary: dict, example: torch.Tensor, re
     killed). Returns {"run_id", "model_uri", "registered"}."""
     folder = Path(folder)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    _quiet_mlflow_logs()
+    quiet_mlflow_logs()
     source = (summary["source"] or {}).get("mlflow_run")
     parent = source["run_id"] if source and run_exists(uri, source["run_id"]) else None
     names = [c["name"] for c in summary["classes"]]

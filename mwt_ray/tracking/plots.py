@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_convergence"]
+from ..core.files import atomic_write
+
+__all__ = ["plot_convergence", "save_figure"]
 
 # (metric keys, newest first, then the names older histories used), title, color
 _MODULAR_PANELS = (
@@ -57,11 +59,17 @@ def plot_convergence(history: list[dict], path: str | Path, title: str | None = 
     ax.legend()
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_figure(fig, path, title, dpi=120)
+
+
+def save_figure(fig, path: str | Path, title: str | None, dpi: int) -> Path:
+    """``fig`` with its title, laid out and written whole (``atomic_write``) to ``path``, then closed."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=dpi))
+    finally:
+        plt.close(fig)

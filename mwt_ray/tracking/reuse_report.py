@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.files import atomic_write_text
+from .plots import save_figure
 
 __all__ = ["ReuseTables", "build_tables", "write_report", "plot_reuse", "log_report", "REPORT_FILES"]
 
@@ -143,15 +144,7 @@ def plot_reuse(summary, path: str | Path, title: str | None = None) -> Path:
         ax.set_xlabel("M (classes in the sub-task)")
         ax.set_xticks(m)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, title, dpi=110)
 
 
 def write_report(tables: ReuseTables, folder: str | Path, title: str | None = None) -> list[Path]:

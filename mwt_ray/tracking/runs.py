@@ -30,192 +30,37 @@ twice. Only ``mwt_ray.jobs`` and ``mwt_ray.cluster`` import this package: the co
 A run is a context manager: ``with open_run(cfg) as tracked:`` ends it FINISHED, KILLED (Ctrl-C,
 SIGTERM: any ``KeyboardInterrupt``) or FAILED (any other exception) as the block ends. A run whose
 process was SIGKILLed stays RUNNING until ``--resume`` continues it, or a new job of the same name
-marks it FAILED (``fail_if_running``).
+marks it FAILED (``store.fail_if_running``).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import logging
-import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.files import DiskFull, is_disk_full, writable_folder_error
+from ..core.files import DiskFull
+from ..core.messages import first_line
+from .store import (
+    TrackingError,
+    check_parent_run,
+    check_store,
+    quiet_mlflow_logs,
+    resolve_tracking_uri,
+    sqlite_path,
+    store_setup_lock,
+    writing,
+)
 
-__all__ = ["TrackingError", "MlflowRun", "open_run", "resolve_tracking_uri", "default_tracking_uri",
-           "check_server", "check_store", "fail_if_running", "run_exists", "ui_address",
-           "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "flatten_params", "ARTIFACTS"]
+__all__ = ["MlflowRun", "open_run", "ui_address", "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "flatten_params",
+           "ARTIFACTS"]
 
 ARTIFACTS = ("checkpoint.pt", "module_masks.pt", "metrics.json", "history.csv", "convergence.png")
 # The metric that marks an epoch as logged (every epoch's batch of metrics holds it).
 _EPOCH_KEY = "test_accuracy"
 _PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
-
-
-class TrackingError(ValueError):
-    """The tracking store cannot be used (server down, path not writable, ...)."""
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """An absolute URI every process (also a Ray worker with another cwd) resolves the same way."""
-    if not uri:
-        return default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if path != ":memory:" and not path.startswith("/"):
-            return f"sqlite:///{(Path.cwd() / path).resolve()}"
-        return uri
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        return str(Path(uri).expanduser().resolve())  # a local folder (MLflow file store)
-    return uri
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        return Path(uri[len("sqlite:///"):])
-    return None
-
-
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingError unless the HTTP tracking server at ``uri`` answers within ``timeout``.
-
-    Any HTTP answer counts as alive (a proxy or auth layer may answer /health with 401 or 404);
-    refused connections, unknown hosts and timeouts do not.
-    """
-    url = uri.rstrip("/") + "/health"
-    try:
-        # A fresh opener reads the proxy settings now; urlopen's global one keeps those of its first use.
-        with urllib.request.build_opener().open(url, timeout=timeout) as response:
-            response.read(64)
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        reason = getattr(error, "reason", error)
-        raise TrackingError(f"MLflow tracking server {uri} does not answer ({url}: {reason}); start it, fix "
-                            "tracking.tracking_uri, or set tracking.enabled=false") from None
-
-
-# URI schemes MLflow has a tracking store for (a driver suffix as in postgresql+psycopg2 is allowed).
-_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc")
-_SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def check_store(uri: str) -> None:
-    """Raise TrackingError unless the store answers (HTTP) or can be used (sqlite file, folder):
-    an unknown scheme, an sqlite path that is a folder or a file that is not a database, a folder
-    that cannot be written. Takes well under a second (MLflow itself would retry for minutes)."""
-    if uri.startswith(("http://", "https://")):
-        check_server(uri)
-        return
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
-        if scheme not in _SCHEMES:
-            raise TrackingError(f"tracking.tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}); use "
-                                "http(s)://host:port, sqlite:///path/to/mlflow.db, postgresql://, mysql://, mssql://, "
-                                "file:///folder or a folder")
-    path = _sqlite_path(uri)
-    if path is not None:
-        if path.is_dir():
-            raise TrackingError(f"MLflow store {uri}: {path} is a folder, not an sqlite database file; "
-                                f"use e.g. sqlite:///{path / 'mlflow.db'}")
-        if path.exists():
-            try:
-                with open(path, "rb") as stream:
-                    header = stream.read(len(_SQLITE_HEADER))
-            except OSError as error:
-                raise TrackingError(f"MLflow store {uri} cannot be read ({error.strerror or error})") from None
-            if header and header != _SQLITE_HEADER:
-                raise TrackingError(f"MLflow store {uri}: {path} is not an sqlite database (it starts with "
-                                    f"{header[:8]!r}); point tracking.tracking_uri at another file")
-            if header:
-                _check_mlflow_tables(uri, path)
-    local = uri[len("file://"):] if uri.startswith("file://") else uri if "://" not in uri else None
-    if local is not None and Path(local).exists() and not Path(local).is_dir():
-        raise TrackingError(f"MLflow store {uri} is a file, not a folder; set tracking.tracking_uri to a folder "
-                            "or an sqlite:/// URI")
-    folder = (
-        path.parent if path is not None else Path(local) if local is not None else None
-    )  # sqlite file, or a file store
-    if folder is not None:
-        reason = writable_folder_error(folder)
-        if reason:
-            raise TrackingError(f"MLflow store {uri} is not writable ({reason}); "
-                                "set tracking.tracking_uri or tracking.enabled=false")
-
-
-def _check_mlflow_tables(uri: str, path: Path) -> None:
-    """An sqlite database that holds tables but not MLflow's is another program's: MLflow would add
-    its own tables to it (and a user would look for the runs in vain elsewhere). Read-only look."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
-            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
-    except sqlite3.Error as error:
-        raise TrackingError(f"MLflow store {uri}: {path} cannot be read as an sqlite database ({error})") from None
-    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
-        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise TrackingError(f"MLflow store {uri}: {path} is an sqlite database of something else (tables {shown}), "
-                            "not an MLflow store; point tracking.tracking_uri at a new file or an MLflow store")
-
-
-def check_parent_run(uri: str, run_id: str | None) -> None:
-    """``tracking.parent_run_id`` must name a run of the store: a made-up id would nest the run
-    under nothing, silently."""
-    if run_id and not run_exists(uri, run_id):
-        raise TrackingError(f"tracking.parent_run_id {run_id!r} is not a run of {uri} (or it is deleted); give the id "
-                            "of a run in that store, or leave it unset")
-
-
-def run_exists(uri: str, run_id: str) -> bool:
-    """Whether the store at ``uri`` holds run ``run_id`` (not deleted). Reads only: an sqlite file that
-    does not exist is not created (MLflow's client would build a new database to look)."""
-    path = _sqlite_path(uri)
-    if path is not None and not path.is_file():
-        return False
-    if uri.startswith(("http://", "https://")):
-        check_server(uri)  # bounded: MLflow's client retries for minutes against a server that does not answer
-    _quiet_mlflow_logs()
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = MlflowClient(tracking_uri=uri).get_run(run_id)
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise TrackingError(f"MLflow store {uri} cannot be read ({_first_line(error)})") from None
-    return run.info.lifecycle_stage != "deleted"
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
-def fail_if_running(uri: str, run_id: str) -> bool:
-    """Mark run ``run_id`` FAILED if it is still RUNNING (its job was killed); True if it was."""
-    _quiet_mlflow_logs()
-    from mlflow import MlflowClient
-
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        if client.get_run(run_id).info.status != "RUNNING":
-            return False
-        client.set_terminated(run_id, "FAILED")
-    except Exception:  # the run was deleted, the store moved: nothing to mark
-        return False
-    return True
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -228,27 +73,6 @@ def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return flat
-
-
-def _quiet_mlflow_logs() -> None:
-    for name in ("alembic", "mlflow.tracking._tracking_service.client"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # Without Databricks credentials it warns before the error the command reports in one line.
-    logging.getLogger("mlflow.utils.databricks_utils").setLevel(logging.ERROR)
-    # It logs every database error with its traceback (a full disk: over 100 lines on stderr) and then
-    # raises it as an MlflowException, which the command reports in its one line.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-@contextlib.contextmanager
-def _writing(uri: str, what: str):
-    """A write to the store at ``uri``; a full disk under it becomes one ``DiskFull`` line."""
-    try:
-        yield
-    except Exception as error:
-        if is_disk_full(error):
-            raise DiskFull(f"disk full (ENOSPC): the MLflow store {uri} cannot be written ({what})") from None
-        raise
 
 
 class MlflowRun:
@@ -270,7 +94,7 @@ class MlflowRun:
     @property
     def client(self):
         if self._client is None:
-            _quiet_mlflow_logs()
+            quiet_mlflow_logs()
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -292,7 +116,7 @@ class MlflowRun:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()
                  if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
-        with _writing(self.tracking_uri, f"metrics of epoch {epoch}"):
+        with writing(self.tracking_uri, f"metrics of epoch {epoch}"):
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
         self._logged.add(epoch)
         return True
@@ -328,13 +152,13 @@ class MlflowRun:
             for name in ARTIFACTS:
                 path = run_dir / name if (run_dir / name).exists() else scratch / name
                 if path.exists():
-                    with _writing(self.tracking_uri, f"artifact {name}"):
+                    with writing(self.tracking_uri, f"artifact {name}"):
                         self.client.log_artifact(self.run_id, str(path))
                     uploaded.append(name)
         return uploaded
 
     def end(self, status: str = "FINISHED") -> None:
-        with _writing(self.tracking_uri, f"to mark run {self.run_id} {status}"):
+        with writing(self.tracking_uri, f"to mark run {self.run_id} {status}"):
             self.client.set_terminated(self.run_id, status)
 
     def __enter__(self) -> MlflowRun:
@@ -355,7 +179,7 @@ class MlflowRun:
             reason = (
                 f"its store {self.tracking_uri} is on a full disk too"
                 if isinstance(failure, DiskFull)
-                else _first_line(failure)
+                else first_line(failure, 300)
             )
             error.add_note(
                 f"the MLflow run {self.run_id} could not be marked {status} and stays RUNNING ({reason}); "
@@ -395,7 +219,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
         if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier version; a kind set by hand stays
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     # Keep an sqlite store's artifacts next to the database, as an absolute location, so runs
     # logged from Ray workers (whose cwd is a Ray session folder) land in the same place.
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -407,30 +231,6 @@ def _experiment_id(client, name: str, uri: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
-
-
-@contextlib.contextmanager
-def _store_setup_lock(uri: str):
-    """Hold an exclusive lock while an sqlite store is opened and the experiment found or made: MLflow
-    builds a new database with schema migrations, and two jobs doing that at once break it (seen with
-    two ``mwt_ray.train`` jobs started together on a new store).
-
-    The lock is on the database's folder itself (flock works on a directory's descriptor), not on a
-    lock file beside the database: a lock file is left behind by a job refused here (a deleted
-    experiment), and removing it afterwards would let two jobs lock two different files."""
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    descriptor = os.open(db.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-    finally:
-        os.close(descriptor)
 
 
 # Tags that say whose a run is: a job's id, a sweep's parent run. A run continued must carry the same.
@@ -458,59 +258,77 @@ def open_run(cfg, run_id: str | None = None, *, tags: dict[str, str] | None = No
     Checks the store first: an HTTP server must answer, a local store must be writable.
     Call this in the driver (it creates the experiment, see the module docstring).
     """
+    log = log or (lambda line: None)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_store(uri)
     if run_id is None:  # before the store is written (its experiment made)
         check_parent_run(uri, cfg.tracking.parent_run_id)
-    if _sqlite_path(uri) is not None:
-        _sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
-    _quiet_mlflow_logs()
+    client, experiment_id = _open_experiment(uri, cfg.tracking.experiment)
+    run = _run_to_continue(client, uri, experiment_id, run_id, cfg, tags or {}, log)
+    if run is None:
+        run_id = _create_run(client, uri, experiment_id, cfg, tags or {}, log)
+        existing = {}
+    else:
+        run_id, existing = run.info.run_id, dict(run.data.params)
+        client.update_run(run_id, status="RUNNING")
+        log(f"MLflow: continuing run {run_id} in {uri}")
+    _log_params(client, run_id, flatten_params(cfg.model_dump(mode="json")), existing, log)
+    return MlflowRun(uri, run_id)
+
+
+def _open_experiment(uri: str, name: str):
+    """An MLflow client of the store and the id of experiment ``name`` in it (made if new)."""
+    if sqlite_path(uri) is not None:
+        sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
+    quiet_mlflow_logs()
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
     try:
-        with _store_setup_lock(uri):
+        with store_setup_lock(uri):
             client = MlflowClient(tracking_uri=uri)
-            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+            return client, _experiment_id(client, name, uri)
     except TrackingError:
         raise
     except Exception as error:
-        raise TrackingError(
-            f"MLflow store {uri} cannot be used: {str(error).splitlines()[0] if str(error) else error!r}"
-        ) from None
-    params = flatten_params(cfg.model_dump(mode="json"))
-    existing: dict[str, str] = {}
-    if run_id is not None:
-        try:
-            run = client.get_run(run_id)
-        except Exception:
-            run = None
-        if run is None or run.info.experiment_id != experiment_id or run.info.lifecycle_stage == "deleted":
-            if log:
-                log(
-                    f"MLflow run {run_id} is not in experiment {cfg.tracking.experiment!r} of {uri}; starting a new run"
-                )
-            run_id = None
-        else:
-            _check_own_run(run, cfg.name, tags or {}, uri)
-            existing = dict(run.data.params)
-            client.update_run(run_id, status="RUNNING")
-            if log:
-                log(f"MLflow: continuing run {run_id} in {uri}")
+        raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(error)}") from None
+
+
+def _run_to_continue(client, uri: str, experiment_id: str, run_id: str | None, cfg, tags: dict[str, str], log):
+    """Run ``run_id`` when it is a live run of the experiment and this job's (else ``TrackingError``);
+    None when there is none to continue (said in a line when one was named)."""
     if run_id is None:
-        run_tags = {"mwt.model": cfg.model.name, "mwt.dataset": cfg.data.name,
-                    "mwt.modular": str(cfg.train.modular), **(tags or {})}
-        if cfg.tracking.parent_run_id:  # shown nested under the parent (a sweep) in the MLflow UI
-            run_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        run_id = client.create_run(experiment_id, tags=run_tags, run_name=cfg.name).info.run_id
-        if log:
-            log(f"MLflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}; training runs shown at "
-                f"{ui_address(uri, experiment_id)}")
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        run = None
+    if run is None or run.info.experiment_id != experiment_id or run.info.lifecycle_stage == "deleted":
+        log(f"MLflow run {run_id} is not in experiment {cfg.tracking.experiment!r} of {uri}; starting a new run")
+        return None
+    _check_own_run(run, cfg.name, tags, uri)
+    return run
+
+
+def _create_run(client, uri: str, experiment_id: str, cfg, tags: dict[str, str], log) -> str:
+    run_tags = {"mwt.model": cfg.model.name, "mwt.dataset": cfg.data.name, "mwt.modular": str(cfg.train.modular),
+                **tags}
+    if cfg.tracking.parent_run_id:  # shown nested under the parent (a sweep) in the MLflow UI
+        run_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    run_id = client.create_run(experiment_id, tags=run_tags, run_name=cfg.name).info.run_id
+    log(f"MLflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}; training runs shown at "
+        f"{ui_address(uri, experiment_id)}")
+    return run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, str], existing: dict[str, str], log) -> None:
+    """The params the run does not hold yet; a param holds its first value (MLflow refuses a change),
+    and the changed ones are said in a line."""
     changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
-    if changed and log:
+    if changed:
         log("MLflow: params keep their first values; changed since: "
             + ", ".join(f"{k}={existing[k]}->{params[k]}" for k in changed))
+    from mlflow.entities import Param
+
     new = [Param(k, v) for k, v in params.items() if k not in existing]
     for start in range(0, len(new), _PARAMS_PER_BATCH):
         client.log_batch(run_id, params=new[start:start + _PARAMS_PER_BATCH], synchronous=True)
-    return MlflowRun(uri, run_id)

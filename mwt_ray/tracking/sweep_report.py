@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.files import atomic_write_text
-from ..core.messages import one_line
+from ..core.messages import last_line
+from .plots import save_figure
 from .runs import MlflowRun, open_run
 
-__all__ = ["open_parent_run", "log_trial_scan", "results_table", "pareto_front", "plot_pareto", "close_child_runs",
-           "error_line", "finish_sweep"]
+__all__ = ["open_parent_run", "log_trial_scan", "results_table", "plot_pareto", "close_child_runs", "report_sweep"]
 
 # Columns of the results table after the searched values, in this order.
 RESULT_COLUMNS = ["status", "epoch", "val_accuracy", "test_accuracy", "accuracy_change", "tau", "krr", "cohesion",
@@ -47,7 +47,7 @@ def log_trial_scan(cfg, run_id: str, result: dict, scan: list[dict], scan_file: 
 
 
 def _uri(cfg) -> str:
-    from .runs import resolve_tracking_uri
+    from .store import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
@@ -56,7 +56,8 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
     """One row per trial: the searched values, what it reached, its tau and score, how often it
     lost its process or node and ran again (``retries``: trial id -> count); stopped and failed
     trials are marked, with the epoch they reached. A failed trial is one Tune gave up on (its
-    retries spent) or one that ended with an error of its own (``trial_error``, never retried)."""
+    retries spent) or one that ended with an error of its own (``trial_error``, never retried).
+    In Tune's order, its ``pareto`` column empty: ranking the trials is ``jobs.objective.rank_trials``."""
     import pandas as pd
 
     keys = list(cfg.sweep.space) + (["tau"] if cfg.sweep.tau_range is not None else [])
@@ -74,7 +75,7 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
                 if key not in ("status", "accuracy_change", "pareto", "retries", "error")}
         row["status"] = status
         row["retries"] = (retries or {}).get(str(row["trial"]), 0)
-        row["error"] = error_line(result.error) if result.error else own_error
+        row["error"] = last_line(result.error) if result.error else own_error
         if status != "completed":
             row.update(tau=None, krr=None, cohesion=None, coupling=None, module_accuracy=None, subtask_krr=None,
                        objective=None)
@@ -85,29 +86,8 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
             table[column] = None
     standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
     table["accuracy_change"] = (table["test_accuracy"] - standard_accuracy) if standard_accuracy is not None else None
-    table["pareto"] = pareto_front(table)
     order = ["trial"] + [c for c in table.columns if c not in RESULT_COLUMNS and c != "trial"] + RESULT_COLUMNS
-    table = table[order]
-    if cfg.sweep.objective == "score":
-        return table.sort_values("objective", ascending=False, na_position="last").reset_index(drop=True)
-    return table.sort_values("krr", na_position="last").reset_index(drop=True)
-
-
-def error_line(error) -> str:
-    """A trial's error as one line: the exception's own last line (Ray wraps it in a traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return one_line(lines[-1]) if lines else type(error).__name__
-
-
-def pareto_front(table) -> list[bool]:
-    """Completed trials no other completed trial beats on both of the sweep's objectives: module
-    accuracy (higher, on the held-out sub-tasks at the trial's tau) and KRR (lower)."""
-    points = [(row.module_accuracy, row.krr) if row.status == "completed" else None for row in table.itertuples()]
-    front = []
-    for p in points:
-        front.append(p is not None and not any(
-            q is not None and q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points))
-    return front
+    return table[order]
 
 
 def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, best: str | None = None) -> Path:
@@ -141,12 +121,7 @@ def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, 
         axes[1].axhline(100 * standard_accuracy, color="gray", linestyle="--", label="standard model")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=120)
 
 
 def _markdown(table) -> str:
@@ -202,17 +177,12 @@ def close_child_runs(parent: MlflowRun, status: str) -> list[str]:
     return closed
 
 
-def finish_sweep(cfg, folder: Path, grid, standard: dict | None, parent: MlflowRun | None,
-                 log: Callable[[str], None], retries: dict[str, int] | None = None) -> dict:
-    """Write the table (CSV, Markdown) and the plot, log them to the parent run, tag the best trial."""
-    table = results_table(cfg, grid, standard, retries)
+def report_sweep(cfg, folder: Path, table, best: dict | None, standard: dict | None, parent: MlflowRun | None,
+                 log: Callable[[str], None]) -> dict:
+    """Write the ranked table (CSV, Markdown) and the plot, log them to the parent run, tag the best trial."""
     atomic_write_text(folder / "results.csv", table.to_csv(index=False))
     atomic_write_text(folder / "results.md", _markdown(table))
     standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
-    done = table[table["status"] == "completed"]
-    best = None
-    if len(done):
-        best = (done.iloc[0] if cfg.sweep.objective == "score" else done[done["pareto"]].iloc[0]).to_dict()
     plot_pareto(table, folder / "pareto.png", standard_accuracy, f"{cfg.name}: {cfg.model.name} on {cfg.data.name}",
                 best["trial"] if best else None)
     if parent is not None:
