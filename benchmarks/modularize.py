@@ -22,8 +22,8 @@ from pathlib import Path
 def worker(model_name: str, width: float, images: int, batch: int, cohesion_samples: int) -> dict:
     import torch
 
+    from mwt_ray.core.kernel_usage import count_kernel_usage
     from mwt_ray.core.models import create_model
-    from mwt_ray.core.modularize import count_kernel_usage
 
     torch.manual_seed(0)
     model = create_model(model_name, width=width)

@@ -3,7 +3,7 @@ scores, and its MLflow model loads, registers and serves.
 
 The truth the files are checked against is computed here independently: with ``reuse.epochs=0``
 the module is the modular model with its generators off and every kernel outside the classes'
-modules forced to zero (``graph.fixed_masks``), its logits restricted to the classes, on images
+modules forced to zero (``hard_masks.fixed_masks``), its logits restricted to the classes, on images
 normalised with the training set's statistics.
 """
 from __future__ import annotations
@@ -95,10 +95,11 @@ def exported(trained):
 
 def _expected_scores(trained, classes: list[int], images: torch.Tensor) -> torch.Tensor:
     """The module's scores from the full modular model with hard masks (see the module docstring)."""
+    from hard_masks import fixed_masks
+
     from mwt_ray.core.checkpoint import build_model, load_checkpoint
     from mwt_ray.core.data import load_dataset
-    from mwt_ray.core.graph import fixed_masks
-    from mwt_ray.core.modularize import KernelUsage, module_masks
+    from mwt_ray.core.kernel_usage import KernelUsage, module_masks
 
     state = load_checkpoint(trained["modular"] / "checkpoint.pt")
     model = build_model(state).eval()

@@ -7,7 +7,7 @@ from hard_masks import fixed_masks
 from torch import nn
 
 from mwt_ray.core.extract import EXTRACTION_RULES, extract_module
-from mwt_ray.core.graph import GraphError, mask_units, modularize
+from mwt_ray.core.graph import GraphError, insert_mask_units, mask_units
 from mwt_ray.core.models import create_model, list_models
 
 
@@ -105,7 +105,7 @@ def channel_scale_rule(extraction, node, module):
 
 def test_a_layer_of_ones_own_is_extracted_once_a_rule_for_it_is_passed():
     torch.manual_seed(0)
-    gm = modularize(ScaledNet(), leaf_modules=(ChannelScale,)).eval()
+    gm = insert_mask_units(ScaledNet(), leaf_modules=(ChannelScale,)).eval()
     keep = [torch.tensor([True, False, True, True, False, False, True, False]),
             torch.tensor([False, True, True, False, True, False])]
     with pytest.raises(GraphError, match="through a ChannelScale module"):
@@ -117,5 +117,5 @@ def test_a_layer_of_ones_own_is_extracted_once_a_rule_for_it_is_passed():
         torch.testing.assert_close(module(x), gm(x), atol=1e-5, rtol=1e-4)
     # Traced through instead, the layer is a product with a factor per channel: refused, not miscut.
     with pytest.raises(GraphError, match="factor per channel"):
-        extract_module(modularize(ScaledNet()), keep)
+        extract_module(insert_mask_units(ScaledNet()), keep)
     assert ChannelScale not in EXTRACTION_RULES  # a call's rules extend the defaults for that call only

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hard_masks import fixed_masks
 from torch import nn
 
-from mwt_ray.core.graph import GraphError, mask_units, modularize
+from mwt_ray.core.graph import GraphError, insert_mask_units, mask_units
 from mwt_ray.core.masking import MaskGenerator
 from mwt_ray.core.models import create_model, list_models
 
@@ -100,7 +100,7 @@ def hooked_reference(model: nn.Module, masks_for: dict[str, callable]) -> list:
 
 
 def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
-    gm = modularize(PatternNet())
+    gm = insert_mask_units(PatternNet())
     assert [u.conv for u in mask_units(gm)] == MASKED
     assert [u.relu for u in mask_units(gm)] == [
         True,
@@ -120,7 +120,7 @@ def test_masks_come_in_the_order_their_convs_run():
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n))
-    gm = modularize(model)
+    gm = insert_mask_units(model)
     logits, masks = gm(torch.randn(3, 3, 16, 16), return_masks=True)
     ran = [n for n in order if n in MASKED]
     assert [u.conv for u in mask_units(gm)] == ran[: len(MASKED)]
@@ -133,7 +133,7 @@ def test_hard_masks_equal_the_hooked_original(training):
     torch.manual_seed(0)
     model = randomised(PatternNet())
     plain, reference = copy.deepcopy(model), copy.deepcopy(model)
-    gm = modularize(model)
+    gm = insert_mask_units(model)
     for m in (gm, plain, reference):
         m.train(training)
         m.get_submodule("drop").eval()  # DropPath's randomness aside
@@ -157,7 +157,7 @@ def test_generator_masks_and_gradients_equal_the_hooked_original():
     torch.manual_seed(0)
     model = randomised(PatternNet()).eval()  # eval: BN statistics fixed, DropPath off, same in both
     reference = copy.deepcopy(model)
-    gm = modularize(model).eval()
+    gm = insert_mask_units(model).eval()
     units = {u.conv: u.generator for u in mask_units(gm)}
     seen = []
     handles = hooked_reference(
@@ -184,7 +184,7 @@ def test_generator_masks_and_gradients_equal_the_hooked_original():
 
 
 def test_a_leaf_keeps_the_training_flag_out_of_the_graph():
-    gm = modularize(PatternNet())
+    gm = insert_mask_units(PatternNet())
     assert any(n.op == "call_module" and n.target == "drop" for n in gm.graph.nodes)
     x = torch.randn(8, 3, 16, 16)
     gm.eval()
@@ -211,7 +211,7 @@ class DataDependent(NoBatchNorm):
 ])
 def test_what_cannot_be_modularized_says_so_in_one_line(model, expected):
     with pytest.raises(GraphError) as error:
-        modularize(model)
+        insert_mask_units(model)
     assert str(error.value).startswith(expected) and "\n" not in str(error.value)
 
 
@@ -260,7 +260,7 @@ def test_torchvision_models_are_masked_at_every_conv_bn_unit(name):
     model = getattr(torchvision.models, name)(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     expected = conv_bn_units_by_running(model, x)
-    gm = modularize(model, name)
+    gm = insert_mask_units(model, name)
     assert [u.conv for u in mask_units(gm)] == expected
     if name == "densenet121":
         assert len(expected) == 6 + 12 + 24 + 16  # one bottleneck conv per dense layer
@@ -318,7 +318,7 @@ def check_extraction(gm, keep, size: int, batch: int = 3):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_extracted_pattern_net_equals_the_hard_masked_model(seed, size):
     torch.manual_seed(seed)
-    gm = modularize(randomised(PatternNet(), seed))
+    gm = insert_mask_units(randomised(PatternNet(), seed))
     keep = random_keep(gm, seed)
     if seed == 2:
         keep[1][:] = False
@@ -342,7 +342,7 @@ def test_modules_equal_the_hard_masked_model(name):
     torch.manual_seed(0)
     plain = create_model(name, 10, 0.125, modular=False) if name in list_models() else \
         getattr(torchvision.models, name)(num_classes=10)
-    gm = modularize(randomised(plain), name)
+    gm = insert_mask_units(randomised(plain), name)
     sizes = (32, 64) if runs_on(plain, 64) else (32,)  # VGG-like classifiers read a 1x1 map of a 32x32 input
     for size in sizes:
         keep = random_keep(gm, size)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mwt_ray.core.checkpoint import FORMAT, build_model, load_checkpoint
-from mwt_ray.core.graph import mask_units, modularize
+from mwt_ray.core.graph import insert_mask_units, mask_units
 from mwt_ray.core.masking import MaskGenerator
 from mwt_ray.core.models import create_model, list_models
 
@@ -153,7 +153,7 @@ def test_modular_forward_equals_naive_masking(name):
     by a forward hook, in the order the graph returns the masks."""
     plain = create_model(name, width=0.125, modular=False).double().eval()
     reference = copy.deepcopy(plain)
-    model = modularize(plain, name)
+    model = insert_mask_units(plain, name)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     logits, masks = model(x, return_masks=True)
     for unit, mask in zip(mask_units(model), masks):

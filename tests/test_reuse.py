@@ -85,7 +85,8 @@ def test_sampled_subtasks_are_distinct_and_valid():
 def test_accuracy_without_fine_tuning_is_the_hard_masked_model_on_restricted_logits():
     """Brute force: per held-out sample, the hard-masked full network's logits at the sub-task's
     classes, argmax, compared with the label."""
-    from mwt_ray.core.graph import fixed_masks
+    from hard_masks import fixed_masks
+
     from mwt_ray.core.reuse import accuracy_without_fine_tuning
 
     torch.manual_seed(1)
@@ -174,8 +175,9 @@ def test_evaluate_subtask_reports_zero_fine_tune_loss_and_latency():
 def _trained_plain(data, epochs=3):
     """A modular VGG16/8 trained as a plain network (hard masks of ones: generators off), so that
     its extracted module with every kernel computes what was trained."""
+    from hard_masks import fixed_masks
+
     from mwt_ray.core.data import iterate_batches
-    from mwt_ray.core.graph import fixed_masks
 
     model = create_model("vgg16", num_classes=data.num_classes, width=0.125)
     sizes = [u.num_kernels for u in mask_units(model)]

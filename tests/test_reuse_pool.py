@@ -9,11 +9,13 @@ import torch
 from mwt_ray.config import load_config
 from mwt_ray.core.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mwt_ray.core.files import atomic_torch_save
+from mwt_ray.core.kernel_usage import KernelUsage, module_masks
 from mwt_ray.core.models import create_model
-from mwt_ray.core.modularize import KernelUsage, module_masks
 from mwt_ray.jobs import JobFailed, load_data, train_in_process
 from mwt_ray.jobs.reuse_job import load_reference
 from mwt_ray.tracking.reuse_report import REPORT_FILES
+
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
 
 TINY = ["data.name=digits", "model.width=0.125", "data.train_limit=200", "train.batch_size=32",
         "modularize.cohesion_samples_per_class=20"]

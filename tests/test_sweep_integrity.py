@@ -33,6 +33,8 @@ from mwt_ray.cluster.sweep_integrity import (
 )
 from mwt_ray.jobs import SetupError
 
+pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
+
 # --------------------------------------------------------------------------- the experiment
 
 

@@ -49,7 +49,7 @@ def migrate_checkpoint(state: dict) -> dict:
         raise ValueError(f"checkpoint format {found} is newer than this mwt_ray reads ({FORMAT}): upgrade mwt_ray")
     weights = state.get("model_state")
     if found < 2 and isinstance(weights, dict):
-        # Generators are the submodules named *mask_generator (graph.modularize names them so); other
+        # Generators are the submodules named *mask_generator (graph.insert_mask_units names them so); other
         # layers called fc1 / fc2 (squeeze-excitation's) are left alone.
         prefixes = {key[: -len(_GENERATOR_LAYERS[0])] for key in weights
                     if isinstance(key, str) and key.endswith("mask_generator." + _GENERATOR_LAYERS[0])}

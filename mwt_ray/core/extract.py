@@ -4,7 +4,7 @@ A module keeps, per masked unit, only the kernels of its module mask, with their
 matching input channels of the layers that read them and the classifier's matching input features;
 it has no mask generators (as in the authors' code). It computes what the modular model computes
 with its generators replaced by those hard 0/1 masks, up to float summation order. It works on the
-traced graph of any model ``graph.modularize`` accepts, built-in or not: the kept channels of each
+traced graph of any model ``graph.insert_mask_units`` accepts, built-in or not: the kept channels of each
 activation are propagated through the graph, node by node (``Extraction``), each op by its rule in
 ``EXTRACTION_RULES``:
 

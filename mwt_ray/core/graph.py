@@ -46,7 +46,7 @@ from torch import fx, nn
 
 from .masking import MaskGenerator
 
-__all__ = ["GraphError", "modularize", "mask_units", "per_unit_masks", "MaskUnit", "init_mask_bias",
+__all__ = ["GraphError", "insert_mask_units", "mask_units", "per_unit_masks", "MaskUnit", "init_mask_bias",
            "detach_generator_inputs", "unmasked_kernels", "apply_mask", "modular_output", "is_mask_op",
            "is_modular_output"]
 
@@ -86,7 +86,7 @@ class _Tracer(fx.Tracer):
 
 
 # The protocol between a modular graph and the code that reads it (``core.extract``, tests): two
-# functions that ``modularize`` puts into the graph, recognised by identity (``is_mask_op``,
+# functions that ``insert_mask_units`` puts into the graph, recognised by identity (``is_mask_op``,
 # ``is_modular_output``), which a pickled or deep-copied graph keeps, unlike node metadata.
 
 def apply_mask(generator: nn.Module, y: torch.Tensor, conv_input: torch.Tensor,
@@ -153,7 +153,7 @@ def _generator_name(gm: fx.GraphModule, conv: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-def modularize(model: nn.Module, name: str | None = None,
+def insert_mask_units(model: nn.Module, name: str | None = None,
                leaf_modules: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
     """``model`` (its modules, shared, not copied) as a graph with a mask generator per masked unit.
 

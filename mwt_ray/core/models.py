@@ -1,7 +1,7 @@
 """The built-in CNNs (CIFAR-style VGG16-BN, ResNet18, SimCNN, ResCNN) and the model registry.
 
 Every model is a plain network: ``create_model(name, modular=False)`` is what standard training
-trains. ``modular=True`` hands the same network to ``graph.modularize``, which finds its conv -> BN
+trains. ``modular=True`` hands the same network to ``graph.insert_mask_units``, which finds its conv -> BN
 units in the traced graph and gives every one but the first a mask generator (section 3.2.1 of the
 paper); nothing here knows about masks. The built-ins are written as conv units
 (``units.N.conv``, ``units.N.bn``) so their generators sit at ``units.N.mask_generator``.
@@ -11,7 +11,7 @@ config and the tests that run every built-in read the registry.
 
 ``create_model("torchvision:<name>")`` builds that torchvision model untrained, with its classifier
 sized for the classes, and ``create_model("package.module:function")`` the network a function of
-the user's returns for ``num_classes``; both go through the same ``modularize``. Checkpoints record
+the user's returns for ``num_classes``; both go through the same ``insert_mask_units``. Checkpoints record
 the name, so every command rebuilds such a model by importing the function again.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import modularize
+from .graph import insert_mask_units
 
 __all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models", "check_model_name",
            "register_model", "default_width", "is_factory_name", "DEFAULT_WIDTH", "TORCHVISION_PREFIX",
@@ -397,7 +397,7 @@ def _factory_width_error(name: str, width: float) -> str:
 
 
 def create_model(name: str, num_classes: int = 10, width: float | None = None, modular: bool = True) -> nn.Module:
-    """Build a model: plain with ``modular=False``, else its modular graph (``graph.modularize``), whose
+    """Build a model: plain with ``modular=False``, else its modular graph (``graph.insert_mask_units``), whose
     ``forward(x, return_masks=True)`` also returns the masks.
 
     ``name``: a built-in (``list_models()``), e.g. ``create_model("vgg16", width=0.25)``;
@@ -419,4 +419,4 @@ def create_model(name: str, num_classes: int = 10, width: float | None = None, m
         model = _build_with_factory(name, num_classes)
     else:
         model = _torchvision_model(name, num_classes, None if width is None else float(width))
-    return modularize(model, name) if modular else model
+    return insert_mask_units(model, name) if modular else model

@@ -54,8 +54,8 @@ from ..core.files import (
     writable_folder_error,
 )
 from ..core.flops import count_flops
+from ..core.kernel_usage import KernelUsage, module_masks
 from ..core.models import create_model
-from ..core.modularize import KernelUsage, module_masks
 from ..core.reuse import mixed_module_mask, reuse_module
 from ..core.training import evaluate
 from .reuse_job import ReuseSources, load_sources

@@ -22,8 +22,8 @@ import torch
 from ..config import Config
 from ..core.checkpoint import build_model, load_checkpoint
 from ..core.data import ImageData
+from ..core.kernel_usage import KernelUsage, module_masks
 from ..core.metrics import coupling, kernel_retention_rate
-from ..core.modularize import KernelUsage, module_masks
 from ..core.reuse import accuracy_without_fine_tuning, sample_subtasks
 from .setup import SetupError
 

@@ -32,8 +32,8 @@ from ..core.checkpoint import build_model, check_checkpoint, load_checkpoint
 from ..core.data import validate_classes
 from ..core.files import atomic_write_text, input_file_error, writable_folder_error
 from ..core.flops import count_flops
+from ..core.kernel_usage import KernelUsage, module_masks
 from ..core.models import create_model
-from ..core.modularize import KernelUsage, module_masks
 from ..core.reuse import evaluate_subtask, sample_subtasks
 from .setup import SetupError, absolute_paths, load_data, resolve_device
 

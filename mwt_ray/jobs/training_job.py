@@ -34,8 +34,8 @@ from ..core.checkpoint import load_weights, save_checkpoint
 from ..core.data import ImageData, iterate_batches, place_data
 from ..core.files import atomic_write_text, remove_stale_scratch, scratch_folder
 from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kernels
+from ..core.kernel_usage import count_kernel_usage, modularity_report, module_masks
 from ..core.models import create_model
-from ..core.modularize import count_kernel_usage, modularity_report, module_masks
 from ..core.training import make_optimizer, make_scheduler, prepare_model, train_epochs, unwrap_ddp
 from .fault_drill import FaultDrill
 from .preflight import check_and_plan_job

@@ -3,9 +3,7 @@ import pytest
 import torch
 
 from mwt_ray.core.graph import mask_units
-from mwt_ray.core.metrics import coupling, kernel_retention_rate
-from mwt_ray.core.models import create_model
-from mwt_ray.core.modularize import (
+from mwt_ray.core.kernel_usage import (
     TAU_GRID,
     KernelUsage,
     count_kernel_usage,
@@ -13,6 +11,8 @@ from mwt_ray.core.modularize import (
     modularity_report,
     module_masks,
 )
+from mwt_ray.core.metrics import coupling, kernel_retention_rate
+from mwt_ray.core.models import create_model
 
 
 def test_streaming_counts_equal_one_in_memory_pass():

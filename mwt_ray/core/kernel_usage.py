@@ -70,7 +70,7 @@ def count_kernel_usage(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     units = mask_units(model)
     device = device if device is not None else next(model.parameters()).device
     if not units:
-        raise ValueError("the model has no mask generators: modularize a model built with modular=True")
+        raise ValueError("the model has no mask generators: build the model with modular=True")
     layer_sizes = [u.num_kernels for u in units]
     counts = torch.zeros(num_classes, sum(layer_sizes), dtype=torch.int64, device=device)
     class_sizes = torch.zeros(num_classes, dtype=torch.int64, device=device)
