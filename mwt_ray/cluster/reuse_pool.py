@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 from ..config import Config
-from ..core.hooks import hook_at, hook_env
+from ..core.hooks import hook_at
 from ..core.messages import last_line
 from ..jobs import JobFailed, SetupError
 from ..jobs.reuse_job import ReusePlan, SubtaskEvaluator, format_row, plan_reuse, resolve_reference
@@ -136,7 +136,7 @@ class _Pool:
         self.plan = plan
         self.device = "cuda" if r.gpus_per_actor > 0 else "cpu"
         self.remote = ray.remote(ReuseActor).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
-                                                     runtime_env=_actor_runtime_env())
+                                                     runtime_env=worker_runtime_env())
         self.actors = [self._new_actor() for _ in range(size)]
         self.idle = list(self.actors)
         self.running: dict = {}  # object ref -> (actor, sub-task index)
@@ -184,16 +184,6 @@ def _lost_actor(plan: ReusePlan, index: int, losses: int, finished: int, where: 
                         f"the last time {where} (reuse.max_restarts={r.max_restarts})") from None
     log(f"reuse: sub-task {index} (classes {plan.tasks[index]}) lost its actor ({where}); it runs again "
         f"on a new actor (restart {losses} of {r.max_restarts})")
-
-
-def _actor_runtime_env() -> dict | None:
-    """The workers' environment (``worker_runtime_env``) with the test hooks of this process: an
-    actor's process is started by Ray, not by this one."""
-    env = worker_runtime_env() or {}
-    hooks = hook_env()
-    if hooks:
-        env = {**env, "env_vars": {**env.get("env_vars", {}), **hooks}}
-    return env or None
 
 
 def _run_in_process(plan: ReusePlan, log) -> list[dict]:

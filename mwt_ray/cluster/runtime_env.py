@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..core.hooks import hook_env
+
 __all__ = ["worker_runtime_env"]
 
 
 def worker_runtime_env() -> dict | None:
     """Environment for the workers: this source tree on PYTHONPATH when mwt_ray is not an
-    installed package, and the driver's MLFLOW_* variables (server credentials, TLS settings)."""
+    installed package, the driver's MLFLOW_* variables (server credentials, TLS settings) and the
+    test hooks' variables."""
     env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+    env.update(hook_env())  # a test's hooks reach the processes Ray starts (core.hooks)
     parent = Path(__file__).resolve().parents[2]  # the folder that holds the mwt_ray package
     if not ("site-packages" in parent.parts or "dist-packages" in parent.parts):
         paths = [str(parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

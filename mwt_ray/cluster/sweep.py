@@ -291,7 +291,7 @@ def _check_stages(cfg: Config, num_classes: int) -> None:
     check_shared_places(job_places(cfg))  # trials, baseline and reuse actors run on any node
 
 
-def _preflight(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
+def _check_and_plan_sweep(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
     """Every check that needs no Ray, before anything is written; returns the dataset's class count."""
     if not cfg.train.modular:
         raise SetupError("a sweep trains modular models: train.modular must be true")
@@ -405,7 +405,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, trust_folder: bool = False,
     file in it signed by this user's key (the sweep signs when it creates the Tuner and whenever
     ``fit`` returns or is interrupted); ``trust_folder`` skips that check, for a sweep killed
     before it could sign (SIGKILL, a lost head node) in a folder nobody else can write."""
-    cfg, folder, num_classes = _preflight(cfg, resume, trust_folder)
+    cfg, folder, num_classes = _check_and_plan_sweep(cfg, resume, trust_folder)
     # Tune's newer console output prints its banner and paths even at verbose=0; the progress lines
     # and the table below say what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -59,6 +58,8 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import Config
+from ..core.files import atomic_write
+from ..core.messages import error_line
 from ..jobs import (
     RESULT_FILES,
     JobFailed,
@@ -70,6 +71,7 @@ from ..jobs import (
     train_in_process,
 )
 from ..jobs.storage import KEEP_CHECKPOINTS, RUN_FILE, RunStorage
+from .capacity import cluster_room
 from .ray_output import ray_output_to
 from .ray_session import ray_session
 from .runtime_env import worker_runtime_env
@@ -97,18 +99,12 @@ def check_cluster_resources(num_workers: int, cpus_per_worker: float, use_gpu: b
 
     Ray Train would otherwise wait forever for resources that never come.
     """
-    need = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    room = sum(min(math.floor(res.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for res in nodes)
-    if room >= num_workers:
+    room = cluster_room(cpus_per_worker, 1.0 if use_gpu else 0.0)
+    if room.count >= num_workers:
         return
-    total = ray.cluster_resources()
-    asked = f"{cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu else "")
-    have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if use_gpu else "")
     raise SetupError(
-        f"scaling asks for {num_workers} worker{'s' if num_workers != 1 else ''} with {asked} each, "
-        f"but the Ray cluster has {have} "
-        f"on {len(nodes)} node(s): room for {room}; lower scaling.num_workers or "
+        f"scaling asks for {num_workers} worker{'s' if num_workers != 1 else ''} with {room.asked} each, "
+        f"but the Ray cluster has {room.have}: room for {room.count}; lower scaling.num_workers or "
         "scaling.cpus_per_worker, or add nodes (Ray would wait forever)"
     )
 
@@ -153,18 +149,13 @@ def describe_failure(error: BaseException) -> str:
         rank, exc = next(iter(failures.items()))
         base = getattr(exc, "_base_exc", exc)
         kind = "" if isinstance(base, (SetupError, JobFailed)) else f"{type(base).__name__}: "
-        return f"worker rank {rank} failed: {kind}{_one_line(base)}"
+        return f"worker rank {rank} failed: {kind}{error_line(base, 400)}"
     cause = getattr(error, "controller_failure", None) or error
     lines = [line for line in str(cause).splitlines() if line.strip()]
     return next(
         (line.strip() for line in lines if "Error" in line or "error" in line),
         lines[0] if lines else type(cause).__name__,
     )
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, sync_batchnorm: bool = False,
@@ -177,7 +168,7 @@ def run_distributed(cfg: Config, log: Callable[[str], None] | None = print, *, s
     """
     log = log or (lambda line: None)
     cfg, plan = check_and_plan_distributed_job(cfg, sync_batchnorm, resume, log)
-    local = isinstance(plan.storage.fs, plan.storage._pafs.LocalFileSystem)
+    local = plan.storage.is_local
     stderr_log = (
         Path(plan.storage.path) / "worker_stderr.log" if local else cfg.run_dir / f"{plan.job_id}.worker_stderr.log"
     )
@@ -289,7 +280,5 @@ def _collect_results(result, cfg: Config) -> dict:
             raise DistributedTrainingError(f"the latest checkpoint {checkpoint.path} holds no metrics.json")
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         for name in RESULT_FILES:  # rank 0 on this node wrote them already; elsewhere, an earlier job's may be here
-            partial = cfg.run_dir / f".{name}.{os.getpid()}.tmp"
-            shutil.copy2(folder / name, partial)
-            os.replace(partial, cfg.run_dir / name)
+            atomic_write(cfg.run_dir / name, lambda temporary, source=folder / name: shutil.copy2(source, temporary))
         return json.loads((folder / "metrics.json").read_text())

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_torch_save
+from .messages import error_line
 
 __all__ = ["ImageData", "load_dataset", "iterate_batches", "place_data", "DATASETS", "cache_dir"]
 
@@ -270,7 +271,7 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
             classes = [str(d) for d in range(10)]
     except Exception as error:  # no network, a half-downloaded archive, a corrupt file
         _remove_new_entries(folder, before)
-        reason = _one_line(error)
+        reason = error_line(error, 300)
         if download:
             raise ValueError(f"{name} could not be downloaded to {root!r} ({reason}); this machine may have no "
                              "network: copy the dataset files there and set data.download=false, or use dataset "
@@ -278,11 +279,6 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
         raise ValueError(f"{name} not found under {root!r} ({reason}); set data.download=true on a machine "
                          "with a network, or use dataset 'folder' with an image-folder copy") from None
     return ImageData(*arrays[0], *arrays[1], list(classes))
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _remove_new_entries(folder: Path, before: set | None) -> None:
@@ -395,11 +391,12 @@ def _decode_all(paths: list[Path], image_size: int, what: str = "decoding images
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; either way the file is bad
             # input (a warning would also be a second stderr line, and decoding it takes gigabytes).
-            raise ValueError(f"image {str(p)!r} is too large to decode ({_one_line(error)}); PIL refuses images of "
-                             f"more than {Image.MAX_IMAGE_PIXELS} pixels (Image.MAX_IMAGE_PIXELS): remove or shrink it"
+            raise ValueError(f"image {str(p)!r} is too large to decode ({error_line(error, 300)}); "
+                             f"PIL refuses images of more than "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels (Image.MAX_IMAGE_PIXELS): remove or shrink it"
                              ) from None
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot decode image {str(p)!r}: {_one_line(error)}") from None
+            raise ValueError(f"cannot decode image {str(p)!r}: {error_line(error, 300)}") from None
 
     if not paths:
         raise ValueError("an image folder split holds no images")
@@ -425,7 +422,7 @@ def _extract_archive(archive: Path) -> tuple[Path, Callable[[], None]]:
         tar = tarfile.open(archive)
     except Exception as error:  # not a tar at all: nothing is created
         reason = ("not a .tar, .tar.gz, .tar.bz2 or .tar.xz file" if isinstance(error, tarfile.ReadError)
-                  else _one_line(error))
+                  else error_line(error, 300))
         raise ValueError(f"data path {str(archive)!r} is a file but not a readable tar archive ({reason})") from None
     created = [p for p in (cache_dir(), target.parent) if not p.exists()]
 
@@ -453,5 +450,5 @@ def _extract_archive(archive: Path) -> tuple[Path, Callable[[], None]]:
         if not isinstance(error, Exception):
             raise
         raise ValueError(f"data path {str(archive)!r} is a damaged or truncated tar archive "
-                         f"({type(error).__name__}: {_one_line(error)})") from None
+                         f"({type(error).__name__}: {error_line(error, 300)})") from None
     return target, lambda: undo(target)

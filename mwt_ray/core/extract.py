@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import GraphError, is_mask_op, is_modular_output, mask_units, per_unit_masks
+from .messages import first_line
 
 __all__ = ["extract_module", "Extraction", "ExtractionRule", "EXTRACTION_RULES", "per_channel"]
 
@@ -114,9 +115,9 @@ class Extraction:
             with torch.no_grad():
                 gm(example)
         except Exception as error:  # noqa: BLE001 - the model itself fails on this input
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            message = first_line(error, 200)
             raise GraphError(f"model {label} does not run on an input of shape {tuple(example.shape)} "
-                             f"({message[:200]})") from None
+                             f"({message})") from None
         ShapeProp(gm).propagate(example)
         self.graph, self.modules, self.env, self.sets = fx.Graph(), {}, {}, {}
         self.constants = 0

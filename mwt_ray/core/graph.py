@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .masking import MaskGenerator
+from .messages import first_line
 
 __all__ = ["GraphError", "insert_mask_units", "mask_units", "per_unit_masks", "MaskUnit", "init_mask_bias",
            "detach_generator_inputs", "unmasked_kernels", "apply_mask", "modular_output", "is_mask_op",
@@ -164,9 +165,9 @@ def insert_mask_units(model: nn.Module, name: str | None = None,
     try:
         graph = _Tracer(leaf_modules).trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure is the same refusal
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error, 200)
         raise GraphError(f"model {label} cannot be modularized: its forward does not trace with torch.fx "
-                         f"({message[:200]})") from None
+                         f"({message})") from None
     gm = fx.GraphModule(model, graph, class_name=f"Modular{type(model).__name__}")
     nodes = list(gm.graph.nodes)
     convs = [n for n in nodes if n.op == "call_module" and isinstance(_module(gm, n), nn.Conv2d)]

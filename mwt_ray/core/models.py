@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import insert_mask_units
+from .messages import first_line
 
 __all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models", "check_model_name",
            "register_model", "default_width", "is_factory_name", "DEFAULT_WIDTH", "TORCHVISION_PREFIX",
@@ -261,8 +262,8 @@ def _torchvision_version() -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+    """The error's class and the first line of its message: the user's code raised it."""
+    return f"{type(error).__name__}: {first_line(error, 200)}" if str(error).strip() else type(error).__name__
 
 
 def _import_factory(name: str) -> Callable[..., nn.Module]:

@@ -7,6 +7,16 @@ installed.
 from __future__ import annotations
 
 from .fault_drill import FaultDrill
+from .job_plan import (
+    JobPlan,
+    check_destinations,
+    job_storage,
+    latest_training_state,
+    list_jobs,
+    plan_job,
+    start_job,
+    storage_root,
+)
 from .preflight import check_and_plan_job, check_inputs
 from .reuse_job import reuse_from_checkpoints
 from .session import TrainingSession
@@ -21,17 +31,7 @@ from .setup import (
     resolve_device,
     seed_everything,
 )
-from .storage import (
-    JobPlan,
-    RunStorage,
-    check_destinations,
-    job_storage,
-    latest_training_state,
-    list_jobs,
-    plan_job,
-    start_job,
-    storage_root,
-)
+from .storage import RunStorage
 from .training_job import JobHook, LocalSession, TrainingJob, derive_modules, finish_run, train_in_process
 
 __all__ = [

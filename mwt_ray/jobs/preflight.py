@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from ..config import Config
 from ..core.data import ImageData
+from .job_plan import JobPlan, check_destinations, plan_job
 from .setup import SetupError, absolute_paths, check_job
-from .storage import JobPlan, check_destinations, plan_job
 
 __all__ = ["check_inputs", "check_and_plan_job"]
 

@@ -14,6 +14,7 @@ import torch
 
 from ..config import Config
 from ..core.data import ImageData, load_dataset
+from ..core.messages import first_line
 
 __all__ = ["SetupError", "JobFailed", "RESULT_FILES", "resolve_device", "seed_everything", "load_data",
            "architecture", "check_job", "check_model", "absolute_paths"]
@@ -79,9 +80,9 @@ def check_logits(model: torch.nn.Module, name: str, example: torch.Tensor, num_c
         with torch.no_grad():
             out = model(example)
     except Exception as error:  # noqa: BLE001 - any failure here is the model's on this input
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error, 200)
         raise SetupError(f"model {name} does not run on the data's images of shape {tuple(example.shape[1:])} "
-                         f"({message[:200]})") from None
+                         f"({message})") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(example), num_classes):
         what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise SetupError(f"model {name} returns {what} in training mode, not one row of {num_classes} logits "

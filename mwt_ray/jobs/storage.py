@@ -205,17 +205,3 @@ class RunStorage:
 
     def delete_dir(self, name: str) -> None:
         self.fs.delete_dir(self._join(name))
-
-
-# The job-planning names live in jobs.job_plan; they stay importable from here, where the training
-# path (jobs/__init__, jobs.training_job, jobs.preflight) imports them.
-_PLANNING = ("storage_root", "new_job_id", "job_storage", "list_jobs", "latest_training_state", "check_resume",
-             "check_destinations", "JobPlan", "plan_job", "start_job")
-
-
-def __getattr__(name: str):
-    if name in _PLANNING:
-        from . import job_plan
-
-        return getattr(job_plan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

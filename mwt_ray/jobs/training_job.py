@@ -38,17 +38,11 @@ from ..core.kernel_usage import count_kernel_usage, modularity_report, module_ma
 from ..core.models import create_model
 from ..core.training import make_optimizer, make_scheduler, prepare_model, train_epochs, unwrap_ddp
 from .fault_drill import FaultDrill
+from .job_plan import check_resume, start_job
 from .preflight import check_and_plan_job
 from .session import TrainingSession
 from .setup import RESULT_FILES, SetupError, architecture, load_data, resolve_device, seed_everything
-from .storage import (
-    KEEP_CHECKPOINTS,
-    RUN_FILE,
-    TRAINING_STATE,
-    RunStorage,
-    check_resume,
-    start_job,
-)
+from .storage import KEEP_CHECKPOINTS, RUN_FILE, TRAINING_STATE, RunStorage
 
 __all__ = ["TrainingJob", "JobHook", "LocalSession", "derive_modules", "finish_run", "train_in_process"]
 
