@@ -126,7 +126,7 @@ def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path, monkey
     name used before gets a fresh job; with it, the latest job continues (here: already finished),
     its checkpoint read once (the preflight's read is the one the job resumes from: on an object
     store a second read would be a second download)."""
-    from mwt_ray.jobs import list_jobs, storage
+    from mwt_ray.jobs import job_plan, list_jobs
 
     cfg = load_config(None, TINY + ["train.epochs=1", f"output_dir={tmp_path}", "name=again"])
     lines = []
@@ -136,8 +136,8 @@ def test_every_run_is_a_new_job_and_resume_continues_the_latest(tmp_path, monkey
     assert len(list_jobs(cfg)) == 2
     lines.clear()
     reads = []
-    read_state = storage._read_state
-    monkeypatch.setattr(storage, "_read_state", lambda *args: reads.append(args[1]) or read_state(*args))
+    read_state = job_plan._read_state
+    monkeypatch.setattr(job_plan, "_read_state", lambda *args: reads.append(args[1]) or read_state(*args))
     again = train_in_process(cfg, resume=True, log=lines.append)
     assert len(reads) == 1, reads
     assert len(list_jobs(cfg)) == 2 and any(f"resuming job {list_jobs(cfg)[-1]}" in line for line in lines)
