@@ -281,6 +281,11 @@ def config_cases() -> list[Case]:
     return cases
 
 
+def config_file(label: str, content: str | bytes, expected: str) -> Case:
+    """A case whose --config file holds ``content``."""
+    return Case(label, ["--config", "{tmp}/in/c.yaml"], expected, setup=write("in/c.yaml", content))
+
+
 def cli_cases() -> list[Case]:
     return [
         Case("config file missing", ["--config", "{tmp}/in/none.yaml"], "does not exist"),
@@ -290,42 +295,12 @@ def cli_cases() -> list[Case]:
             "is a folder, not a YAML file",
             setup=folder("in/conf"),
         ),
-        Case(
-            "config YAML malformed",
-            ["--config", "{tmp}/in/c.yaml"],
-            "is not valid YAML",
-            setup=write("in/c.yaml", "train:\n  epochs: 3\n   lr: [0.1\n"),
-        ),
-        Case(
-            "config YAML tab",
-            ["--config", "{tmp}/in/c.yaml"],
-            "is not valid YAML",
-            setup=write("in/c.yaml", "train:\n\tepochs: 3\n"),
-        ),
-        Case(
-            "config YAML is a list",
-            ["--config", "{tmp}/in/c.yaml"],
-            "must hold a mapping",
-            setup=write("in/c.yaml", "- 1\n- 2\n"),
-        ),
-        Case(
-            "config unknown section",
-            ["--config", "{tmp}/in/c.yaml"],
-            "unknown key",
-            setup=write("in/c.yaml", "trian:\n  epochs: 3\n"),
-        ),
-        Case(
-            "config bad value",
-            ["--config", "{tmp}/in/c.yaml"],
-            "train.lr",
-            setup=write("in/c.yaml", "train:\n  lr: -3\n"),
-        ),
-        Case(
-            "config binary file",
-            ["--config", "{tmp}/in/c.yaml"],
-            "cannot be read",
-            setup=write("in/c.yaml", b"\xff\xfe\x00\x81"),
-        ),
+        config_file("config YAML malformed", "train:\n  epochs: 3\n   lr: [0.1\n", "is not valid YAML"),
+        config_file("config YAML tab", "train:\n\tepochs: 3\n", "is not valid YAML"),
+        config_file("config YAML is a list", "- 1\n- 2\n", "must hold a mapping"),
+        config_file("config unknown section", "trian:\n  epochs: 3\n", "unknown key"),
+        config_file("config bad value", "train:\n  lr: -3\n", "train.lr"),
+        config_file("config binary file", b"\xff\xfe\x00\x81", "cannot be read"),
         Case("--num-workers not a number", ["--num-workers", "two"], "invalid int value"),
         Case("unknown flag", ["--epochs", "3"], "unrecognized arguments"),
         Case("--set without a value", ["--set"], "expected one argument", common=False),
@@ -346,12 +321,7 @@ def cli_cases() -> list[Case]:
             "expand to more than 100000 values",
             setup=write("in/bomb.yaml", alias_bomb("train.lr", levels=5)),
         ),
-        Case(
-            "config recursive alias",
-            ["--config", "{tmp}/in/c.yaml"],
-            "a structure that holds itself",
-            setup=write("in/c.yaml", "reuse:\n  subtasks: &a [[0, 1], *a]\n"),
-        ),
+        config_file("config recursive alias", "reuse:\n  subtasks: &a [[0, 1], *a]\n", "a structure that holds itself"),
         # An error line quotes what it was given; a long path is cut at the one cap (core.messages.MAX_ERROR_CHARS).
         Case(
             "config file missing, very long path",

@@ -14,12 +14,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .storage import RunStorage
-
-if TYPE_CHECKING:
-    from .training_job import TrainingJob
 
 __all__ = ["FaultDrill"]
 
@@ -36,12 +32,12 @@ class FaultDrill:
     def marker(self) -> str:
         return f".fault_injected_epoch_{self.fail_at_epoch}"
 
-    def __call__(self, job: TrainingJob) -> None:
+    def __call__(self, job) -> None:  # a jobs.training_job.TrainingJob, which imports this module
         if job.session.rank == 0:
             steps_per_epoch = len(job.data.train_labels) // job.cfg.train.batch_size
             job.optimizer.register_step_post_hook(self._step_hook(job, steps_per_epoch))
 
-    def _step_hook(self, job: TrainingJob, steps_per_epoch: int):
+    def _step_hook(self, job, steps_per_epoch: int):
         storage, marker = job.session.storage, self.marker()
         kill_step = max(1, steps_per_epoch // 2)
         done = 0
