@@ -67,7 +67,7 @@ def bench_loop(config: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     batch = config["batch"]
     torch.manual_seed(0)
-    model = create_model(config["model"], 10, config["width"], modular=True).to(device).train()
+    model = create_model(config["model"], 10, config["width"], method="mwt").to(device).train()
     model = wrap_model(model)  # DDP when world size > 1
     optimizer = make_optimizer(model, TrainConfig().optim_settings())
     if config["data"] == "digits":

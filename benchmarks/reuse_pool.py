@@ -49,7 +49,7 @@ def train_models(folder: Path, epochs: int) -> tuple[str, str]:
 
     base = ["data.name=digits", "model.name=vgg16", "model.width=0.25", "train.batch_size=64", f"train.epochs={epochs}",
             "tracking.enabled=false", f"output_dir={folder}"]
-    for name, extra in (("modular", []), ("standard", ["train.modular=false"])):
+    for name, extra in (("modular", []), ("standard", ["train.method=standard"])):
         start = time.perf_counter()
         summary = train_in_process(load_config(None, base + [f"name={name}", *extra]), log=None)
         print(f"trained {name}: test accuracy {summary['final']['test_accuracy']:.2%}"
@@ -136,8 +136,8 @@ def shaped_latency(repeats: int, threads: list[int]) -> list[dict]:
     from mwt_ray.core.reuse import compare_latency
 
     torch.manual_seed(0)
-    modular = create_model("vgg16", 10, 0.25, modular=True).eval()
-    plain = create_model("vgg16", 10, 0.25, modular=False).eval()
+    modular = create_model("vgg16", 10, 0.25, method="mwt").eval()
+    plain = create_model("vgg16", 10, 0.25, method="standard").eval()
     sizes = [u.num_kernels for u in mask_units(modular)]
     profiles = {"CIFAR-10 module profile": CIFAR_MODULE_PROFILE,
                 "two-module union of it": [1 - (1 - p) ** 2 for p in CIFAR_MODULE_PROFILE],

@@ -21,7 +21,7 @@ import torchvision
 
 from mwt_ray.config import load_config
 from mwt_ray.core.data import ImageData
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.models import create_model
 from mwt_ray.jobs.setup import check_model
 
@@ -44,7 +44,7 @@ def main() -> None:
         except ValueError as error:
             rows.append({"model": model_name, "ok": False, "reason": str(error)})
         else:
-            units = mask_units(create_model(model_name, 10))
+            units = modular_units(create_model(model_name, 10))
             rows.append({"model": model_name, "ok": True, "units": len(units),
                          "masked_kernels": sum(u.num_kernels for u in units)})
         rows[-1]["seconds"] = round(time.perf_counter() - start, 1)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.standard:
-        overrides.append("train.modular=false")
+        overrides.append("train.method=standard")
     if args.num_workers is not None:
         overrides.append(f"scaling.num_workers={args.num_workers}")
     return run_command(lambda: train(load_config(args.config, overrides), resume=args.resume),

@@ -149,7 +149,7 @@ def _gradient_step(config: dict) -> None:
     results = {}
     for gather in (True, False):
         torch.manual_seed(0)
-        model = models.create_model("vgg16", 10, 0.125, modular=True)
+        model = models.create_model("vgg16", 10, 0.125, method="mwt")
         # eval(): BatchNorm uses its running statistics, so each sample's logits and masks do not
         # depend on which other samples share its slice. In train mode every worker would
         # normalise with its own slice's statistics (DDP's documented behaviour), and the
@@ -290,7 +290,7 @@ def test_resume_checkpoint_of_another_model(two_worker_run):
     for section, key, value, expected in (
         ("model", "width", 0.25, "width 0.125"),
         ("model", "name", "resnet18", "vgg16"),
-        ("train", "modular", False, "modular training"),
+        ("train", "method", "standard", "mwt training"),
     ):
         other = cfg.model_copy(deep=True)
         setattr(getattr(other, section), key, value)

@@ -18,7 +18,7 @@ from mwt_ray.core.export import (
     write_onnx,
 )
 from mwt_ray.core.extract import extract_module
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.models import create_model, list_models
 from mwt_ray.core.reuse import RestrictedLogits
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
 def test_module_programs_compute_the_module(name, tmp_path):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, width=0.125).eval()
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     keep = torch.rand(sum(sizes)) < 0.5
     keep[torch.cumsum(torch.tensor([0] + sizes[:-1]), 0)] = True  # every layer keeps its first kernel
     module = ImagesToScores(RestrictedLogits(extract_module(model, keep), [7, 2, 4]),

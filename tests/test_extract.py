@@ -7,7 +7,8 @@ from hard_masks import fixed_masks
 from torch import nn
 
 from mwt_ray.core.extract import EXTRACTION_RULES, extract_module
-from mwt_ray.core.graph import GraphError, insert_mask_units, mask_units
+from mwt_ray.core.graph import GraphError, modular_units
+from mwt_ray.core.methods.mwt import insert_mask_units
 from mwt_ray.core.models import create_model, list_models
 
 
@@ -24,7 +25,7 @@ def _trained_like(name):
 @pytest.mark.parametrize("keep_fraction", [0.05, 0.4, 1.0])
 def test_extracted_module_equals_hard_masked_model(name, keep_fraction):
     model = _trained_like(name)
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     keep = torch.rand(sum(sizes)) < keep_fraction
     layers = list(torch.split(keep, sizes))
     for layer in layers:  # every layer keeps at least one kernel, as module_masks guarantees
@@ -42,7 +43,7 @@ def test_extracted_module_equals_hard_masked_model(name, keep_fraction):
 
 def test_module_is_independent_of_the_model():
     model = _trained_like("vgg16")
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     module = extract_module(model, torch.ones(sum(sizes), dtype=torch.bool))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -53,15 +54,15 @@ def test_module_is_independent_of_the_model():
 
 def test_bad_module_masks_are_rejected():
     model = create_model("vgg16", width=0.125)
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     with pytest.raises(ValueError, match="shape"):
         extract_module(model, torch.ones(sum(sizes) + 1, dtype=torch.bool))
     keep = torch.ones(sum(sizes), dtype=torch.bool)
     keep[: sizes[0]] = False
-    with pytest.raises(ValueError, match="no kernel in masked layer 0"):
+    with pytest.raises(ValueError, match="no kernel in unit 0"):
         extract_module(model, keep)
-    with pytest.raises(ValueError, match="no masked layers"):
-        extract_module(create_model("vgg16", width=0.125, modular=False), keep)
+    with pytest.raises(ValueError, match="the model has no units"):
+        extract_module(create_model("vgg16", width=0.125, method="standard"), keep)
 
 
 class ChannelScale(nn.Module):

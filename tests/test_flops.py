@@ -5,7 +5,7 @@ from torch import nn
 
 from mwt_ray.core.extract import extract_module
 from mwt_ray.core.flops import count_flops
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.models import create_model, list_models
 
 
@@ -40,8 +40,8 @@ def analytic_flops(model, size=32, global_pool=False):
 @pytest.mark.parametrize("name", list_models())
 def test_module_flops_equal_analytic_count_and_are_below_the_model(name):
     model = create_model(name, width=0.125)
-    plain = create_model(name, width=0.125, modular=False)
-    sizes = [u.num_kernels for u in mask_units(model)]
+    plain = create_model(name, width=0.125, method="standard")
+    sizes = [u.num_kernels for u in modular_units(model)]
     module = extract_module(model, torch.rand(sum(sizes)) < 0.5)
     assert count_flops(plain) == analytic_flops(plain, global_pool=name == "resnet18")
     assert count_flops(module) == analytic_flops(module, global_pool=name == "resnet18")
@@ -49,5 +49,5 @@ def test_module_flops_equal_analytic_count_and_are_below_the_model(name):
 
 
 def test_full_width_vgg16_flops():
-    vgg16 = create_model("vgg16", width=1.0, modular=False)
+    vgg16 = create_model("vgg16", width=1.0, method="standard")
     assert count_flops(vgg16) == analytic_flops(vgg16)

@@ -95,28 +95,29 @@ def test_batch_metrics_are_nan_where_a_batch_defines_nothing():
 
 # ----------------------------------------------------------------------- no host sync, no breaks
 
-def tiny_step(name="vgg16", modular=True, batch=16, **options):
+def tiny_step(name="vgg16", method="mwt", batch=16, **options):
     torch.manual_seed(0)
-    settings = TrainConfig(modular=modular, **options).optim_settings()
-    model = create_model(name, 10, 0.125, modular=modular).train()
+    settings = TrainConfig(method=method, **options).optim_settings()
+    model = create_model(name, 10, 0.125, method=method).train()
     step = TrainingStep(model, make_optimizer(model, settings), settings, 10, CPU)
     images, labels = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
     return model, step, images, labels
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
-def test_a_modular_step_never_reads_a_tensor_on_the_host(name):
+@pytest.mark.parametrize("name, method", [("vgg16", "mwt"), ("resnet18", "mwt"), ("vgg16", "moda"),
+                                          ("resnet18", "moda")])
+def test_a_modular_step_never_reads_a_tensor_on_the_host(name, method):
     """On a GPU, ``.item()``, ``nonzero`` and boolean-mask indexing wait for the device; their CPU
     ops are what the profiler records in their place. A step (forward, objective, backward, SGD,
     the per-step metrics) calls none of them."""
-    _, step, images, labels = tiny_step(name)
+    _, step, images, labels = tiny_step(name, method)
     step(images, labels, 0.5)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         values = step(images, labels, 0.5)
     names = {event.name for event in prof.events()}
     assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
                         "aten::is_nonzero"}
-    assert set(values.names) == set(step_value_names(True)) and values.table.shape == (len(values.names),)
+    assert set(values.names) == set(step_value_names(method)) and values.table.shape == (len(values.names),)
 
 
 # torchvision's CNNs come through the same traced graph: a residual one, an inverted-residual one

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from hard_masks import fixed_masks
 from torch import nn
 
-from mwt_ray.core.graph import GraphError, insert_mask_units, mask_units
+from mwt_ray.core.graph import GraphError, modular_units
 from mwt_ray.core.masking import MaskGenerator
+from mwt_ray.core.methods.mwt import insert_mask_units
 from mwt_ray.core.models import create_model, list_models
 
 
@@ -101,8 +102,8 @@ def hooked_reference(model: nn.Module, masks_for: dict[str, callable]) -> list:
 
 def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
     gm = insert_mask_units(PatternNet())
-    assert [u.conv for u in mask_units(gm)] == MASKED
-    assert [u.relu for u in mask_units(gm)] == [
+    assert [u.layer for u in modular_units(gm)] == MASKED
+    assert [u.relu for u in modular_units(gm)] == [
         True,
         False,
         False,
@@ -110,8 +111,8 @@ def test_masked_units_are_the_conv_bn_pairs_after_the_first_conv():
         False,
         True,
     ]  # only a's BN goes into a ReLU alone
-    assert [u.num_kernels for u in mask_units(gm)] == [8, 8, 8, 4, 6, 6]
-    assert all(u.generator.in_channels == gm.get_submodule(u.conv).in_channels for u in mask_units(gm))
+    assert [u.num_kernels for u in modular_units(gm)] == [8, 8, 8, 4, 6, 6]
+    assert all(u.state.in_channels == gm.get_submodule(u.layer).in_channels for u in modular_units(gm))
 
 
 def test_masks_come_in_the_order_their_convs_run():
@@ -123,8 +124,8 @@ def test_masks_come_in_the_order_their_convs_run():
     gm = insert_mask_units(model)
     logits, masks = gm(torch.randn(3, 3, 16, 16), return_masks=True)
     ran = [n for n in order if n in MASKED]
-    assert [u.conv for u in mask_units(gm)] == ran[: len(MASKED)]
-    assert [tuple(m.shape) for m in masks] == [(3, u.num_kernels) for u in mask_units(gm)]
+    assert [u.layer for u in modular_units(gm)] == ran[: len(MASKED)]
+    assert [tuple(m.shape) for m in masks] == [(3, u.num_kernels) for u in modular_units(gm)]
     assert logits.shape == (3, 5) and torch.is_tensor(gm(torch.randn(2, 3, 16, 16)))
 
 
@@ -138,7 +139,7 @@ def test_hard_masks_equal_the_hooked_original(training):
         m.train(training)
         m.get_submodule("drop").eval()  # DropPath's randomness aside
     g = torch.Generator().manual_seed(1)
-    keep = [torch.rand(u.num_kernels, generator=g) < 0.6 for u in mask_units(gm)]
+    keep = [torch.rand(u.num_kernels, generator=g) < 0.6 for u in modular_units(gm)]
     keep[1][:] = False  # one side of the addition keeps nothing
     x = torch.randn(4, 3, 16, 16)
     hooked_reference(
@@ -146,9 +147,10 @@ def test_hard_masks_equal_the_hooked_original(training):
     )
     with fixed_masks(gm, keep):
         assert torch.allclose(gm(x), reference(x), rtol=1e-5, atol=1e-6)
-    with fixed_masks(gm, [torch.ones(u.num_kernels, dtype=torch.bool) for u in mask_units(gm)]):
+    with fixed_masks(gm, [torch.ones(u.num_kernels, dtype=torch.bool) for u in modular_units(gm)]):
         assert torch.allclose(gm(x), plain(x), rtol=1e-5, atol=1e-6)  # all kept: the original network
-    assert all(isinstance(gm.get_submodule(u.name), MaskGenerator) for u in mask_units(gm))  # the generators are back
+    # the generators are back
+    assert all(isinstance(gm.get_submodule(u.name), MaskGenerator) for u in modular_units(gm))
 
 
 def test_generator_masks_and_gradients_equal_the_hooked_original():
@@ -158,7 +160,7 @@ def test_generator_masks_and_gradients_equal_the_hooked_original():
     model = randomised(PatternNet()).eval()  # eval: BN statistics fixed, DropPath off, same in both
     reference = copy.deepcopy(model)
     gm = insert_mask_units(model).eval()
-    units = {u.conv: u.generator for u in mask_units(gm)}
+    units = {u.layer: u.state for u in modular_units(gm)}
     seen = []
     handles = hooked_reference(
         reference, {c: (lambda inp, g=g: seen.append(g(inp)) or seen[-1]) for c, g in units.items()}
@@ -261,13 +263,13 @@ def test_torchvision_models_are_masked_at_every_conv_bn_unit(name):
     x = torch.randn(2, 3, 32, 32)
     expected = conv_bn_units_by_running(model, x)
     gm = insert_mask_units(model, name)
-    assert [u.conv for u in mask_units(gm)] == expected
+    assert [u.layer for u in modular_units(gm)] == expected
     if name == "densenet121":
         assert len(expected) == 6 + 12 + 24 + 16  # one bottleneck conv per dense layer
     if name in ("resnet18", "mobilenet_v2"):  # in-place ReLU / ReLU6 after masked BNs: backward still works
         logits, masks = gm.train()(x, return_masks=True)
         (logits.sum() + sum(m.sum() for m in masks)).backward()
-        assert all(u.generator.packed.grad is not None for u in mask_units(gm))
+        assert all(u.state.packed.grad is not None for u in modular_units(gm))
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -285,7 +287,7 @@ def random_keep(gm, seed: int, share: float = 0.5, empty_side: bool = False) -> 
     """Random module masks with at least one kernel per unit (the floor a module keeps)."""
     g = torch.Generator().manual_seed(seed)
     keep = []
-    for u in mask_units(gm):
+    for u in modular_units(gm):
         k = torch.rand(u.num_kernels, generator=g) < share
         k[torch.randint(u.num_kernels, (1,), generator=g)] = True
         if empty_side:  # nothing but the floor
@@ -325,9 +327,9 @@ def test_extracted_pattern_net_equals_the_hard_masked_model(seed, size):
         keep[1][3] = True  # one side of the addition keeps only the floor
     module = check_extraction(gm, keep, size)
     removed = sum(int((~k).sum()) for k in keep)
-    dw = mask_units(gm)[2]  # depthwise kernels whose input channel is gone are not computed (they read zeros)
+    dw = modular_units(gm)[2]  # depthwise kernels whose input channel is gone are not computed (they read zeros)
     assert conv_kernels(module) <= conv_kernels(gm) - removed
-    assert dw.conv == "dw"
+    assert dw.layer == "dw"
 
 
 @pytest.mark.parametrize("name", tiered(TORCHVISION) + list_models())
@@ -340,7 +342,7 @@ def test_modules_equal_the_hard_masked_model(name):
     from fvcore.nn import FlopCountAnalysis
 
     torch.manual_seed(0)
-    plain = create_model(name, 10, 0.125, modular=False) if name in list_models() else \
+    plain = create_model(name, 10, 0.125, method="standard") if name in list_models() else \
         getattr(torchvision.models, name)(num_classes=10)
     gm = insert_mask_units(randomised(plain), name)
     sizes = (32, 64) if runs_on(plain, 64) else (32,)  # VGG-like classifiers read a 1x1 map of a 32x32 input

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.kernel_usage import (
     TAU_GRID,
     KernelUsage,
@@ -27,7 +27,7 @@ def test_streaming_counts_equal_one_in_memory_pass():
     expected = torch.stack([active[y == c].sum(0) for c in range(4)])
     assert torch.equal(usage.counts, expected)
     assert torch.equal(usage.class_sizes, torch.bincount(y, minlength=4))
-    assert usage.counts.shape == (4, sum(u.num_kernels for u in mask_units(model)))
+    assert usage.counts.shape == (4, sum(u.num_kernels for u in modular_units(model)))
     # The cohesion sample keeps the first 5 samples of each class, in order.
     for c in range(4):
         first = active[y == c][:5]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mwt_ray.core.checkpoint import FORMAT, build_model, load_checkpoint
-from mwt_ray.core.graph import insert_mask_units, mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.masking import MaskGenerator
+from mwt_ray.core.methods.mwt import insert_mask_units
 from mwt_ray.core.models import create_model, list_models
 
 
@@ -18,19 +19,19 @@ def conv_kernels(model) -> list[int]:
 def test_kernel_counts_match_the_paper():
     vgg = create_model("vgg16", width=1.0)
     assert sum(conv_kernels(vgg)) == 4224  # Table 2
-    assert sum(u.num_kernels for u in mask_units(vgg)) == 4160  # all but the first conv
+    assert sum(u.num_kernels for u in modular_units(vgg)) == 4160  # all but the first conv
     resnet = create_model("resnet18", width=1.0)
     # Table 2's 3904 counts the 3x3 convs; the three 1x1 shortcut convs (896 kernels) are masked too.
     assert (
         sum(m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
         == 3904
     )
-    assert sum(u.num_kernels for u in mask_units(resnet)) == 4800 - 64
+    assert sum(u.num_kernels for u in modular_units(resnet)) == 4800 - 64
 
 
 def test_standard_model_has_no_generators_and_same_backbone_shapes():
-    modular, standard = create_model("vgg16", width=0.25), create_model("vgg16", width=0.25, modular=False)
-    assert not mask_units(standard)
+    modular, standard = create_model("vgg16", width=0.25), create_model("vgg16", width=0.25, method="standard")
+    assert not modular_units(standard)
     backbone = {k: v.shape for k, v in modular.state_dict().items() if "mask_generator" not in k}
     assert backbone == {k: v.shape for k, v in standard.state_dict().items()}
 
@@ -111,8 +112,8 @@ def test_checkpoints_with_separate_generator_layers_load(tmp_path):
     model = create_model("vgg16", num_classes=4, width=0.125)
     state = model.state_dict()
     old = {}
-    for unit in mask_units(model):
-        generator = unit.generator
+    for unit in modular_units(model):
+        generator = unit.state
         del state[f"{unit.name}.packed"]
         old[unit.name] = {
             "fc1.weight": generator.w1.detach() + 1,
@@ -125,13 +126,14 @@ def test_checkpoints_with_separate_generator_layers_load(tmp_path):
     torch.save({"format": 1, "architecture": architecture, "model_state": state}, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded["format"] == FORMAT and "se.fc1.weight" in loaded["model_state"]
+    assert loaded["architecture"]["method"] == "mwt" and "modular" not in loaded["architecture"]  # format 3
     del loaded["model_state"]["se.fc1.weight"]
     fresh = build_model(loaded)
-    for unit in mask_units(fresh):
+    for unit in modular_units(fresh):
         expected = old[unit.name]
-        assert torch.equal(unit.generator.w1, expected["fc1.weight"])
-        assert torch.equal(unit.generator.w2, expected["fc2.weight"])
-        assert torch.equal(unit.generator.b2, expected["fc2.bias"])
+        assert torch.equal(unit.state.w1, expected["fc1.weight"])
+        assert torch.equal(unit.state.w2, expected["fc2.weight"])
+        assert torch.equal(unit.state.b2, expected["fc2.bias"])
     torch.save({"format": FORMAT + 1, "architecture": architecture, "model_state": state}, tmp_path / "new.pt")
     with pytest.raises(ValueError, match="newer than this mwt_ray reads"):
         load_checkpoint(tmp_path / "new.pt")
@@ -151,24 +153,24 @@ def test_modular_forward_equals_naive_masking(name):
     """The modular graph (ReLU folded into the mask op, the mask after a max-pool) equals the paper's
     order on the plain network: BN -> x mask -> ReLU -> pool, the mask put on each masked BN's output
     by a forward hook, in the order the graph returns the masks."""
-    plain = create_model(name, width=0.125, modular=False).double().eval()
+    plain = create_model(name, width=0.125, method="standard").double().eval()
     reference = copy.deepcopy(plain)
     model = insert_mask_units(plain, name)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     logits, masks = model(x, return_masks=True)
-    for unit, mask in zip(mask_units(model), masks):
+    for unit, mask in zip(modular_units(model), masks):
         reference.get_submodule(unit.bn).register_forward_hook(
             lambda module, inputs, out, mask=mask: out * mask[:, :, None, None])
     with torch.no_grad():
         torch.testing.assert_close(reference(x), logits)
-    assert len(masks) == len(mask_units(model)) and all(0.2 < (m > 0).double().mean() for m in masks)
+    assert len(masks) == len(modular_units(model)) and all(0.2 < (m > 0).double().mean() for m in masks)
 
 
 def test_masks_come_in_the_order_the_graph_runs_them():
     """ResNet's shortcut conv runs after the block's two convs (the order checkpoints' kernel counts
     are stored in); the mask order is read from the graph, not from the module registration."""
     model = create_model("resnet18", width=0.125)
-    names = [u.conv for u in mask_units(model)]
+    names = [u.layer for u in modular_units(model)]
     assert names[:5] == ["blocks.0.unit1.conv", "blocks.0.unit2.conv", "blocks.1.unit1.conv", "blocks.1.unit2.conv",
                          "blocks.2.unit1.conv"]
     assert names[5:7] == ["blocks.2.unit2.conv", "blocks.2.shortcut.conv"]
@@ -189,7 +191,7 @@ def test_a_registered_factory_is_a_built_in_everywhere(monkeypatch):
         return models.VGG([models._scaled(16, width)] * 2, [True, True], 8, num_classes)
 
     assert "tiny_vgg" in list_models()
-    model = create_model("tiny_vgg", num_classes=3, modular=False)
+    model = create_model("tiny_vgg", num_classes=3, method="standard")
     assert conv_kernels(model) == [round(16 * models.DEFAULT_WIDTH)] * 2  # the one default width
     assert load_config(None, ["model.name=tiny_vgg"]).model.width == models.DEFAULT_WIDTH
     with pytest.raises(ValueError, match="taken"):
@@ -203,16 +205,17 @@ def test_the_config_and_create_model_share_one_default_width():
     for name in list_models():
         cfg = load_config(None, [f"model.name={name}"])
         assert cfg.model.width == DEFAULT_WIDTH
-        default, explicit = create_model(name, modular=False), create_model(name, width=DEFAULT_WIDTH, modular=False)
+        default = create_model(name, method="standard")
+        explicit = create_model(name, width=DEFAULT_WIDTH, method="standard")
         assert conv_kernels(default) == conv_kernels(explicit)
 
 
 def test_a_function_of_ones_own_builds_the_model():
     """``package.module:function``: the network it returns for num_classes, made modular like any CNN."""
     model = create_model("own_cnn:tiny_cnn", num_classes=7)
-    assert [u.conv for u in mask_units(model)] == ["features.3", "features.7"]
+    assert [u.layer for u in modular_units(model)] == ["features.3", "features.7"]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
-    assert create_model("own_cnn:tiny_cnn", num_classes=3, width=1.0, modular=False).classifier.out_features == 3
+    assert create_model("own_cnn:tiny_cnn", num_classes=3, width=1.0, method="standard").classifier.out_features == 3
     with pytest.raises(ValueError, match="takes num_classes and no width"):
         create_model("own_cnn:tiny_cnn", width=0.5)
     # A constructor that computes with tensors fails on the meta device the name is checked on.
@@ -224,7 +227,7 @@ def test_a_checkpoint_of_ones_own_model_is_checked_and_rebuilt(tmp_path):
 
     for name in ("own_cnn:tiny_cnn", "own_cnn:computed_widths"):
         model = create_model(name, num_classes=4)
-        save_checkpoint(tmp_path / "own.pt", model, {"name": name, "width": 1.0, "num_classes": 4, "modular": True})
+        save_checkpoint(tmp_path / "own.pt", model, {"name": name, "width": 1.0, "num_classes": 4, "method": "mwt"})
         state = load_checkpoint(tmp_path / "own.pt")
         check_checkpoint(state)
         rebuilt = build_model(state).eval()

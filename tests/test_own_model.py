@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mwt_ray.core.checkpoint import build_model, load_checkpoint
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 
 pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
 
@@ -38,7 +38,7 @@ def test_own_cnn_trains_then_is_reused_and_exported_from_its_checkpoint(tmp_path
     state = load_checkpoint(checkpoint)
     assert state["architecture"]["name"] == OWN and state["architecture"]["width"] == 1.0
     model = build_model(state)
-    assert [u.conv for u in mask_units(model)] == ["features.3", "features.7"]
+    assert [u.layer for u in modular_units(model)] == ["features.3", "features.7"]
     assert state["module_masks"].shape == (10, 32)
 
     run("mwt_ray.reuse", ["--run", str(checkpoint), "--set", "reuse.num_actors=0", "--set", "reuse.epochs=0",

@@ -4,7 +4,7 @@ import torch
 
 from mwt_ray.core.data import ImageData
 from mwt_ray.core.extract import extract_module
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.models import create_model
 from mwt_ray.core.reuse import (
     FineTuneSettings,
@@ -37,7 +37,7 @@ def test_mixed_module_is_the_union():
 
 def test_reused_model_wraps_the_extracted_mixed_module():
     model = create_model("vgg16", num_classes=4, width=0.125).eval()
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.5
     masks[:, :] |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
     reused = build_reused_model(model, masks, [1, 3]).eval()
@@ -51,7 +51,7 @@ def test_fine_tuning_learns_the_subtask_and_standard_is_scored_on_restricted_log
     torch.manual_seed(0)
     data = separable_data(n=200)
     model = create_model("vgg16", num_classes=4, width=0.125)
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     masks = torch.ones(4, sum(sizes), dtype=torch.bool)
     settings = FineTuneSettings(
         epochs=4, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0
@@ -93,7 +93,7 @@ def test_accuracy_without_fine_tuning_is_the_hard_masked_model_on_restricted_log
     data = separable_data(n=200).with_validation(0.25, seed=0)
     assert len(data.val_labels) == 48 and len(data.train_labels) == 152
     model = create_model("vgg16", num_classes=4, width=0.125).eval()
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.4
     masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
     classes = [3, 1]
@@ -153,13 +153,13 @@ def test_evaluate_subtask_reports_zero_fine_tune_loss_and_latency():
     torch.manual_seed(0)
     data = separable_data(n=120)
     model = create_model("vgg16", num_classes=4, width=0.125)
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     masks = torch.rand(4, sum(sizes)) < 0.5
     masks |= torch.cat([torch.nn.functional.one_hot(torch.tensor(0), s).bool() for s in sizes])
     settings = FineTuneSettings(
         epochs=1, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, val_fraction=0.2, seed=0
     )
-    standard = create_model("vgg16", num_classes=4, width=0.125, modular=False)
+    standard = create_model("vgg16", num_classes=4, width=0.125, method="standard")
     row = evaluate_subtask(model, masks, data, [1, 3], settings, torch.device("cpu"), standard,
                            {"name": "vgg16", "num_classes": 4, "width": 0.125}, zero_fine_tune=True,
                            latency_batch_sizes=(1, 8), latency_repeats=2)
@@ -180,7 +180,7 @@ def _trained_plain(data, epochs=3):
     from mwt_ray.core.data import iterate_batches
 
     model = create_model("vgg16", num_classes=data.num_classes, width=0.125)
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     with fixed_masks(model, [torch.ones(k) for k in sizes]):
@@ -231,7 +231,7 @@ def test_batchnorm_statistics_are_recomputed_on_the_given_images():
     from mwt_ray.core.reuse import recompute_batchnorm_statistics
 
     data = separable_data(n=90)
-    model = create_model("vgg16", num_classes=4, width=0.125, modular=False).eval()
+    model = create_model("vgg16", num_classes=4, width=0.125, method="standard").eval()
     first = model.units[0]
     with torch.no_grad():
         x = (data.train_images.float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
@@ -251,7 +251,7 @@ def test_batchnorm_statistics_are_recomputed_on_the_given_images():
 def test_the_new_head_starts_as_the_restricted_logits():
     from mwt_ray.core.reuse import RestrictedLogits, ReusedModel
 
-    module = create_model("vgg16", num_classes=4, width=0.125, modular=False).eval()
+    module = create_model("vgg16", num_classes=4, width=0.125, method="standard").eval()
     x = torch.randn(5, 3, 32, 32)
     reused = ReusedModel(module, 4, 2, [3, 0]).eval()
     restricted = RestrictedLogits(module, [3, 0])

@@ -90,9 +90,9 @@ def trained(tmp_path_factory):
                                 log=None)
     wrong = {}
     for name, arch, classes in (("resnet", "resnet18", 10), ("five", "vgg16", 5)):
-        model = create_model(arch, classes, 0.125, modular=False)
+        model = create_model(arch, classes, 0.125, method="standard")
         path = root / f"{name}.pt"
-        save_checkpoint(path, model, {"name": arch, "width": 0.125, "num_classes": classes, "modular": False,
+        save_checkpoint(path, model, {"name": arch, "width": 0.125, "num_classes": classes, "method": "standard",
                                       "classes": [str(c) for c in range(classes)]})
         wrong[name] = str(path)
     return {"root": root, "uri": uri, "mod_ckpt": str(mod_ckpt),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mwt_ray.core.checkpoint import build_model, load_checkpoint
-from mwt_ray.core.graph import mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.models import create_model
 
 pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
@@ -22,15 +22,15 @@ MOBILENET = "torchvision:mobilenet_v2"
 
 
 def test_the_classifier_is_sized_and_width_goes_to_width_mult():
-    plain = create_model(MOBILENET, num_classes=7, modular=False)
+    plain = create_model(MOBILENET, num_classes=7, method="standard")
     assert isinstance(plain, nn.Module) and plain(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
     convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
-    full, half = convs(plain), convs(create_model(MOBILENET, num_classes=7, width=0.5, modular=False))
+    full, half = convs(plain), convs(create_model(MOBILENET, num_classes=7, width=0.5, method="standard"))
     assert len(full) == len(half) and sum(half) < 0.6 * sum(full)  # torchvision rounds to multiples of 8
     modular = create_model(MOBILENET, num_classes=7, width=0.5)
     logits, masks = modular(torch.zeros(2, 3, 32, 32), return_masks=True)
-    assert logits.shape == (2, 7) and [m.shape[1] for m in masks] == [u.num_kernels for u in mask_units(modular)]
-    assert create_model("torchvision:resnet18", 4, width=1.0, modular=False).fc.out_features == 4  # its own width
+    assert logits.shape == (2, 7) and [m.shape[1] for m in masks] == [u.num_kernels for u in modular_units(modular)]
+    assert create_model("torchvision:resnet18", 4, width=1.0, method="standard").fc.out_features == 4  # its own width
 
 
 @pytest.mark.parametrize("name, width, message", [
@@ -56,9 +56,9 @@ def test_mobilenet_v2_trains_modularizes_reuses_and_exports(tmp_path):
     checkpoint = tmp_path / "runs" / "mwt" / "checkpoint.pt"
     state = load_checkpoint(checkpoint)
     assert state["architecture"] | {"classes": None} == {"name": MOBILENET, "width": 0.5, "num_classes": 10,
-                                                          "modular": True, "classes": None}
+                                                          "method": "mwt", "classes": None}
     model = build_model(state)  # the checkpoint rebuilds the modular graph with its generators' keys
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     assert state["module_masks"].shape == (10, sum(sizes)) and len(sizes) == 51
     metrics = json.loads((tmp_path / "runs" / "mwt" / "metrics.json").read_text())
     assert 0 < metrics["modules"]["krr"] <= 1

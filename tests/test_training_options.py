@@ -9,8 +9,9 @@ from helpers import random_masks
 
 from mwt_ray import create_model
 from mwt_ray.config import load_config
-from mwt_ray.core.graph import init_mask_bias, mask_units
+from mwt_ray.core.graph import modular_units
 from mwt_ray.core.losses import modular_objective
+from mwt_ray.core.methods.mwt import init_mask_bias
 from mwt_ray.core.training import loss_weight_ramp, make_optimizer, make_scheduler
 from mwt_ray.jobs import train_in_process
 
@@ -61,7 +62,7 @@ def test_generator_learning_rate_has_its_own_group_that_follows_the_schedule(nam
     network, generators = optimizer.param_groups
     # By name: a generator sits at <unit>.mask_generator or <unit>.<conv>_mask_generator, one packed tensor each.
     generator_ids = {id(p) for n, p in model.named_parameters() if n.split(".")[-2].endswith("mask_generator")}
-    assert len(generator_ids) == len(mask_units(model))
+    assert len(generator_ids) == len(modular_units(model))
     assert {id(p) for p in generators["params"]} == generator_ids
     assert {id(p) for p in network["params"]} | generator_ids == {id(p) for p in model.parameters()}
     assert len(network["params"]) + len(generators["params"]) == len(list(model.parameters()))
@@ -81,8 +82,8 @@ def test_default_optimizer_is_one_group_over_all_parameters_in_order():
 def test_mask_bias_init_sets_every_generator_and_very_negative_switches_masks_off():
     model = create_model("vgg16", width=0.125)
     init_mask_bias(model, -0.5)
-    assert all(torch.equal(u.generator.b2, torch.full_like(u.generator.b2, -0.5))
-               for u in mask_units(model))
+    assert all(torch.equal(u.state.b2, torch.full_like(u.state.b2, -0.5))
+               for u in modular_units(model))
     init_mask_bias(model, -1e4)
     _, masks = model.eval()(torch.randn(4, 3, 32, 32), return_masks=True)
     assert all(m.eq(0).all() for m in masks)
@@ -116,8 +117,8 @@ def test_training_job_applies_the_options(tmp_path):
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone(detach):
-    from mwt_ray.core.graph import detach_generator_inputs
     from mwt_ray.core.losses import cohesion_coupling_losses
+    from mwt_ray.core.methods.mwt import detach_generator_inputs
 
     model = create_model("vgg16", width=0.125)
     detach_generator_inputs(model, detach)
@@ -125,7 +126,7 @@ def test_detached_generator_inputs_keep_modularity_gradients_out_of_the_backbone
     logits, masks = model(torch.randn(8, 3, 32, 32), return_masks=True)
     cohesion, coupling = cohesion_coupling_losses(masks, labels, 10)
     (cohesion + coupling).backward()
-    generator_ids = {id(p) for unit in mask_units(model) for p in unit.generator.parameters()}
+    generator_ids = {id(p) for unit in modular_units(model) for p in unit.state.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in generator_ids]
     touched = [p for p in backbone if p.grad is not None and p.grad.abs().sum() > 0]
     assert (not touched) if detach else len(touched) > len(backbone) // 2

@@ -8,6 +8,7 @@ and what is allowed.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..core.data import DATASETS
 from ..core.files import input_file_error
 from ..core.messages import one_line
+from ..core.methods import get_method, keys_of_other_methods, method_names
 from ..core.models import (
     DEFAULT_WIDTH,
     FACTORY_FORM,
@@ -60,6 +62,8 @@ __all__ = [
     "SEARCHABLE_SECTIONS",
     "load_config",
     "apply_overrides",
+    "apply_for_method",
+    "keys_read_by",
     "validate_config",
     "build_parser",
     "parse_yaml",
@@ -101,7 +105,7 @@ class ModelConfig(Section):
             raise ValueError(reason)
         if name.startswith(TORCHVISION_PREFIX) and value != 1.0:
             with torch.device("meta"):
-                create_model(name, 10, value, modular=False)  # ValueError where there is no width_mult
+                create_model(name, 10, value, method="standard")  # ValueError where there is no width_mult
         return self
 
 
@@ -132,7 +136,8 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    modular: bool = True
+    method: str = Field("mwt", description=f"the training method: {', '.join(method_names())} (core.methods); "
+                        "--standard sets standard")
     epochs: int = Field(30, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=2, le=MAX_BATCH)
     lr: float = Field(0.05, gt=0)
@@ -141,6 +146,10 @@ class TrainConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     alpha: float = Field(0.5, ge=0, description="weight of the cohesion loss (Eq. 6)")
     beta: float = Field(1.5, ge=0, description="weight of the coupling loss (Eq. 6)")
+    # MODA's weights (method moda): its code's defaults, the same for every model and dataset.
+    affinity: float = Field(1.0, ge=0, description="MODA: weight of the intra-class affinity loss")
+    dispersion: float = Field(1.0, ge=0, description="MODA: weight of the inter-class dispersion loss")
+    compactness: float = Field(0.3, ge=0, description="MODA: weight of the compactness loss (mean pooled activation)")
     warmup_epochs: float = Field(
         0.0, ge=0, le=MAX_EPOCHS, description="ramp alpha, beta and sparsity from 0 over this many epochs"
     )
@@ -162,6 +171,48 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model, the objective and the per-step metrics")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode; reduce-overhead uses CUDA graphs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _modular_spelling(cls, values):
+        """``modular: true / false`` (configs and checkpoints from before the method key) is
+        ``method: mwt / standard``; both at once must agree."""
+        if not isinstance(values, dict) or "modular" not in values:
+            return values
+        values = dict(values)
+        modular = values.pop("modular")
+        if not isinstance(modular, bool):
+            raise ValueError(f"train.modular {shown(modular)} is not true or false (train.method is the key now: "
+                             f"{', '.join(method_names())})")
+        implied = "mwt" if modular else "standard"
+        if values.setdefault("method", implied) != implied and (values["method"] == "standard") == modular:
+            raise ValueError(f"train.modular={str(modular).lower()} contradicts train.method={values['method']}")
+        return values
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        get_method(value)  # ValueError naming the methods there are
+        return value
+
+    @model_validator(mode="after")
+    def _weights_of_this_method(self) -> TrainConfig:
+        """A weight or option of another method set away from its default does nothing here: refused. A
+        standard run ignores them all (the reference for a config of any method: the same file, --standard)."""
+        if self.method == "standard":
+            return self
+        for key, owner in keys_of_other_methods(self.method).items():
+            if getattr(self, key) != type(self).model_fields[key].default:
+                own = get_method(self.method)
+                raise ValueError(f"train.{key}={shown(getattr(self, key))} is a setting of method {owner}, but "
+                                 f"train.method is {self.method}"
+                                 + (f" (its weights: {', '.join(own.weight_keys)})" if own.weight_keys else ""))
+        return self
+
+    @property
+    def modular(self) -> bool:
+        """Whether the method trains a modular graph (every method but standard)."""
+        return get_method(self.method).modular
 
     @field_validator("device")
     @classmethod
@@ -412,6 +463,24 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), parse_yaml(raw, f"override {shown(item)}") if raw.strip() else None)
     return tree
+
+
+def keys_read_by(method: str) -> set[str]:
+    """The dotted keys of every method's settings that ``method`` does not read (empty for an unknown method,
+    which validation refuses by name)."""
+    return {f"train.{key}" for key in keys_of_other_methods(method)} if method in method_names() else set()
+
+
+def apply_for_method(tree: dict, values: dict) -> dict:
+    """``tree`` (a config as a dict) with ``values`` ({dotted key: value}) applied for the method they select
+    (``train.method`` among them, or the tree's): settings only other methods read are left out, and the
+    tree's own values of them go back to their defaults. A sweep samples every key for every trial; each
+    trial takes those of its method. Returns ``tree``, changed in place."""
+    method = values.get("train.method", tree.get("train", {}).get("method", TrainConfig.model_fields["method"].default))
+    unread = keys_read_by(method) if method != "standard" else set()
+    for key in unread:
+        tree.setdefault("train", {})[key.split(".")[1]] = TrainConfig.model_fields[key.split(".")[1]].default
+    return apply_overrides(tree, [f"{key}={json.dumps(value)}" for key, value in values.items() if key not in unread])
 
 
 def validate_config(tree: dict) -> Config:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .files import atomic_torch_save, input_file_error
+from .graph import modular_units
+from .methods import method_names
 from .models import check_model_name, create_model, is_factory_name, model_size_error
 from .training import unwrap_ddp
 
@@ -25,13 +27,14 @@ __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "migrate_checkpoint",
 # The layout of the files ``save_checkpoint`` writes; ``migrate_checkpoint`` brings older ones to it.
 # 1: a mask generator's weights as fc1.weight, fc2.weight, fc2.bias (some format-1 files already
 #    hold them packed: the packing came before the number did);
-# 2: each generator's weights and bias packed into one ``packed`` tensor.
-FORMAT = 2
+# 2: each generator's weights and bias packed into one ``packed`` tensor;
+# 3: the architecture names its training method (``method``) where it held ``modular`` true / false.
+FORMAT = 3
 _GENERATOR_LAYERS = ("fc1.weight", "fc2.weight", "fc2.bias")  # in the packed tensor's order
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, architecture: dict, **extra) -> None:
-    """``architecture``: {"name", "width", "num_classes", "modular", "classes"}; ``extra``: any
+    """``architecture``: {"name", "width", "num_classes", "method", "classes"}; ``extra``: any
     weights-only-safe values (config dict, kernel_usage, module_masks, optimizer state, ...)."""
     state = unwrap_ddp(model).state_dict()
     atomic_torch_save({"format": FORMAT, "architecture": dict(architecture), "model_state": state, **extra}, path)
@@ -49,7 +52,7 @@ def migrate_checkpoint(state: dict) -> dict:
         raise ValueError(f"checkpoint format {found} is newer than this mwt_ray reads ({FORMAT}): upgrade mwt_ray")
     weights = state.get("model_state")
     if found < 2 and isinstance(weights, dict):
-        # Generators are the submodules named *mask_generator (graph.insert_mask_units names them so); other
+        # Generators are the submodules named *mask_generator (methods.mwt.insert_mask_units names them so); other
         # layers called fc1 / fc2 (squeeze-excitation's) are left alone.
         prefixes = {key[: -len(_GENERATOR_LAYERS[0])] for key in weights
                     if isinstance(key, str) and key.endswith("mask_generator." + _GENERATOR_LAYERS[0])}
@@ -57,6 +60,9 @@ def migrate_checkpoint(state: dict) -> dict:
             keys = [prefix + layer for layer in _GENERATOR_LAYERS]
             if prefix + "packed" not in weights and all(isinstance(weights.get(k), torch.Tensor) for k in keys):
                 weights[prefix + "packed"] = torch.cat([weights.pop(k).flatten() for k in keys])
+    arch = state.get("architecture")
+    if found < 3 and isinstance(arch, dict) and "method" not in arch and isinstance(arch.get("modular"), bool):
+        arch["method"] = "mwt" if arch.pop("modular") else "standard"
     state["format"] = FORMAT
     return state
 
@@ -139,7 +145,7 @@ def build_model(state: dict) -> nn.Module:
     """The model a checkpoint describes, with its weights loaded."""
     migrate_checkpoint(state)
     arch = state["architecture"]
-    model = create_model(arch["name"], arch["num_classes"], arch["width"], arch["modular"])
+    model = create_model(arch["name"], arch["num_classes"], arch["width"], arch["method"])
     load_weights(model, state["model_state"], f"checkpoint of {arch['name']} width {arch['width']}")
     return model
 
@@ -197,7 +203,7 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
     arch = state.get("architecture")
     if not isinstance(arch, dict):
         _fail(source, "has no architecture dictionary")
-    name, width, classes, modular = (arch.get(k) for k in ("name", "width", "num_classes", "modular"))
+    name, width, classes, method = (arch.get(k) for k in ("name", "width", "num_classes", "method"))
     if not isinstance(name, str):
         _fail(source, f"architecture name {name!r} is not a model name")
     try:
@@ -206,8 +212,8 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
         _fail(source, str(error))
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
         _fail(source, f"architecture width {width!r} is not a positive number")
-    if not isinstance(modular, bool):
-        _fail(source, f"architecture modular {modular!r} is not true or false")
+    if not isinstance(method, str) or method not in method_names():
+        _fail(source, f"architecture method {method!r} is not one of {', '.join(method_names())}")
     reason = model_size_error(name, float(width), classes)
     if reason:
         _fail(source, f"architecture {reason}")
@@ -224,12 +230,12 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
     weights = state.get("model_state")
     try:
         with torch.device("meta"):  # every key and shape compared; nothing allocated
-            model = create_model(name, classes, float(width), modular)
+            model = create_model(name, classes, float(width), method)
     except ValueError:
         if not is_factory_name(name):
             raise
         # A user's constructor that computes with tensors fails on the meta device: built for real.
-        model = create_model(name, classes, float(width), modular)
+        model = create_model(name, classes, float(width), method)
     check_weights(model, weights, source)
     for key, value in weights.items():
         if not isinstance(value, torch.Tensor):
@@ -241,14 +247,12 @@ def check_checkpoint(state: dict, source: str = "checkpoint") -> None:
 
 
 def _check_modular_state(state: dict, model: nn.Module, classes: int, source: str) -> None:
-    from .graph import mask_units
-
     has_usage, has_masks = "kernel_usage" in state, "module_masks" in state
     if not (has_usage or has_masks):
         return
-    sizes = [u.num_kernels for u in mask_units(model)]
+    sizes = [u.num_kernels for u in modular_units(model)]
     if not sizes:
-        _fail(source, "holds module masks but its model has no mask generators (architecture modular is false)")
+        _fail(source, "holds module masks but its model has no units (architecture method is standard)")
     kernels = sum(sizes)
     if has_usage:
         usage = state["kernel_usage"]
@@ -258,7 +262,7 @@ def _check_modular_state(state: dict, model: nn.Module, classes: int, source: st
         seen = _check_tensor(usage.get("class_sizes"), source, "kernel_usage.class_sizes", _INTEGER, (classes,))
         layers = _check_tensor(usage.get("layer_sizes"), source, "kernel_usage.layer_sizes", _INTEGER, (len(sizes),))
         if layers.tolist() != sizes:
-            _fail(source, f"kernel_usage.layer_sizes {layers.tolist()} differ from the model's masked layers {sizes}")
+            _fail(source, f"kernel_usage.layer_sizes {layers.tolist()} differ from the model's units {sizes}")
         # A class's count of samples using a kernel lies between 0 and the samples of the class seen.
         if (seen < 0).any() or (counts < 0).any() or (counts > seen[:, None]).any():
             _fail(source, "kernel_usage counts are negative or exceed their class's sample count")

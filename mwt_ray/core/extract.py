@@ -1,15 +1,16 @@
 """Module extraction from a modular graph: the same network with the irrelevant kernels physically gone.
 
-A module keeps, per masked unit, only the kernels of its module mask, with their BN entries, the
-matching input channels of the layers that read them and the classifier's matching input features;
-it has no mask generators (as in the authors' code). It computes what the modular model computes
-with its generators replaced by those hard 0/1 masks, up to float summation order. It works on the
-traced graph of any model ``graph.insert_mask_units`` accepts, built-in or not: the kept channels of each
+A module keeps, per unit, only the kernels (or a hidden Linear's neurons) of its module mask, with
+their BN entries, the matching input channels of the layers that read them and the classifier's
+matching input features; it has no unit state (MwT's mask generators). It computes what the modular
+model computes with each unit's output multiplied by that hard 0/1 mask (MwT: its generator replaced
+by the mask; MODA: the dropped channels and neurons zeroed), up to float summation order; it is
+method-blind. It works on the traced graph of any model a method accepts, built-in or not: the kept channels of each
 activation are propagated through the graph, node by node (``Extraction``), each op by its rule in
 ``EXTRACTION_RULES``:
 
 - conv: kept kernels x kept input channels; BN: the kept channels' entries; Linear after a flatten:
-  the kept features.
+  the kept features; a Linear a unit covers: also only its kept neurons (rows).
 - Addition of two tensors with different kept channels (a residual): both are added into the union
   of their channels by index (the paper's Fig. 3d), never by keeping extra kernels.
 - Concatenation: channel offsets. Elementwise product (squeeze-excitation's scale): the channels
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import GraphError, is_mask_op, is_modular_output, mask_units, per_unit_masks
+from .graph import GraphError, is_modular_output, is_unit_op, modular_units, per_unit_masks
 from .messages import first_line
 
 __all__ = ["extract_module", "Extraction", "ExtractionRule", "EXTRACTION_RULES", "per_channel"]
@@ -107,10 +108,10 @@ class Extraction:
         from torch.fx.passes.shape_prop import ShapeProp
 
         self.gm, self.label, self.rules = gm, label, rules
-        units = mask_units(gm)
-        self.keep = {u.conv: torch.nonzero(k.to(torch.bool).cpu()).flatten() for u, k in zip(units, keep)}
+        units = modular_units(gm)
+        self.keep = {u.layer: torch.nonzero(k.to(torch.bool).cpu()).flatten() for u, k in zip(units, keep)}
         self.masked_bns = {u.bn for u in units}
-        self.generators = {u.name for u in units}
+        self.unit_states = {u.name for u in units}
         try:  # first plainly: ShapeProp prints a traceback of its own when a node fails
             with torch.no_grad():
                 gm(example)
@@ -199,22 +200,22 @@ class Extraction:
         if op == "output":
             (result,) = node.args  # modular_output(logits, return_masks, masks): the module returns the logits
             return self.graph.output(self.env[result.args[0]])
-        if op == "get_attr" and node.target in self.generators:
-            return None  # a module has no generators
+        if op == "get_attr" and node.target in self.unit_states:
+            return None  # a module has no unit state
         if op == "get_attr":
             value = _attr(gm, node.target)
             self.modules[node.target] = copy.deepcopy(value) if isinstance(value, nn.Module) else value
             return self.graph.get_attr(node.target)
-        if is_mask_op(node):
-            # The BN output of the kept channels, where the hard mask is 1 on every one.
+        if is_unit_op(node):
+            # The tapped tensor of the kept channels, where the hard mask is 1 on every one.
             y, relu = node.args[1], node.args[3]
-            self.sets[node] = self.sets[y]
+            self.pass_through(node, y)
             return self.graph.call_function(F.relu, (self.env[y],)) if relu else self.env[y]
         if op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
-                and is_mask_op(node.args[0]):
+                and is_unit_op(node.args[0]):
             if node.args[1] == 1:
-                return None  # the mask: a module has none
-            self.sets[node] = self.sets[node.args[0]]
+                return None  # the signal: a module has none
+            self.pass_through(node, node.args[0])
             return self.env[node.args[0]]
         if is_modular_output(node):
             return None
@@ -356,15 +357,21 @@ def _batch_norm(ex: Extraction, node: fx.Node, module: nn.BatchNorm2d) -> fx.Nod
 
 
 def _linear(ex: Extraction, node: fx.Node, module: nn.Linear) -> fx.Node:
+    """Kept input features x, where a unit covers the Linear, its kept neurons (else all of them)."""
     source = node.args[0]
     features = ex.features(source)
-    if features is None:
+    outputs = ex.keep.get(node.target)
+    if features is None and outputs is None:
         return ex.call_module(node, copy.deepcopy(module), ex.value(source))
-    linear = nn.Linear(len(features), module.out_features, bias=module.bias is not None)
+    features = torch.arange(module.in_features) if features is None else features
+    rows = torch.arange(module.out_features) if outputs is None else outputs
+    linear = nn.Linear(len(features), len(rows), bias=module.bias is not None)
     with torch.no_grad():
-        linear.weight.copy_(module.weight[:, features])
+        linear.weight.copy_(module.weight[rows][:, features])
         if module.bias is not None:
-            linear.bias.copy_(module.bias)
+            linear.bias.copy_(module.bias[rows])
+    if outputs is not None:
+        ex.keep_features(node, outputs)
     return ex.call_module(node, linear, ex.value(source))
 
 
@@ -509,7 +516,7 @@ def extract_module(gm: fx.GraphModule, keep, example: torch.Tensor | None = None
     layers = per_unit_masks(gm, keep)
     for index, layer in enumerate(layers):
         if not layer.any():
-            raise ValueError(f"module mask keeps no kernel in masked layer {index} ({mask_units(gm)[index].conv})")
+            raise ValueError(f"module mask keeps no kernel in unit {index} ({modular_units(gm)[index].layer})")
     parameter = next(gm.parameters())
     if example is None:
         first = next(m for m in gm.modules() if isinstance(m, nn.Conv2d))

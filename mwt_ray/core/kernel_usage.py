@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .graph import mask_units
+from .graph import modular_units
 from .metrics import coupling, kernel_rate, kernel_retention_rate, module_cohesions
 
 __all__ = ["KernelUsage", "count_kernel_usage", "module_masks", "split_layers", "modularity_by_tau",
@@ -67,10 +67,10 @@ def count_kernel_usage(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
 
     ``max_samples_per_class``: how many per-sample kernel sets to keep per class for the exact
     Jaccard cohesion (None: all, 0: none). ``device`` defaults to the model's."""
-    units = mask_units(model)
+    units = modular_units(model)
     device = device if device is not None else next(model.parameters()).device
     if not units:
-        raise ValueError("the model has no mask generators: build the model with modular=True")
+        raise ValueError("the model has no units: build it with a modular method (create_model(..., method='mwt'))")
     layer_sizes = [u.num_kernels for u in units]
     counts = torch.zeros(num_classes, sum(layer_sizes), dtype=torch.int64, device=device)
     class_sizes = torch.zeros(num_classes, dtype=torch.int64, device=device)
@@ -176,12 +176,15 @@ def modularity_by_tau(usage: KernelUsage, taus: Sequence[float] = TAU_GRID) -> d
     return _tau_table(usage, taus)[0]
 
 
-def modularity_report(usage: KernelUsage, masks: torch.Tensor, unmasked_kernels: int = 0,
-                      tau: float | None = None, taus: Sequence[float] | None = TAU_GRID) -> dict:
+def modularity_report(usage: KernelUsage, masks: torch.Tensor, uncovered_kernels: int = 0,
+                      tau: float | None = None, taus: Sequence[float] | None = TAU_GRID,
+                      conv_columns: torch.Tensor | None = None) -> dict:
     """KRR, coupling, module cohesion and per-layer KRR of the modules ``masks`` (at ``tau``).
 
     ``krr`` counts masked kernels only; ``krr_all_kernels`` follows the paper's Table 2 totals,
-    where the ``unmasked_kernels`` (the first conv's) count as kept by every module.
+    where the ``uncovered_kernels`` (MwT's first conv's) count as kept by every module. ``conv_columns``
+    (``graph.conv_columns``): the columns of conv kernels; KRR counts those only, and the neurons of
+    hidden Linear units (MODA's) get ``neuron_retention_rate`` of their own.
 
     With per-sample kernel sets kept by ``count_kernel_usage``: ``cohesion`` is the paper's module
     cohesion (Eq. 2 after restricting each sample's kernel set to its class's module), and
@@ -189,15 +192,18 @@ def modularity_report(usage: KernelUsage, masks: torch.Tensor, unmasked_kernels:
     does not depend on tau). ``by_tau`` lists ``{"tau", "cohesion", "krr", "coupling"}`` for each
     of ``taus`` plus ``tau`` (``taus=None`` or empty: only ``tau``, if given, else no table); all
     cohesions come from one pass over the kernel sets."""
-    total = masks.shape[1] + unmasked_kernels
+    kernels = masks if conv_columns is None else masks[:, conv_columns]
+    total = kernels.shape[1] + uncovered_kernels
     report = {
-        "krr": kernel_retention_rate(masks),
-        "krr_all_kernels": (masks.sum(1).to(torch.float64).mean().item() + unmasked_kernels) / total,
+        "krr": kernel_retention_rate(kernels),
+        "krr_all_kernels": (kernels.sum(1).to(torch.float64).mean().item() + uncovered_kernels) / total,
         "coupling": coupling(masks),
         "layer_krr": [kernel_retention_rate(layer) for layer in split_layers(masks, usage.layer_sizes)],
         "module_kernels": masks.sum(1).tolist(),
         "total_kernels": int(masks.shape[1]),
     }
+    if conv_columns is not None and not conv_columns.all():
+        report["neuron_retention_rate"] = kernel_retention_rate(masks[:, ~conv_columns])
     if tau is not None:
         report["tau"] = float(tau)
     grid = list(taus or ()) + ([tau] if tau is not None else [])

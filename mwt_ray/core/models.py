@@ -1,9 +1,9 @@
 """The built-in CNNs (CIFAR-style VGG16-BN, ResNet18, SimCNN, ResCNN) and the model registry.
 
-Every model is a plain network: ``create_model(name, modular=False)`` is what standard training
-trains. ``modular=True`` hands the same network to ``graph.insert_mask_units``, which finds its conv -> BN
-units in the traced graph and gives every one but the first a mask generator (section 3.2.1 of the
-paper); nothing here knows about masks. The built-ins are written as conv units
+Every model is a plain network: ``create_model(name, method="standard")`` is what standard training
+trains. A modular method (``core.methods``: ``mwt``, the default, or ``moda``) gets the same network as
+its modular graph, its units found in the traced graph (MwT: a mask generator per conv -> BN unit but
+the first, section 3.2.1 of the paper); nothing here knows about masks. The built-ins are written as conv units
 (``units.N.conv``, ``units.N.bn``) so their generators sit at ``units.N.mask_generator``.
 
 A new built-in is one function decorated with ``@register_model("<name>")``: ``list_models``, the
@@ -11,7 +11,7 @@ config and the tests that run every built-in read the registry.
 
 ``create_model("torchvision:<name>")`` builds that torchvision model untrained, with its classifier
 sized for the classes, and ``create_model("package.module:function")`` the network a function of
-the user's returns for ``num_classes``; both go through the same ``insert_mask_units``. Checkpoints record
+the user's returns for ``num_classes``; both go through the same graph rewrite. Checkpoints record
 the name, so every command rebuilds such a model by importing the function again.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import insert_mask_units
 from .messages import first_line
+from .methods import get_method
 
 __all__ = ["ConvUnit", "VGG", "ResNet", "ResCNN", "BasicBlock", "create_model", "list_models", "check_model_name",
            "register_model", "default_width", "is_factory_name", "DEFAULT_WIDTH", "TORCHVISION_PREFIX",
@@ -366,7 +366,7 @@ MAX_CLASSES = 100_000
 def _parameters_at_width_one(name: str, num_classes: int = 10) -> int:
     """Parameters of ``name`` at width 1, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in create_model(name, num_classes, 1.0, modular=False).parameters())
+        return sum(p.numel() for p in create_model(name, num_classes, 1.0, method="standard").parameters())
 
 
 def model_size_error(name: str, width: float | None, num_classes: int = 10) -> str | None:
@@ -397,9 +397,9 @@ def _factory_width_error(name: str, width: float) -> str:
             "leave model.width unset (or 1, its own)")
 
 
-def create_model(name: str, num_classes: int = 10, width: float | None = None, modular: bool = True) -> nn.Module:
-    """Build a model: plain with ``modular=False``, else its modular graph (``graph.insert_mask_units``), whose
-    ``forward(x, return_masks=True)`` also returns the masks.
+def create_model(name: str, num_classes: int = 10, width: float | None = None, method: str = "mwt") -> nn.Module:
+    """Build a model as ``method`` trains it: plain for ``"standard"``, else its modular graph, whose
+    ``forward(x, return_masks=True)`` also returns the units' signals (``core.methods``).
 
     ``name``: a built-in (``list_models()``), e.g. ``create_model("vgg16", width=0.25)``;
     ``torchvision:<name>``; or ``package.module:function`` for a CNN of your own, where
@@ -420,4 +420,4 @@ def create_model(name: str, num_classes: int = 10, width: float | None = None, m
         model = _build_with_factory(name, num_classes)
     else:
         model = _torchvision_model(name, num_classes, None if width is None else float(width))
-    return insert_mask_units(model, name) if modular else model
+    return get_method(method).modularize(model, name)

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, iterate_batches
-from .graph import mask_units
-from .losses import LayerMasks, modular_objective
+from .graph import modular_units
+from .losses import LayerMasks
+from .methods import get_method
 from .metrics import batch_modularity
 
 __all__ = ["OptimSettings", "make_optimizer", "make_scheduler", "prepare_model", "TrainingStep", "StepValues",
@@ -38,19 +39,26 @@ class OptimSettings:
     momentum: float
     nesterov: bool
     weight_decay: float
-    modular: bool
-    alpha: float
+    method: str  # standard, mwt or moda (core.methods)
+    alpha: float  # MwT's weights
     beta: float
     warmup_epochs: float  # ramp the modularity losses' weights from 0 over this many epochs
     augment: bool
     seed: int
     warmup_shape: str = "linear"  # linear, cosine or step: see loss_weight_ramp
     sparsity: float = 0.0  # weight of the mean mask value in the objective (0: the paper's Eq. 6)
+    affinity: float = 1.0  # MODA's weights
+    dispersion: float = 1.0
+    compactness: float = 0.3
     generator_lr_scale: float = 1.0  # mask generators' learning rate relative to lr
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast and a grad scaler)
     channels_last: bool = False  # NHWC activations (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model, the objective and the step's metrics
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
+
+    @property
+    def modular(self) -> bool:
+        return get_method(self.method).modular
 
 
 def world() -> tuple[int, int]:
@@ -97,7 +105,7 @@ def make_optimizer(model: nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
     settings = dict(lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
     if s.generator_lr_scale == 1.0:
         return torch.optim.SGD(model.parameters(), **settings)
-    generators = {id(p) for unit in mask_units(model) for p in unit.generator.parameters()}
+    generators = {id(p) for unit in modular_units(model) for p in unit.state.parameters()}
     groups = {False: [], True: []}  # is the parameter a mask generator's?
     for parameter in model.parameters():
         groups[id(parameter) in generators].append(parameter)
@@ -157,9 +165,10 @@ class TrainingStep:
         self.model, self.optimizer, self.s, self.num_classes, self.device = model, optimizer, s, num_classes, device
         self.autocast_dtype = AUTOCAST_DTYPES[s.precision]
         self.scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
-        self.objective, self.metrics = modular_objective, batch_modularity
-        if s.compile:
-            self.objective = torch.compile(modular_objective, mode=s.compile_mode)
+        self.method = get_method(s.method)
+        self.objective, self.metrics = self.method.objective, batch_modularity
+        if s.compile and s.modular:
+            self.objective = torch.compile(self.method.objective, mode=s.compile_mode)
             self.metrics = torch.compile(batch_modularity, mode=s.compile_mode)
         self.cuda_graphs = s.compile and s.compile_mode == "reduce-overhead"
 
@@ -171,10 +180,9 @@ class TrainingStep:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if s.modular:
-                logits, masks = model(images, return_masks=True)
-                all_masks, all_labels = gather_global_batch(masks, labels)
-                loss, parts = self.objective(logits, labels, all_masks, all_labels, s.alpha * ramp,
-                                             s.beta * ramp, sparsity=s.sparsity * ramp)
+                logits, signals = model(images, return_masks=True)
+                all_signals, all_labels = gather_global_batch(signals, labels)
+                loss, parts = self.objective(logits, labels, all_signals, all_labels, self.num_classes, s, ramp)
             else:
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
@@ -190,22 +198,20 @@ class TrainingStep:
         with torch.no_grad():
             values = {"loss": loss.detach(), "ce_loss": parts["ce_loss"],
                       "correct": (logits.argmax(1) == labels).sum(dtype=torch.float32)}
-            if s.modular:
-                fig5 = self.metrics(all_masks, all_labels, self.num_classes)
-                values |= {"cohesion_loss": parts["cohesion_loss"], "coupling_loss": parts["coupling_loss"],
-                           "batch_cohesion": fig5["batch_cohesion"], "batch_coupling": fig5["batch_coupling"],
-                           "kernel_rate": fig5["kernel_rate"]}
+            if s.modular:  # the Fig. 5 metrics read only which channels are on: the same for every method
+                values |= {name: parts[name] for name in self.method.loss_names}
+                values |= self.metrics(all_signals, all_labels, self.num_classes)
             return StepValues.of(values)
 
 
 STEP_VALUES = ("loss", "ce_loss", "correct")
-MODULAR_STEP_VALUES = STEP_VALUES + ("cohesion_loss", "coupling_loss", "batch_cohesion", "batch_coupling",
-                                     "kernel_rate")
+BATCH_MODULARITY = ("batch_cohesion", "batch_coupling", "kernel_rate")
 
 
-def step_value_names(modular: bool) -> tuple[str, ...]:
-    """What a ``TrainingStep`` gives: a batch's losses and metrics, and its correct predictions."""
-    return MODULAR_STEP_VALUES if modular else STEP_VALUES
+def step_value_names(method: str) -> tuple[str, ...]:
+    """What a ``TrainingStep`` of ``method`` gives: a batch's losses and metrics, and its correct predictions."""
+    found = get_method(method)
+    return STEP_VALUES + found.loss_names + BATCH_MODULARITY if found.modular else STEP_VALUES
 
 
 @dataclass(frozen=True)
@@ -337,19 +343,19 @@ def train_epochs(model: nn.Module, data: ImageData, s: OptimSettings, device: to
             raise FloatingPointError(f"loss became non-finite at epoch {epoch + 1}: {metrics}; lower lr, alpha or beta")
         history.append(metrics)
         if log is not None and rank == 0:
-            log(format_epoch(metrics, s.epochs, s.modular))
+            log(format_epoch(metrics, s.epochs, get_method(s.method).loss_names))
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     return history
 
 
-def format_epoch(m: dict[str, float], epochs: int, modular: bool) -> str:
+def format_epoch(m: dict[str, float], epochs: int, loss_names: tuple[str, ...] = ()) -> str:
     line = (f"epoch {m['epoch']:>3}/{epochs}  loss {m['loss']:.4f}  ce {m['ce_loss']:.4f}  "
             f"train {m['train_accuracy']:.2%}  test {m['test_accuracy']:.2%}")
     if "val_accuracy" in m:
         line += f"  val {m['val_accuracy']:.2%}"
-    if modular:
-        line += (f"  L_ch {m['cohesion_loss']:.3f}  L_cp {m['coupling_loss']:.3f}  "
-                 f"batch coh {m['batch_cohesion']:.3f}  batch coup {m['batch_coupling']:.3f}  "
+    if loss_names:  # a modular method's losses (cohesion 0.123), then the method-blind batch metrics
+        line += "".join(f"  {name.removesuffix('_loss')} {m[name]:.3f}" for name in loss_names)
+        line += (f"  batch coh {m['batch_cohesion']:.3f}  batch coup {m['batch_coupling']:.3f}  "
                  f"kernel rate {m['kernel_rate']:.3f}")
     return line + f"  lr {m['lr']:.4f}  {m['epoch_time_s']:.1f}s"

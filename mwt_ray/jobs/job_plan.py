@@ -90,9 +90,9 @@ def check_resume(state: dict, cfg: Config, num_classes: int | None = None) -> No
         check_architecture(state, cfg.model.name, cfg.model.width, num_classes, source=source)
     except (ValueError, KeyError, TypeError) as error:
         raise SetupError(f"{error}; run without --resume to start a new job") from None
-    if bool(state["architecture"].get("modular")) != cfg.train.modular:
-        kind = "modular" if state["architecture"].get("modular") else "standard"
-        raise SetupError(f"{source} is from {kind} training, but train.modular={cfg.train.modular}; "
+    if state["architecture"].get("method") != cfg.train.method:
+        raise SetupError(f"{source} is from {state['architecture'].get('method')} training, but "
+                         f"train.method={cfg.train.method}; "
                          "run without --resume to start a new job")
     try:  # the whole checkpoint: weights against the architecture (on the meta device), finite values
         check_checkpoint(state, source)

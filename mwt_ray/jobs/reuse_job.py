@@ -286,8 +286,9 @@ def _tracking_uri(cfg: Config | None, overrides: list[str]) -> str | None:
 def check_standard(state: dict, arch: dict, where: str) -> None:
     """The standard model must be a non-modular model of the modular one's architecture and classes."""
     theirs = state["architecture"]
-    if theirs.get("modular"):
-        raise SetupError(f"standard model {where} is a modular model; pass a standard (train.modular=false) run")
+    if theirs.get("method") != "standard":
+        raise SetupError(f"standard model {where} was trained with method {theirs.get('method')}; pass a standard "
+                         "(train.method=standard) run")
     if theirs["name"] != arch["name"] or abs(theirs["width"] - arch["width"]) > 1e-9:
         raise SetupError(f"standard model {where} is {theirs['name']} width {theirs['width']}, but the modules come "
                          f"from {arch['name']} width {arch['width']}: use a standard model of the same architecture")
@@ -318,7 +319,7 @@ class SubtaskEvaluator:
             self.standard = build_model(load_reference(spec["standard"], "standard model")).to(self.device)
         self.data = load_data(self.cfg).to(self.device)
         self.whole = self.standard if self.standard is not None else create_model(
-            self.arch["name"], self.arch["num_classes"], self.arch["width"], modular=False).to(self.device)
+            self.arch["name"], self.arch["num_classes"], self.arch["width"], method="standard").to(self.device)
         self.model_flops = count_flops(self.whole, self.data.train_images.shape[-1])
         self.settings = self.cfg.reuse.fine_tune_settings(self.cfg.train.seed)
 

@@ -57,7 +57,7 @@ def load_data(cfg: Config) -> ImageData:
 def architecture(cfg: Config, data: ImageData) -> dict:
     """What a checkpoint records to rebuild its model (``core.checkpoint.build_model``)."""
     return {"name": cfg.model.name, "width": cfg.model.width, "num_classes": data.num_classes,
-            "modular": cfg.train.modular, "classes": list(data.classes)}
+            "method": cfg.train.method, "classes": list(data.classes)}
 
 
 def check_job(cfg: Config) -> ImageData:
@@ -95,16 +95,16 @@ def check_model(cfg: Config, data: ImageData) -> None:
     pattern the extraction does not handle (a channel shuffle, say) is refused here, before it is
     trained, not when its modules are wanted."""
     from ..core.extract import extract_module
-    from ..core.graph import GraphError, mask_units
+    from ..core.graph import GraphError, modular_units
     from ..core.models import create_model
 
     try:
-        model = create_model(cfg.model.name, data.num_classes, cfg.model.width, modular=cfg.train.modular)
+        model = create_model(cfg.model.name, data.num_classes, cfg.model.width, method=cfg.train.method)
         check_logits(model, cfg.model.name, torch.zeros(2, *data.train_images.shape[1:]), data.num_classes)
         if not cfg.train.modular:
             return
         generator = torch.Generator().manual_seed(0)
-        keep = [torch.rand(u.num_kernels, generator=generator) < 0.5 for u in mask_units(model)]
+        keep = [torch.rand(u.num_kernels, generator=generator) < 0.5 for u in modular_units(model)]
         for layer in keep:
             layer[0] = True
         extract_module(model, keep, torch.zeros(1, *data.train_images.shape[1:]), name=cfg.model.name)

@@ -310,7 +310,7 @@ def _run_to_continue(client, uri: str, experiment_id: str, run_id: str | None, c
 
 
 def _create_run(client, uri: str, experiment_id: str, cfg, tags: dict[str, str], log) -> str:
-    run_tags = {"mwt.model": cfg.model.name, "mwt.dataset": cfg.data.name, "mwt.modular": str(cfg.train.modular),
+    run_tags = {"mwt.model": cfg.model.name, "mwt.dataset": cfg.data.name, "mwt.method": cfg.train.method,
                 **tags}
     if cfg.tracking.parent_run_id:  # shown nested under the parent (a sweep) in the MLflow UI
         run_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
