@@ -4,6 +4,7 @@
     python benchmarks/step_time.py --grid cuda                   # width 1: fp32 eager, bf16+compile
     python benchmarks/step_time.py --models vgg16 --widths 0.25 --steps 10 --precision bf16 --compile
     python benchmarks/step_time.py --batch 32 --widths 0.25 --out benchmarks/results/step_time_b32.json
+    python benchmarks/step_time.py --method moda --models vgg16 --widths 0.25 --no-explain   # MODA's step
 
 The counted step is ``TrainingStep.__call__`` exactly as ``train_epoch`` runs it (the objective, the
 SGD step of ``make_optimizer`` and every per-step metric), built by ``TrainConfig(...).optim_settings()``
@@ -57,13 +58,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_step(name: str, width: float, modular: bool, precision: str, compiled: bool, compile_mode: str,
+def build_step(name: str, width: float, method: str, precision: str, compiled: bool, compile_mode: str,
                channels_last: bool, device: torch.device) -> TrainingStep:
-    """A model and its ``TrainingStep`` as a training job builds them (default lr, alpha, beta)."""
-    settings = TrainConfig(modular=modular, precision=precision, compile=compiled, compile_mode=compile_mode,
+    """A model and its ``TrainingStep`` as a training job builds them (the method's default weights)."""
+    settings = TrainConfig(method=method, precision=precision, compile=compiled, compile_mode=compile_mode,
                            channels_last=channels_last).optim_settings()
     torch.manual_seed(0)
-    model = create_model(name, num_classes=NUM_CLASSES, width=width, modular=modular).to(device).train()
+    model = create_model(name, num_classes=NUM_CLASSES, width=width, method=method).to(device).train()
     prepare_model(model, settings)
     return TrainingStep(model, make_optimizer(model, settings), settings, NUM_CLASSES, device)
 
@@ -85,16 +86,17 @@ def profile_step(step: TrainingStep, images, labels, device: torch.device) -> di
     return result
 
 
-def graph_breaks(name: str, width: float, precision: str, device: torch.device) -> dict:
+def graph_breaks(name: str, width: float, precision: str, method: str, device: torch.device) -> dict:
     """``torch._dynamo.explain`` of the modular forward, objective and step metrics on one batch.
 
     The three are what ``TrainingStep`` compiles (the model in place, the two functions apart); traced
     here as one function on a fresh uncompiled model, so each break inside any of them is counted."""
-    from mwt_ray.core.losses import modular_objective
+    from mwt_ray.core.methods import get_method
     from mwt_ray.core.metrics import batch_modularity
 
+    settings = TrainConfig(method=method).optim_settings()
     torch.manual_seed(0)
-    model = create_model(name, num_classes=NUM_CLASSES, width=width, modular=True).to(device).train()
+    model = create_model(name, num_classes=NUM_CLASSES, width=width, method=method).to(device).train()
     images = torch.randn(8, 3, 32, 32, device=device)
     labels = torch.arange(8, device=device) % NUM_CLASSES
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -103,7 +105,7 @@ def graph_breaks(name: str, width: float, precision: str, device: torch.device) 
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits, masks = model(images, return_masks=True)
             masks = LayerMasks.of(masks)
-            loss, _ = modular_objective(logits, labels, masks, labels, 0.5, 1.5)
+            loss, _ = get_method(method).objective(logits, labels, masks, labels, NUM_CLASSES, settings, 1.0)
         return loss, batch_modularity(masks, labels, NUM_CLASSES)
 
     torch._dynamo.reset()
@@ -119,8 +121,8 @@ def measure(name: str, width: float, precision: str, compiled: bool, args, devic
     images = torch.randn(args.batch, 3, 32, 32, device=device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
     kinds = ("standard", "modular")
-    steps = {kind: build_step(name, width, kind == "modular", precision, compiled, args.compile_mode,
-                              args.channels_last, device) for kind in kinds}
+    steps = {kind: build_step(name, width, args.method if kind == "modular" else "standard", precision, compiled,
+                              args.compile_mode, args.channels_last, device) for kind in kinds}
     times = {kind: [] for kind in kinds}
     for i in range(args.warmup + args.steps):  # the warm-up also holds compilation and cuDNN's autotuning
         for kind in kinds:
@@ -130,7 +132,8 @@ def measure(name: str, width: float, precision: str, compiled: bool, args, devic
             synchronize(device)
             if i >= args.warmup:
                 times[kind].append(time.perf_counter() - start)
-    row = {"model": name, "width": width, "batch": args.batch, "precision": precision, "compile": compiled,
+    row = {"model": name, "method": args.method, "width": width, "batch": args.batch, "precision": precision,
+           "compile": compiled,
            "compile_mode": args.compile_mode if compiled else None, "channels_last": args.channels_last,
            "steps": args.steps, "warmup": args.warmup}
     for kind in kinds:
@@ -149,7 +152,7 @@ def measure(name: str, width: float, precision: str, compiled: bool, args, devic
             row[f"{kind}_samples_per_s"] = args.steps * args.batch / (time.perf_counter() - start)
             row[f"{kind}_epoch_s"] = (CIFAR10_TRAIN_IMAGES // args.batch) * args.batch / row[f"{kind}_samples_per_s"]
     if not args.no_explain:
-        row.update(graph_breaks(name, width, precision, device))
+        row.update(graph_breaks(name, width, precision, args.method, device))
     return row
 
 
@@ -196,6 +199,7 @@ def main() -> None:
     parser.add_argument("--grid", choices=sorted(GRIDS), help="a preset list of settings (replaces --models, "
                         "--widths, --precision and --compile)")
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"])
+    parser.add_argument("--method", choices=["mwt", "moda"], default="mwt", help="the modular step's method")
     parser.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.25])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
@@ -215,7 +219,7 @@ def main() -> None:
                                                    for name in args.models for width in args.widths]
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-            "grid": args.grid, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+            "grid": args.grid, "method": args.method, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
