@@ -38,6 +38,7 @@ from torch import nn
 from .data import ImageData, iterate_batches, validate_classes
 from .extract import extract_module
 from .flops import count_flops
+from .graph import conv_columns
 from .models import create_model
 from .training import evaluate
 
@@ -297,7 +298,9 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
     sub = data.subset(classes)
     size = data.train_images.shape[-1]
     keep = mixed_module_mask(module_masks, classes)
-    result: dict = {"classes": list(classes), "m": len(classes), "krr": keep.float().mean().item()}
+    # KRR over conv kernels (a method's hidden Linear units, MODA's, are neurons: not counted)
+    result: dict = {"classes": list(classes), "m": len(classes),
+                    "krr": keep[conv_columns(modular_model)].float().mean().item()}
     if zero_fine_tune:
         result["zero_ft_accuracy"] = accuracy_without_fine_tuning(modular_model, module_masks, data, classes, device)
     start = time.perf_counter()
@@ -313,7 +316,7 @@ def evaluate_subtask(modular_model: nn.Module, module_masks: torch.Tensor, data:
     }
     plain = standard_model if standard_model is not None else whole_model
     if plain is None and arch is not None and (model_flops is None or latency_batch_sizes):
-        plain = create_model(arch["name"], arch["num_classes"], arch["width"], modular=False).to(device)
+        plain = create_model(arch["name"], arch["num_classes"], arch["width"], method="standard").to(device)
     if arch is not None:
         result["model_flops"] = model_flops if model_flops is not None else count_flops(plain, size)
         result["flops_reduction"] = 1 - result["module_flops"] / result["model_flops"]

@@ -54,6 +54,7 @@ from ..core.files import (
     writable_folder_error,
 )
 from ..core.flops import count_flops
+from ..core.graph import conv_columns
 from ..core.kernel_usage import KernelUsage, module_masks
 from ..core.models import create_model
 from ..core.reuse import mixed_module_mask, reuse_module
@@ -252,6 +253,7 @@ class _Module:
     standard: torch.nn.Module | None  # the standard model, when one was given
     whole: torch.nn.Module  # the full model the module's costs are compared with
     masks: torch.Tensor
+    conv: torch.Tensor  # which columns of the masks are conv kernels (graph.conv_columns): what KRR counts
     settings: object  # the fine-tuning settings (core.reuse.FineTuneSettings)
     sub: object  # the sub-task's data (ImageData of the classes)
     test_images: torch.Tensor  # the sub-task's test images, 0-1 floats
@@ -295,10 +297,10 @@ def _build(plan: ExportPlan, settings) -> _Module:
     module, chosen = reuse_module(modular, masks, data, plan.classes, settings, device)
     standard = build_model(sources.standard_state).eval() if sources.standard_state is not None else None
     whole = standard if standard is not None else create_model(arch["name"], arch["num_classes"], arch["width"],
-                                                               modular=False).eval()
+                                                               method="standard").eval()
     sub = data.subset(plan.classes)
     return _Module(module=module, portable=ImagesToScores(module, data.mean, data.std).eval(), chosen=chosen,
-                   standard=standard, whole=whole, masks=masks, settings=settings, sub=sub,
+                   standard=standard, whole=whole, masks=masks, conv=conv_columns(modular), settings=settings, sub=sub,
                    test_images=sub.test_images.to(torch.float32) / 255)
 
 
@@ -437,7 +439,7 @@ def _summary(plan: ExportPlan, built: _Module, onnx_check, latency: dict) -> dic
     """What module.json says of the module: where it came from, what it keeps, costs and scores."""
     sources, data, sub, device = plan.sources, plan.sources.data, built.sub, torch.device("cpu")
     arch, classes, size = sources.state["architecture"], plan.classes, data.train_images.shape[-1]
-    keep = mixed_module_mask(built.masks, classes)
+    keep, conv = mixed_module_mask(built.masks, classes), built.conv
     summary = {
         "source": {"reference": sources.where, "checkpoint": sources.modular.get("path") or
                    f"artifact checkpoint.pt of MLflow run {sources.modular['mlflow']['run_id']}",
@@ -445,7 +447,8 @@ def _summary(plan: ExportPlan, built: _Module, onnx_check, latency: dict) -> dic
         "architecture": {k: arch[k] for k in ("name", "width", "num_classes") if k in arch},
         "classes": [{"index": c, "name": n} for c, n in zip(classes, plan.class_names)],
         "tau": plan.tau, "tau_from": plan.tau_from,
-        "krr": keep.float().mean().item(), "kernels_kept": int(keep.sum()), "kernels_total": int(keep.numel()),
+        "krr": keep[conv].float().mean().item(), "kernels_kept": int(keep[conv].sum()),
+        "kernels_total": int(conv.sum()),
         "flops": {"module": count_flops(built.module, size), "full_model": count_flops(built.whole, size)},
         "parameters": {"module": _parameters(built.module), "full_model": _parameters(built.whole)},
         "fine_tuning": {"epochs": built.settings.epochs, **{k: v for k, v in built.chosen.items() if k != "history"}},

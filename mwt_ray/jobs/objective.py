@@ -22,6 +22,7 @@ import torch
 from ..config import Config
 from ..core.checkpoint import build_model, load_checkpoint
 from ..core.data import ImageData
+from ..core.graph import conv_columns
 from ..core.kernel_usage import KernelUsage, module_masks
 from ..core.metrics import coupling, kernel_retention_rate
 from ..core.reuse import accuracy_without_fine_tuning, sample_subtasks
@@ -43,14 +44,16 @@ def scan_tau(model: torch.nn.Module, usage: KernelUsage, data: ImageData, taus: 
     if data.val_labels is None:
         raise SetupError("scoring tau needs held-out training samples: set data.val_fraction > 0")
     model = model.to(device).eval()
+    conv = conv_columns(model)  # KRR counts conv kernels only (not a method's hidden Linear neurons)
     rows = []
     for tau in taus:
         masks = module_masks(usage, tau)
         accuracies = [accuracy_without_fine_tuning(model, masks, data, task, device, split="val") for task in subtasks]
         module_accuracy = sum(accuracies) / len(accuracies)
-        krr = kernel_retention_rate(masks)
+        krr = kernel_retention_rate(masks[:, conv])
         rows.append({"tau": tau, "krr": krr, "coupling": coupling(masks),
-                     "subtask_krr": sum(masks[t].any(0).float().mean().item() for t in subtasks) / len(subtasks),
+                     "subtask_krr": sum(masks[t][:, conv].any(0).float().mean().item() for t in subtasks)
+                     / len(subtasks),
                      "module_accuracy": module_accuracy, "score": module_accuracy - krr_weight * krr})
     return rows
 

@@ -33,9 +33,11 @@ from ..config import Config
 from ..core.checkpoint import load_weights, save_checkpoint
 from ..core.data import ImageData, iterate_batches, place_data
 from ..core.files import atomic_write_text, remove_stale_scratch, scratch_folder
-from ..core.graph import detach_generator_inputs, init_mask_bias, unmasked_kernels
+from ..core.graph import conv_columns, uncovered_kernels
 from ..core.kernel_usage import count_kernel_usage, modularity_report, module_masks
+from ..core.methods import get_method
 from ..core.models import create_model
+from ..core.module_stats import parameter_shares
 from ..core.training import make_optimizer, make_scheduler, prepare_model, train_epochs, unwrap_ddp
 from .fault_drill import FaultDrill
 from .job_plan import check_resume, start_job
@@ -48,7 +50,9 @@ __all__ = ["TrainingJob", "JobHook", "LocalSession", "derive_modules", "finish_r
 
 
 def derive_modules(model, data: ImageData, cfg: Config, device: torch.device):
-    """Kernel usage over the (un-augmented) training set, module masks at tau, and their metrics."""
+    """Kernel usage over the (un-augmented) training set, module masks at tau, and their metrics: KRR,
+    cohesion, coupling, and the one-class modules' weight share and overlap (``core.module_stats``),
+    the same for every method."""
     from ..core.progress import progress
 
     batches = progress(iterate_batches(data.train_images, data.train_labels, 512, mean=data.mean, std=data.std),
@@ -56,17 +60,11 @@ def derive_modules(model, data: ImageData, cfg: Config, device: torch.device):
     usage = count_kernel_usage(model, batches, data.num_classes, device,
                                max_samples_per_class=cfg.modularize.cohesion_samples_per_class)
     masks = module_masks(usage, cfg.modularize.tau)
-    return (
-        usage,
-        masks,
-        modularity_report(
-            usage,
-            masks,
-            unmasked_kernels=unmasked_kernels(model),
-            tau=cfg.modularize.tau,
-            taus=cfg.modularize.report_taus,
-        ),
-    )
+    report = modularity_report(usage, masks, uncovered_kernels=uncovered_kernels(model),
+                               conv_columns=conv_columns(model), tau=cfg.modularize.tau,
+                               taus=cfg.modularize.report_taus)
+    shares = parameter_shares(unwrap_ddp(model), masks, torch.zeros(1, *data.train_images.shape[1:]))
+    return usage, masks, report | {key: value for key, value in shares.items() if key != "per_class_share"}
 
 
 def _write_results(run_dir: Path, history: list[dict], summary: dict) -> None:
@@ -92,7 +90,9 @@ def finish_run(model, data: ImageData, cfg: Config, device: torch.device, histor
             log(
                 f"modules at tau={cfg.modularize.tau}: KRR {report['krr']:.3f}  "
                 f"cohesion {report.get('cohesion', float('nan')):.3f}  "
-                f"coupling {report['coupling']:.3f}  per-layer KRR " + " ".join(f"{v:.2f}" for v in report["layer_krr"])
+                f"coupling {report['coupling']:.3f}  weight share {report['weight_share']:.3f} "
+                f"(conv {report['weight_share_conv']:.3f})  overlap {report['overlap']:.3f}  per-layer KRR "
+                + " ".join(f"{v:.2f}" for v in report["layer_krr"])
             )
     save_checkpoint(cfg.run_dir / "checkpoint.pt", model, architecture(cfg, data), **extra)
     _write_results(cfg.run_dir, history, summary)
@@ -187,11 +187,9 @@ class TrainingJob:
         data = self.checked_data if self.checked_data is not None else load_data(cfg)
         self.data = place_data(data, session.device, cfg.data.device_resident)
         seed_everything(cfg.train.seed)
-        self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, cfg.train.modular).to(
-            session.device
-        )
-        init_mask_bias(self.model, cfg.train.mask_bias_init)
-        detach_generator_inputs(self.model, cfg.train.detach_generator_input)
+        method = get_method(cfg.train.method)
+        self.model = create_model(cfg.model.name, self.data.num_classes, cfg.model.width, method.name)
+        self.model = method.prepare(self.model, cfg.train).to(session.device)
         self.settings = cfg.train.optim_settings()
         self.optimizer = make_optimizer(self.model, self.settings)
         self.scheduler = make_scheduler(self.optimizer, self.settings)
@@ -201,8 +199,7 @@ class TrainingJob:
         for hook in self.hooks:
             hook(self)
         if self.start_epoch < self.settings.epochs:
-            kind = "modular" if cfg.train.modular else "standard"
-            self.log(f"{kind} training of {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name} with "
+            self.log(f"{method.name} training of {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name} with "
                      f"{session.world_size} worker{'s' if session.world_size > 1 else ''} on {session.device}: "
                      f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images, "
                      f"{self.data.num_classes} classes, global batch {cfg.train.batch_size}, "
