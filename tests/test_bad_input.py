@@ -212,7 +212,17 @@ def config_cases() -> list[Case]:
         ("train.detach_generator_input=sometimes", "train.detach_generator_input"),
         ("train.device=tpu", "unknown device 'tpu'"),
         ("train.device=cuda:x", "unknown device"),
-        ("train.modular=perhaps", "train.modular"),
+        ("train.modular=perhaps", "train.modular 'perhaps' is not true or false (train.method is the key now"),
+        # The method and each method's own settings.
+        ("train.method=lasso", "train.method: unknown method 'lasso'; choose one of standard, moda, mwt"),
+        ("train.method=[moda]", "train.method"),
+        ("train.affinity=2", "train.affinity=2 is a setting of method moda, but train.method is mwt"),
+        ("train.compactness=-1", "train.compactness"),
+        ("train.dispersion=true", "train.dispersion: true/false is not a number"),
+        ("train={method: moda, alpha: 2}", "train.alpha=2 is a setting of method mwt, but train.method is moda "
+                                           "(its weights: affinity, dispersion, compactness)"),
+        ("train={method: moda, mask_bias_init: 3}", "train.mask_bias_init=3 is a setting of method mwt"),
+        ("train={modular: true, method: standard}", "train.modular=true contradicts train.method=standard"),
         ("modularize.tau=0", "modularize.tau"),
         # The GPU step's options.
         ("train.precision=fp8", "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
@@ -755,9 +765,8 @@ def as_standard(state: dict) -> None:
     arch = state["architecture"]
     for key in ("kernel_usage", "module_masks", "tau"):
         state.pop(key, None)
-    arch["modular"] = False
-    state["config"]["train"]["modular"] = False
-    state["model_state"] = create_model(arch["name"], arch["num_classes"], arch["width"], modular=False).state_dict()
+    arch["method"] = state["config"]["train"]["method"] = "standard"
+    state["model_state"] = create_model(arch["name"], arch["num_classes"], arch["width"], "standard").state_dict()
 
 
 def export_cases() -> list[Case]:

@@ -137,10 +137,18 @@ def run_sweep_cli(config: Path, *args: str, timeout: int = 900, **popen):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, **popen)
 
 
+# Methods side by side: the method is a choice beside numeric keys, each method's weights searched where they apply.
+METHOD_SPACE = {"train.method": {"choices": ["mwt", "moda"]},
+                "train.alpha": {"low": 0.1, "high": 3.0, "log": True}, "train.beta": {"low": 0.3, "high": 3.0},
+                "train.affinity": {"low": 0.5, "high": 2.0}}
+METHOD_POINTS = [{"train.method": "mwt", "train.alpha": 0.5, "train.beta": 1.5, "train.affinity": 1.0},
+                 {"train.method": "moda", "train.alpha": 0.5, "train.beta": 1.5, "train.affinity": 1.0}]
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
-    config = sweep_yaml(tmp_path, reuse=True, register_modules=[[0, 1]])
+    config = sweep_yaml(tmp_path, reuse=True, register_modules=[[0, 1]], space=METHOD_SPACE, points=METHOD_POINTS)
     tree = yaml.safe_load(config.read_text())  # a tiny last stage: two 2-class sub-tasks on one actor
     tree["reuse"] = {"sizes": [2], "per_size": 2, "epochs": 1, "num_actors": 1, "latency_batch_sizes": [1],
                      "latency_repeats": 1}
@@ -165,10 +173,17 @@ def test_sweep_finishes_with_more_trials_than_fit_at_once(finished_sweep):
     assert done["cohesion"].between(0, 1).all() and done["coupling"].between(0, 1).all()  # at each trial's tau
     assert done["objective"].tolist() == pytest.approx((done["module_accuracy"] - 0.1 * done["krr"]).tolist())
     assert (table["status"] == "stopped early").sum() == (table["epoch"] < 3).sum()  # stopped ones say where
-    assert ((table["alpha"] == 0.5) & (table["beta"] == 1.5)).sum() == 1  # the reference point ran
+    # both reference points ran; a method's own weights are shown only in its trials (sampled in all, used there)
+    assert ((table["method"] == "mwt") & (table["alpha"] == 0.5) & (table["beta"] == 1.5)).sum() >= 1
+    assert ((table["method"] == "moda") & (table["affinity"] == 1.0)).sum() >= 1
+    assert set(table["method"]) == {"mwt", "moda"}
+    assert table.loc[table["method"] == "mwt", "affinity"].isna().all()
+    assert table.loc[table["method"] == "moda", ["alpha", "beta"]].isna().all().all()
     assert table["pareto"].any() and not table.loc[table["status"] != "completed", "pareto"].any()
     assert (folder / "pareto.png").read_bytes().startswith(b"\x89PNG")
-    assert "| trial |" in (folder / "results.md").read_text()
+    markdown = (folder / "results.md").read_text()
+    assert "| trial | method |" in markdown
+    assert ("Best trial of each method" in markdown) == (done["method"].nunique() == 2)
     lines = [line for line in result.stdout.splitlines() if "] trial " in line]
     assert len(lines) == 4  # one progress line per finished or stopped trial
     trial_folders = sorted(p.name for p in (folder / "trials").iterdir())
@@ -224,8 +239,16 @@ def test_sweep_mlflow_parent_and_children(finished_sweep):
     best = parent.data.tags["mwt.best_trial"]
     assert parent.data.tags["mwt.best_run_id"] in {c.info.run_id for c in children}
     standard = [c for c in children if c.info.run_name == "standard"]
-    assert len(standard) == 1 and standard[0].data.params["train.modular"] == "False"
+    assert len(standard) == 1 and standard[0].data.params["train.method"] == "standard"
     trials = [c for c in children if c.info.run_name.startswith("trial-")]
+    # the method is a param of every run (the compare view splits runs by it), and a tag
+    import pandas as pd
+
+    (folder,) = (tmp_path / "runs" / "tiny").iterdir()
+    methods = dict(pd.read_csv(folder / "results.csv", dtype={"trial": str})[["trial", "method"]].values)
+    assert {c.info.run_name: c.data.params["train.method"] for c in trials} == \
+        {f"trial-{trial}": method for trial, method in methods.items()}
+    assert all(c.data.tags["mwt.method"] == c.data.params["train.method"] for c in trials)
     assert f"trial-{best}" in {c.info.run_name for c in trials}
     for child in trials:
         assert child.data.params["data.val_fraction"] == "0.1"
@@ -452,7 +475,19 @@ BAD = [
     (["--set", "sweep.points=[{train.alpha: 0.5}]"], "a point misses train.beta"),
     (["--set", "sweep.subtask_sizes=[2, 11]"], "exceed the dataset's 10 classes"),
     (["--set", "sweep.subtask_sizes=[1]"], "sizes must be >= 2"),
-    (["--set", "train.modular=false"], "train.modular must be true"),
+    (["--set", "train.method=standard"], "a sweep trains modular models: train.method must be one of mwt, moda"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={train.method: {choices: [mwt, lasso]}}"],
+     "sweep.space.train.method: unknown method 'lasso'; choose among mwt, moda"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={train.method: {choices: [mwt, standard]}}"],
+     "standard trains no modules"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={train.method: {choices: [mwt]}, train.affinity: {low: 0.5, "
+      "high: 2}}"], "sweep.space.train.affinity is a setting of method moda, which no trial trains (methods: mwt)"),
+    (["--set", "sweep.points=[]", "--set", "sweep.space={train.compactness: {low: 0.1, high: 1}}"],
+     "train.compactness is a setting of method moda, which no trial trains"),
+    (["--set", "sweep.points=[{train.method: mwt, train.affinity: 1}]", "--set",
+      "sweep.space={train.method: {choices: [moda]}, train.affinity: {low: 0.5, high: 2}}"],
+     "point 1 gives train.method='mwt', not one of the choices ['moda']"),
+    (["--set", "train.affinity=2"], "train.affinity=2 is a setting of method moda, but train.method is mwt"),
     (["--resume"], "no unfinished sweep named 'tiny'"),
     (["--set", "sweep.points=[{train.alpha: 5, train.beta: 1}]"], "point 1 gives train.alpha=5, outside the searched"),
     (["--set", "sweep.points=[{train.alpha: -1, train.beta: 1}]"], "outside the searched range [0.1, 3]"),
@@ -485,8 +520,8 @@ BAD = [
     (["--set", "sweep.register_modules=[[0, 1]]", "--set", "tracking.enabled=false"], "tracking.enabled is false"),
     (["--set", "sweep.register_modules=[[0, true]]"], "sweep.register_modules: true/false is not a number"),
     (
-        ["--set", "sweep.points=[]", "--set", "sweep.space={train.modular: {low: 0, high: 1}}"],
-        "sweep.space.train.modular: a low/high range searches numbers, but train.modular is true/false",
+        ["--set", "sweep.points=[]", "--set", "sweep.space={train.method: {low: 0, high: 1}}"],
+        "sweep.space.train.method: a low/high range searches numbers, but train.method is not a number",
     ),
     (
         ["--set", "sweep.points=[]", "--set", "sweep.space={model.name: {low: 0, high: 1}}"],

@@ -33,9 +33,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Config, apply_overrides, flatten_space, validate_config
+from ..config import Config, apply_for_method, flatten_space, keys_read_by, validate_config
 from ..core.files import atomic_write_text
 from ..core.messages import last_line, one_line
+from ..core.methods import get_method, method_names, modular_method_names
 from ..jobs import JobFailed, SetupError, check_inputs, load_data, resolve_device
 from ..jobs.objective import best_tau, best_trial, rank_trials, scan_checkpoint
 from ..jobs.reuse_job import plan_subtasks
@@ -67,8 +68,7 @@ def trial_config(base: Config, params: dict, folder: Path, name: str, parent_run
     tree["modularize"]["report_taus"] = base.sweep.tau_grid  # module cohesion at every tau the trial may pick
     tree["tracking"]["parent_run_id"] = parent_run_id
     tree["scaling"]["storage_path"] = None  # each job's checkpoints in its own run folder
-    apply_overrides(tree, [f"{key}={json.dumps(value)}" for key, value in params.items() if key != "tau"])
-    return validate_config(tree)
+    return validate_config(apply_for_method(tree, {key: value for key, value in params.items() if key != "tau"}))
 
 
 def _epoch_report(cfg: Config, metrics: dict) -> dict:
@@ -172,7 +172,8 @@ def _train_and_score(cfg: Config, params: dict, report: Callable[[dict], None]) 
 
 def train_standard(base: dict, folder: str, parent_run_id: str | None) -> dict:
     """The standard model the trials are compared with: same data split, same settings, no masks."""
-    cfg = trial_config(Config.model_validate(base), {"train.modular": False}, Path(folder), "standard", parent_run_id)
+    cfg = trial_config(Config.model_validate(base), {"train.method": "standard"}, Path(folder), "standard",
+                       parent_run_id)
     return run_training(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 0})}),
                         resume=True)
 
@@ -216,16 +217,18 @@ def _check_space(cfg: Config) -> None:
 
     def trial_of(where: str, values: dict) -> None:
         try:
-            validate_config(apply_overrides(json.loads(json.dumps(tree)),
-                                            [f"{key}={json.dumps(value)}" for key, value in values.items()]))
+            validate_config(apply_for_method(json.loads(json.dumps(tree)), values))
         except ValueError as error:
             raise SetupError(f"{where} makes an invalid trial ({error})") from None
 
+    methods = _check_methods(cfg)
     for key, dimension in cfg.sweep.space.items():
         if dimension.choices is None:
             _check_range_key(key, dimension)
+        # A method's own setting is tried under a method that reads it.
+        reader = next((m for m in methods if key not in keys_read_by(m)), methods[0])
         for value in dimension.candidates():
-            trial_of(f"sweep.space.{key}: the value {value!r}", {key: value})
+            trial_of(f"sweep.space.{key}: the value {value!r}", {"train.method": reader, key: value})
     dimensions = {**cfg.sweep.space, **({"tau": cfg.sweep.tau_range} if cfg.sweep.tau_range else {})}
     for number, point in enumerate(cfg.sweep.points, 1):
         point = flatten_space(point)
@@ -238,6 +241,28 @@ def _check_space(cfg: Config) -> None:
                 if reason:
                     raise SetupError(f"sweep.points: point {number} gives {key}={value!r}, {reason}")
         trial_of(f"sweep.points: point {number}", {k: v for k, v in point.items() if k != "tau"})
+
+
+def _check_methods(cfg: Config) -> list[str]:
+    """The methods the trials train (``train.method``'s choices where it is searched): modular ones only,
+    and every searched setting of one method read by some trial (a key no trial reads searches nothing)."""
+    searched = cfg.sweep.space.get("train.method")
+    methods = list(searched.choices) if searched is not None and searched.choices is not None else [cfg.train.method]
+    for method in methods:
+        if method not in method_names():
+            raise SetupError(f"sweep.space.train.method: unknown method {method!r}; choose among "
+                             f"{', '.join(modular_method_names())}")
+        if not get_method(method).modular:
+            raise SetupError(f"sweep.space.train.method: {method} trains no modules; a sweep searches modular methods "
+                             "(the standard model is its baseline: sweep.standard_baseline)")
+    for key in cfg.sweep.space:
+        if all(key in keys_read_by(method) for method in methods):
+            owner = next(m for m in method_names() if key.removeprefix("train.") in
+                         get_method(m).weight_keys + get_method(m).option_keys)
+            raise SetupError(f"sweep.space.{key} is a setting of method {owner}, which no trial trains "
+                             f"(methods: {', '.join(methods)}): add {owner} to sweep.space.train.method's "
+                             "choices or search another key")
+    return methods
 
 
 def _check_range_key(key: str, dimension) -> None:
@@ -293,8 +318,9 @@ def _check_stages(cfg: Config, num_classes: int) -> None:
 
 def _check_and_plan_sweep(cfg: Config, resume: bool, trust_folder: bool = False) -> tuple[Config, Path, int]:
     """Every check that needs no Ray, before anything is written; returns the dataset's class count."""
-    if not cfg.train.modular:
-        raise SetupError("a sweep trains modular models: train.modular must be true")
+    if not cfg.train.modular and "train.method" not in cfg.sweep.space:
+        raise SetupError(f"a sweep trains modular models: train.method must be one of "
+                         f"{', '.join(modular_method_names())} (or searched in sweep.space)")
     _check_space(cfg)
     check_job_places(cfg)
     cfg, data = check_inputs(cfg)  # absolute paths and tracking URI: trials run in other working directories

@@ -60,14 +60,18 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
     In Tune's order, its ``pareto`` column empty: ranking the trials is ``jobs.objective.rank_trials``."""
     import pandas as pd
 
-    keys = list(cfg.sweep.space) + (["tau"] if cfg.sweep.tau_range is not None else [])
+    from ..config import keys_read_by
+
+    keys = [key for key in cfg.sweep.space if key != "train.method"]
+    names = [key.split(".")[-1] for key in keys]
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        row = {"trial": metrics.get("trial_id") or Path(result.path).name}
-        row |= {
-            key.split(".")[-1] if keys.count(key) == 1 else key: result.config.get(key) for key in keys if key != "tau"
-        }
+        method = result.config.get("train.method", cfg.train.method)
+        row = {"trial": metrics.get("trial_id") or Path(result.path).name, "method": method}
+        # a key the trial's method does not read was sampled but not used: left empty
+        row |= {key.split(".")[-1] if names.count(key.split(".")[-1]) == 1 else key:
+                None if key in keys_read_by(method) else result.config.get(key) for key in keys}
         own_error = metrics.get("trial_error")
         status = ("failed" if result.error or own_error else
                   "completed" if "krr" in metrics and "tau" in metrics else "stopped early")
@@ -86,7 +90,8 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
             table[column] = None
     standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
     table["accuracy_change"] = (table["test_accuracy"] - standard_accuracy) if standard_accuracy is not None else None
-    order = ["trial"] + [c for c in table.columns if c not in RESULT_COLUMNS and c != "trial"] + RESULT_COLUMNS
+    lead = ["trial", "method"]
+    order = lead + [c for c in table.columns if c not in RESULT_COLUMNS and c not in lead] + RESULT_COLUMNS
     return table[order]
 
 
@@ -105,8 +110,12 @@ def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
     panels = (("module_accuracy", "module accuracy on held-out sub-tasks (%)\n(what the objective scores)"),
               ("test_accuracy", "test accuracy of the modular model (%)"))
+    methods = sorted(done["method"].unique()) if "method" in done else []
     for ax, (column, label) in zip(axes, panels):
-        ax.scatter(done["krr"], 100 * done[column], color="C0", alpha=0.6, label="trial (its best tau)")
+        for index, method in enumerate(methods):  # one colour and marker per method
+            of_method = done[done["method"] == method]
+            ax.scatter(of_method["krr"], 100 * of_method[column], color=f"C{index}", marker="os^Dv"[index % 5],
+                       alpha=0.6, label=f"{method} trial (its best tau)")
         ax.plot(front["krr"], 100 * front[column], "-o", color="C3", label="Pareto front (module accuracy, KRR)")
         for row in done.itertuples():
             ax.annotate(str(row.trial)[-5:], (row.krr, 100 * getattr(row, column)), fontsize=7, alpha=0.7,
@@ -122,6 +131,16 @@ def plot_pareto(table, path: Path, standard_accuracy: float | None, title: str, 
     for ax in axes:
         ax.legend(fontsize=8)
     return save_figure(fig, path, title, dpi=120)
+
+
+def _by_method(table) -> str:
+    """Markdown: each method's best completed trial (the table is ranked best first), when it holds several."""
+    done = table[table["status"] == "completed"]
+    if done["method"].nunique() < 2:
+        return ""
+    columns = ["method", "trial", "test_accuracy", "accuracy_change", "tau", "krr", "module_accuracy", "objective"]
+    return "Best trial of each method\n\n" + _markdown(done.groupby("method", sort=True).head(1)[columns]) + \
+        "\nAll trials, best first\n\n"
 
 
 def _markdown(table) -> str:
@@ -181,7 +200,7 @@ def report_sweep(cfg, folder: Path, table, best: dict | None, standard: dict | N
                  log: Callable[[str], None]) -> dict:
     """Write the ranked table (CSV, Markdown) and the plot, log them to the parent run, tag the best trial."""
     atomic_write_text(folder / "results.csv", table.to_csv(index=False))
-    atomic_write_text(folder / "results.md", _markdown(table))
+    atomic_write_text(folder / "results.md", _by_method(table) + _markdown(table))
     standard_accuracy = (standard or {}).get("final", {}).get("test_accuracy")
     plot_pareto(table, folder / "pareto.png", standard_accuracy, f"{cfg.name}: {cfg.model.name} on {cfg.data.name}",
                 best["trial"] if best else None)
