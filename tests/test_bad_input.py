@@ -214,7 +214,7 @@ def config_cases() -> list[Case]:
         ("train.device=cuda:x", "unknown device"),
         ("train.modular=perhaps", "train.modular 'perhaps' is not true or false (train.method is the key now"),
         # The method and each method's own settings.
-        ("train.method=lasso", "train.method: unknown method 'lasso'; choose one of standard, moda, mwt"),
+        ("train.method=lasso", "train.method: unknown method 'lasso'; choose one of standard, mwt, moda"),
         ("train.method=[moda]", "train.method"),
         ("train.affinity=2", "train.affinity=2 is a setting of method moda, but train.method is mwt"),
         ("train.compactness=-1", "train.compactness"),
@@ -652,7 +652,8 @@ def resume_cases() -> list[Case]:
     return [
         Case("resume another width", base + ["--set", "model.width=0.25"], "width 0.125", needs="job"),
         Case("resume another model", base + ["--set", "model.name=resnet18"], "holds vgg16", needs="job"),
-        Case("resume standard over modular", base + ["--standard"], "is from modular training", needs="job"),
+        Case("resume standard over modular", base + ["--standard"], "is from mwt training, but train.method=standard",
+             needs="job"),
         Case(
             "resume another class count",
             base + ["--set", "data.name=folder", "--set", "data.root={tmp}/in/ds"],
@@ -797,7 +798,7 @@ def export_cases() -> list[Case]:
         case(
             "modular checkpoint as the standard",
             base + ["--classes", "3,5", "--standard", "{tmp}/runs/base"],
-            "is a modular model; pass a standard",
+            "was trained with method mwt; pass a standard",
         ),
         case(
             "checkpoint of another architecture than its run",

@@ -138,8 +138,13 @@ def _gradient_step(config: dict) -> None:
     import torch.distributed as dist
 
     from mwt_ray.cluster import worker as distributed
-    from mwt_ray.core import losses, models, training
+    from mwt_ray.config import TrainConfig
+    from mwt_ray.core import models, training
     from mwt_ray.core.data import iterate_batches, load_dataset
+    from mwt_ray.core.methods import get_method
+
+    method = get_method(config["method"])
+    settings = TrainConfig(method=method.name).optim_settings()
 
     rank, world_size = training.world()
     data = load_dataset("digits", train_limit=200)
@@ -149,7 +154,7 @@ def _gradient_step(config: dict) -> None:
     results = {}
     for gather in (True, False):
         torch.manual_seed(0)
-        model = models.create_model("vgg16", 10, 0.125, method="mwt")
+        model = models.create_model("vgg16", 10, 0.125, method=method.name)
         # eval(): BatchNorm uses its running statistics, so each sample's logits and masks do not
         # depend on which other samples share its slice. In train mode every worker would
         # normalise with its own slice's statistics (DDP's documented behaviour), and the
@@ -162,28 +167,32 @@ def _gradient_step(config: dict) -> None:
             all_masks, all_labels = training.gather_global_batch(masks, labels)
         else:  # what a worker optimises without the gather: its own slice's pairs only
             all_masks, all_labels = masks, labels
-        loss, parts = losses.modular_objective(logits, labels, all_masks, all_labels, 0.5, 1.5)
+        loss, parts = method.objective(logits, labels, all_masks, all_labels, 10, settings, 1.0)
         loss.backward()
-        values = torch.stack([loss.detach(), parts["cohesion_loss"].detach(), parts["coupling_loss"].detach()])
+        values = torch.stack([loss.detach(), *(parts[name] for name in method.loss_names)])
         if world_size > 1:
             dist.all_reduce(values)  # the CE part is a per-slice mean: the global loss is the mean
             values /= world_size
         results["gathered" if gather else "local"] = {
-            "loss": values[0].item(), "cohesion_loss": values[1].item(), "coupling_loss": values[2].item(),
-            "labels": all_labels.clone(),
+            **dict(zip(("loss", *method.loss_names), values.tolist())), "labels": all_labels.clone(),
             "grads": {n: p.grad.clone() for n, p in training.unwrap_ddp(model).named_parameters()}}
     if rank == 0:
         torch.save(results, config["out"])
 
 
-def test_two_workers_match_one_process_loss_and_gradients(cluster, tmp_path):
+@pytest.mark.parametrize("method", ["mwt", "moda"])
+def test_two_workers_match_one_process_loss_and_gradients(cluster, tmp_path, method):
+    """Each method's signals (MwT's masks, MODA's pooled activations) all-gathered with autograd: two
+    workers' losses and gradients are one process's on the whole batch."""
     from ray import cloudpickle  # Ray's own copy pickles the training function
+
+    from mwt_ray.core.methods import get_method
 
     # Workers cannot import this test module: ship its functions by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     single_path, dist_path = tmp_path / "single.pt", tmp_path / "dist.pt"
-    _gradient_step({"out": str(single_path)})  # this process: world size 1
-    TorchTrainer(_gradient_step, train_loop_config={"out": str(dist_path)},
+    _gradient_step({"out": str(single_path), "method": method})  # this process: world size 1
+    TorchTrainer(_gradient_step, train_loop_config={"out": str(dist_path), "method": method},
                  torch_config=TorchConfig(backend="gloo"),
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(name="grads", storage_path=str(tmp_path / "ray"))).fit()
@@ -192,18 +201,20 @@ def test_two_workers_match_one_process_loss_and_gradients(cluster, tmp_path):
     gathered, local = both["gathered"], both["local"]
 
     assert torch.equal(gathered["labels"], single["labels"])  # the gather rebuilt the global batch in order
-    for key in ("loss", "cohesion_loss", "coupling_loss"):
+    loss_names = get_method(method).loss_names
+    for key in ("loss", *loss_names):
         assert gathered[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
     assert set(gathered["grads"]) == set(single["grads"])
     generator_grads = 0
     for name, grad in single["grads"].items():
         torch.testing.assert_close(gathered["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
         generator_grads += "mask_generator" in name and grad.abs().sum().item() > 0
-    assert generator_grads > 0  # the mask generators did get gradients from cohesion/coupling
+    assert generator_grads > 0 or method != "mwt"  # MwT's generators did get gradients from cohesion/coupling
     # Without the gather each worker sees half the pairs: losses and gradients differ, so the
     # comparison above is sensitive to exactly what the gather provides.
-    assert abs(local["cohesion_loss"] - single["cohesion_loss"]) > 0.05 * abs(single["cohesion_loss"])
-    differs = [n for n, g in single["grads"].items() if "mask_generator" in n
+    first = loss_names[0]
+    assert abs(local[first] - single[first]) > 0.05 * abs(single[first])
+    differs = [n for n, g in single["grads"].items() if ("mask_generator" in n or method != "mwt")
                and not torch.allclose(local["grads"][n], g, rtol=1e-4, atol=1e-6)]
     assert differs
 

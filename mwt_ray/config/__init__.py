@@ -202,9 +202,11 @@ class TrainConfig(Section):
         if self.method == "standard":
             return self
         for key, owner in keys_of_other_methods(self.method).items():
-            if getattr(self, key) != type(self).model_fields[key].default:
+            value = getattr(self, key)
+            if value != type(self).model_fields[key].default:
                 own = get_method(self.method)
-                raise ValueError(f"train.{key}={shown(getattr(self, key))} is a setting of method {owner}, but "
+                value = f"{value:g}" if isinstance(value, float) else shown(value)
+                raise ValueError(f"train.{key}={value} is a setting of method {owner}, but "
                                  f"train.method is {self.method}"
                                  + (f" (its weights: {', '.join(own.weight_keys)})" if own.weight_keys else ""))
         return self

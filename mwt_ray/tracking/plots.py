@@ -2,7 +2,7 @@
 
 Fig. 5 follows modular training epoch by epoch: coupling falls, cohesion rises, the kernel rate
 (share of kernels a sample activates) falls, and accuracy climbs. ``plot_convergence`` draws those
-four panels from the per-epoch metrics ``training.fit`` returns (a standard run has no masks, so
+four panels from the per-epoch metrics ``training.train_epochs`` returns (a standard run has no masks, so
 only its accuracy and loss panels are drawn). Uses matplotlib's Agg backend: no display needed.
 
 These are the per-batch metrics (``batch_coupling``, ``batch_cohesion``, ``kernel_rate``: raw

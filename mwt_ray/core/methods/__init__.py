@@ -95,5 +95,7 @@ def keys_of_other_methods(name: str) -> dict[str, str]:
             for key in other.weight_keys + other.option_keys if key not in own}
 
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name != "standard"):
-    importlib.import_module(f"{__name__}.{_info.name}")  # each registers itself; standard first, then by name
+# Each module registers itself on import: standard (the reference) and mwt (the default) first, then by name.
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda info: (info.name != "standard", info.name != "mwt",
+                                                                      info.name)):
+    importlib.import_module(f"{__name__}.{_info.name}")
