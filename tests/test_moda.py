@@ -238,3 +238,34 @@ def test_the_pooled_activation_node_has_the_gradients_of_plain_ops(relu, used):
         results.append((out.detach(), signal.detach(), leaf.grad))
     for node, plain in zip(*results):
         torch.testing.assert_close(node, plain, rtol=1e-12, atol=1e-12)
+
+
+class DepthwiseNet(nn.Module):
+    """conv -> BN -> ReLU, depthwise conv -> BN -> ReLU, 1x1 conv -> BN, pool, FC: an inverted residual's chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.depthwise, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.project, self.bn3 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.depthwise(F.relu(self.bn1(self.expand(x))))))
+        return self.fc(F.adaptive_avg_pool2d(self.bn3(self.project(x)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("kept_depthwise", [[5, 6], [1, 5]])
+def test_a_depthwise_conv_whose_kept_kernels_read_only_dropped_channels(kept_depthwise):
+    """MODA cuts the expanding conv too: a kept depthwise kernel may read only dropped channels, and with
+    [5, 6] every kept kernel does (no conv is left to compute: zeros, then the BN's shift), as in the zeroed model."""
+    from mwt_ray.core.methods.moda import insert_activation_units
+
+    model = randomised(insert_activation_units(DepthwiseNet()), 8)
+    keep = [torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), torch.ones(6, dtype=torch.bool)]
+    keep[0][[0, 1]] = True
+    keep[1][kept_depthwise] = True
+    module = extract_module(model, keep, torch.zeros(1, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), fixed_masks(model, keep):
+        torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)

@@ -219,7 +219,7 @@ def _bad_cases():
         ("std_run", None, [], "has no module masks"),
         ("mod_ckpt", "resnet", [], "of the same architecture"),
         ("mod_ckpt", "five", [], "of the same dataset"),
-        ("mod_ckpt", "mod_ckpt", [], "is a modular model"),
+        ("mod_ckpt", "mod_ckpt", [], "was trained with method mwt; pass a standard"),
         ("mod_ckpt", "fedcba9876543210fedcba9876543210", [], "does not exist"),
         ("mod_ckpt", None, ["reuse.num_actors=3"], "room for 2"),
         ("mod_ckpt", None, ["reuse.cpus_per_actor=4"], "no room for one reuse actor"),

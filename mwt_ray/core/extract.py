@@ -288,6 +288,8 @@ def _conv(ex: Extraction, node: fx.Node, module: nn.Conv2d) -> fx.Node:
         weight = module.weight[computed]
     else:
         return _grouped_conv(ex, node, module, x, inputs, outputs)
+    if len(computed) == 0:  # every kept kernel reads only removed channels: all of its output is zeros
+        return _zero_output(ex, node, x, outputs)
     conv = nn.Conv2d(weight.shape[1] * (len(computed) if groups > 1 else 1), len(computed), module.kernel_size,
                      stride=module.stride, padding=module.padding, dilation=module.dilation,
                      groups=len(computed) if groups > 1 else 1, bias=module.bias is not None,
@@ -301,6 +303,18 @@ def _conv(ex: Extraction, node: fx.Node, module: nn.Conv2d) -> fx.Node:
         out = ex.graph.call_function(_place, (out, ex.constant(_positions(computed, outputs)), len(outputs)))
     ex.keep_channels(node, outputs)
     return out
+
+
+def _zero_output(ex: Extraction, node: fx.Node, x, outputs: torch.Tensor) -> fx.Node:
+    """A conv none of whose kept kernels has a kept input channel: zeros of its output's shape, the
+    kept channels held (their BN shift follows)."""
+    _, _, height, width = node.meta["tensor_meta"].shape
+    ex.keep_channels(node, outputs)
+    return ex.graph.call_function(_zeros_for, (x, len(outputs), height, width))
+
+
+def _zeros_for(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    return x.new_zeros(x.shape[0], channels, height, width)
 
 
 def _grouped_conv(ex: Extraction, node: fx.Node, module: nn.Conv2d, x, inputs, outputs) -> fx.Node:
@@ -324,7 +338,9 @@ def _grouped_conv(ex: Extraction, node: fx.Node, module: nn.Conv2d, x, inputs, o
         convs.append(conv)
         reads.append(_positions(group_in, inputs))
         computed.append(group_out)
-    computed = torch.cat(computed) if computed else outputs[:0]
+    if not computed:
+        return _zero_output(ex, node, x, outputs)
+    computed = torch.cat(computed)
     out = ex.call_module(node, _GroupedConv(convs, reads), x)
     if not torch.equal(computed, outputs):
         out = ex.graph.call_function(_place, (out, ex.constant(_positions(computed, outputs)), len(outputs)))
