@@ -40,7 +40,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
-    parser.add_argument("--standard", action="store_true", help="standard training (no mask generators)")
+    parser.add_argument("--standard", action="store_true",
+                        help="standard training: train.method=standard (no units, cross-entropy only)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (0: this process, no Ray)")
     parser.add_argument(
         "--resume",
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.standard:
-        overrides.append("train.method=standard")
+        # both spellings: a config file from before the method key may say modular: true
+        overrides += ["train.method=standard", "train.modular=false"]
     if args.num_workers is not None:
         overrides.append(f"scaling.num_workers={args.num_workers}")
     return run_command(lambda: train(load_config(args.config, overrides), resume=args.resume),

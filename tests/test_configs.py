@@ -100,3 +100,15 @@ def test_alias_bomb_is_refused_in_little_time_and_memory(tmp_path):
     seconds, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert seconds < 5 and peak < 20e6 and len(str(caught.value)) < 400, (seconds, peak)
+
+
+def test_the_method_key_and_its_old_spelling(tmp_path):
+    """``train.modular`` (configs and checkpoints from before ``train.method``) reads as mwt / standard, and
+    ``--standard`` (both spellings, as train.py appends them) wins over an old file's ``modular: true``."""
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  modular: true\n")
+    assert load_config(old).train.method == "mwt"
+    assert load_config(None, ["train.modular=false"]).train.method == "standard"
+    assert load_config(old, ["train.method=standard", "train.modular=false"]).train.method == "standard"
+    assert load_config(None, ["train.method=moda", "train.modular=true"]).train.method == "moda"
+    assert not load_config(None, ["train.method=standard"]).train.modular
