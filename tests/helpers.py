@@ -1,7 +1,10 @@
 """What the tests share beyond fixtures: random masks, small configs, MLflow stores and clients,
 local ports. Fixtures stay in ``conftest.py``; test modules import these by name (``from helpers import
 tiny_config``), since ``tests/`` is on the path pytest gives them."""
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -82,3 +85,17 @@ def open_local(url, timeout: float):
     import urllib.request
 
     return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a new process in ``cwd`` (one torch thread, its own dataset cache), which
+    must succeed. The repository on PYTHONPATH is how a researcher's package is found (the working
+    directory, where the command runs, also is: in these tests a fresh folder)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MWT_RAY_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

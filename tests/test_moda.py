@@ -4,15 +4,12 @@ modules (first conv, hidden FC neurons, residual and depthwise models) against t
 dropped channels and neurons zeroed, and train / reuse / export end to end in new processes. The
 losses themselves: tests/test_moda_losses.py."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hard_masks import fixed_masks
+from helpers import run_module
 from torch import nn
 
 from mwt_ray.core.extract import extract_module
@@ -21,7 +18,6 @@ from mwt_ray.core.kernel_usage import count_kernel_usage, module_masks
 from mwt_ray.core.methods.moda import ActivationSignal
 from mwt_ray.core.models import create_model, list_models
 
-REPO = Path(__file__).resolve().parents[1]
 TORCHVISION = ["torchvision:mobilenet_v2", "torchvision:resnet18", "torchvision:efficientnet_b0",
                "torchvision:mnasnet0_5", "torchvision:regnet_x_400mf"]
 
@@ -168,12 +164,6 @@ def test_extracted_moda_modules_equal_the_zeroed_model_torchvision(name):
 
 # ----------------------------------------------------------------------------- the commands
 
-def run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MWT_RAY_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.slow
@@ -181,7 +171,7 @@ def test_moda_trains_then_is_reused_and_exported(tmp_path):
     """``train.method=moda`` on the embedded digits through train, reuse and export, each in a new process:
     the method's losses in the history, modules whose KRR counts conv kernels and whose hidden FC neurons
     have a rate of their own, the shared size metrics, and a module file that computes the module."""
-    result = run("mwt_ray.train", ["--set", "train.method=moda", "--set", "model.width=0.125",
+    result = run_module("mwt_ray.train", ["--set", "train.method=moda", "--set", "model.width=0.125",
                                    "--set", f"output_dir={tmp_path / 'runs'}", "--set", "name=moda",
                                    "--set", "train.epochs=2", "--set", "data.train_limit=300",
                                    "--set", "train.batch_size=32", "--set", "tracking.enabled=false",
@@ -198,14 +188,14 @@ def test_moda_trains_then_is_reused_and_exported(tmp_path):
     assert "cohesion_loss" not in history
 
     checkpoint = folder / "checkpoint.pt"
-    run("mwt_ray.reuse", ["--run", str(checkpoint), "--set", "reuse.num_actors=0", "--set", "reuse.epochs=1",
+    run_module("mwt_ray.reuse", ["--run", str(checkpoint), "--set", "reuse.num_actors=0", "--set", "reuse.epochs=1",
                           "--set", "reuse.subtasks=[[0, 1], [2, 3, 4]]", "--set", "reuse.latency_batch_sizes=[]"],
         tmp_path)
     rows = next((folder / "reuse").rglob("reuse_rows.csv")).read_text().splitlines()
     assert len(rows) == 3
 
     out = tmp_path / "module-0-1"
-    run("mwt_ray.export", ["--run", str(checkpoint), "--classes", "0,1", "--out", str(out),
+    run_module("mwt_ray.export", ["--run", str(checkpoint), "--classes", "0,1", "--out", str(out),
                            "--set", "reuse.epochs=0", "--set", "reuse.latency_batch_sizes=[1]",
                            "--set", "reuse.latency_repeats=1"], tmp_path)
     summary = json.loads((out / "module.json").read_text())

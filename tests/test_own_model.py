@@ -2,35 +2,23 @@
 as ``model.name=tests.own_cnn:tiny_cnn``, then reused and exported from nothing but its checkpoint,
 which rebuilds the model by importing the function again."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_module
 
 from mwt_ray.core.checkpoint import build_model, load_checkpoint
 from mwt_ray.core.graph import modular_units
 
 pytestmark = pytest.mark.slow  # Ray, MLflow or subprocesses
 
-REPO = Path(__file__).resolve().parents[1]
 OWN = "tests.own_cnn:tiny_cnn"
 
 
-def run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # The repository on PYTHONPATH is how a researcher's package is found (the working directory, where
-    # the command runs, also is: here it is a fresh folder).
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MWT_RAY_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_own_cnn_trains_then_is_reused_and_exported_from_its_checkpoint(tmp_path):
-    run("mwt_ray.train", ["--set", f"model.name={OWN}", "--set", f"output_dir={tmp_path / 'runs'}",
+    run_module("mwt_ray.train", ["--set", f"model.name={OWN}", "--set", f"output_dir={tmp_path / 'runs'}",
                           "--set", "name=own", "--set", "train.epochs=1", "--set", "data.train_limit=100",
                           "--set", "train.batch_size=32", "--set", "tracking.enabled=false",
                           "--set", "modularize.cohesion_samples_per_class=10"], tmp_path)
@@ -41,12 +29,12 @@ def test_own_cnn_trains_then_is_reused_and_exported_from_its_checkpoint(tmp_path
     assert [u.layer for u in modular_units(model)] == ["features.3", "features.7"]
     assert state["module_masks"].shape == (10, 32)
 
-    run("mwt_ray.reuse", ["--run", str(checkpoint), "--set", "reuse.num_actors=0", "--set", "reuse.epochs=0",
+    run_module("mwt_ray.reuse", ["--run", str(checkpoint), "--set", "reuse.num_actors=0", "--set", "reuse.epochs=0",
                           "--set", "reuse.subtasks=[[0, 1]]", "--set", "reuse.latency_batch_sizes=[]"], tmp_path)
     assert any((tmp_path / "runs" / "own" / "reuse").rglob("*.csv"))
 
     out = tmp_path / "module-0-1"
-    run("mwt_ray.export", ["--run", str(checkpoint), "--classes", "0,1", "--out", str(out),
+    run_module("mwt_ray.export", ["--run", str(checkpoint), "--classes", "0,1", "--out", str(out),
                            "--set", "reuse.epochs=0", "--set", "reuse.latency_batch_sizes=[1]",
                            "--set", "reuse.latency_repeats=1"], tmp_path)
     assert json.loads((out / "module.json").read_text())

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Config, apply_for_method, flatten_space, keys_read_by, validate_config
+from ..config import Config, apply_for_method, flatten_space, keys_unread_by, validate_config
 from ..core.files import atomic_write_text
 from ..core.messages import last_line, one_line
 from ..core.methods import get_method, method_names, modular_method_names
@@ -226,7 +226,7 @@ def _check_space(cfg: Config) -> None:
         if dimension.choices is None:
             _check_range_key(key, dimension)
         # A method's own setting is tried under a method that reads it.
-        reader = next((m for m in methods if key not in keys_read_by(m)), methods[0])
+        reader = next((m for m in methods if key not in keys_unread_by(m)), methods[0])
         for value in dimension.candidates():
             trial_of(f"sweep.space.{key}: the value {value!r}", {"train.method": reader, key: value})
     dimensions = {**cfg.sweep.space, **({"tau": cfg.sweep.tau_range} if cfg.sweep.tau_range else {})}
@@ -256,7 +256,7 @@ def _check_methods(cfg: Config) -> list[str]:
             raise SetupError(f"sweep.space.train.method: {method} trains no modules; a sweep searches modular methods "
                              "(the standard model is its baseline: sweep.standard_baseline)")
     for key in cfg.sweep.space:
-        if all(key in keys_read_by(method) for method in methods):
+        if all(key in keys_unread_by(method) for method in methods):
             owner = next(m for m in method_names() if key.removeprefix("train.") in
                          get_method(m).weight_keys + get_method(m).option_keys)
             raise SetupError(f"sweep.space.{key} is a setting of method {owner}, which no trial trains "

@@ -63,7 +63,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "apply_for_method",
-    "keys_read_by",
+    "keys_unread_by",
     "validate_config",
     "build_parser",
     "parse_yaml",
@@ -467,7 +467,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def keys_read_by(method: str) -> set[str]:
+def keys_unread_by(method: str) -> set[str]:
     """The dotted keys of every method's settings that ``method`` does not read (empty for an unknown method,
     which validation refuses by name)."""
     return {f"train.{key}" for key in keys_of_other_methods(method)} if method in method_names() else set()
@@ -479,7 +479,7 @@ def apply_for_method(tree: dict, values: dict) -> dict:
     tree's own values of them go back to their defaults. A sweep samples every key for every trial; each
     trial takes those of its method. Returns ``tree``, changed in place."""
     method = values.get("train.method", tree.get("train", {}).get("method", TrainConfig.model_fields["method"].default))
-    unread = keys_read_by(method) if method != "standard" else set()
+    unread = keys_unread_by(method) if method != "standard" else set()
     for key in unread:
         tree.setdefault("train", {})[key.split(".")[1]] = TrainConfig.model_fields[key.split(".")[1]].default
     return apply_overrides(tree, [f"{key}={json.dumps(value)}" for key, value in values.items() if key not in unread])

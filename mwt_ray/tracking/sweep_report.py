@@ -60,7 +60,7 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
     In Tune's order, its ``pareto`` column empty: ranking the trials is ``jobs.objective.rank_trials``."""
     import pandas as pd
 
-    from ..config import keys_read_by
+    from ..config import keys_unread_by
 
     keys = [key for key in cfg.sweep.space if key != "train.method"]
     names = [key.split(".")[-1] for key in keys]
@@ -71,7 +71,7 @@ def results_table(cfg, grid, standard: dict | None, retries: dict[str, int] | No
         row = {"trial": metrics.get("trial_id") or Path(result.path).name, "method": method}
         # a key the trial's method does not read was sampled but not used: left empty
         row |= {key.split(".")[-1] if names.count(key.split(".")[-1]) == 1 else key:
-                None if key in keys_read_by(method) else result.config.get(key) for key in keys}
+                None if key in keys_unread_by(method) else result.config.get(key) for key in keys}
         own_error = metrics.get("trial_error")
         status = ("failed" if result.error or own_error else
                   "completed" if "krr" in metrics and "tau" in metrics else "stopped early")
